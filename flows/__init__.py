@@ -1,0 +1,1 @@
+"""Orchestration: the Prefect flow that chains the stages, and the runners that start them."""

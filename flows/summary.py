@@ -1,0 +1,60 @@
+"""The end-of-run summary: per stage status, time and key metric; accuracy, chosen subnet, params before/after."""
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+from rich.table import Table
+
+
+def key_metric(stage: str, m: dict) -> str:
+    if stage == "prune":
+        return f"sparsity {m['sparsity']:.3f}, WikiText-2 ppl {m['ppl_dense']:.1f} -> {m['ppl_pruned']:.1f}"
+    if stage == "train":
+        return f"{m['steps']} steps, final loss {m['final_loss']:.3f}"
+    if stage == "evaluate":
+        return f"{m['subnet_name']} subnet: average accuracy {m['average_accuracy']:.4f} ({m['samples']} samples)"
+    if stage == "search":
+        return (f"{m['evaluations']} subnets, chosen accuracy {m['chosen_accuracy']:.4f} at {m['cost']} {m['chosen_cost']:,}"
+                f" (heuristic {m['heuristic_accuracy']:.4f} at {m['heuristic_cost']:,})")
+    if stage == "extract":
+        return f"max |Δlogit| {m['max_abs_logit_diff']:.2e}, adapter params {m['adapter_params']:,}"
+    if stage == "benchmark":
+        return ", ".join(f"{name} {r['tokens_per_s']:.1f} tok/s" for name, r in m["results"].items())
+    return ""
+
+
+def _extras(results: list[dict]) -> list[tuple[str, str]]:
+    by_stage = {r["stage"]: r["metrics"] for r in results}
+    rows = []
+    if "evaluate" in by_stage:
+        acc = by_stage["evaluate"]["accuracy"]
+        rows.append(("heuristic accuracy", ", ".join(f"{k} {v:.4f}" for k, v in acc.items())))
+    if "extract" in by_stage:
+        rows.append(("chosen subnet", json.dumps(by_stage["extract"]["subnet"])))
+    if "benchmark" in by_stage:
+        res = by_stage["benchmark"]["results"]
+        after = res.get("extracted_merged") or res["extracted_adapter"]
+        rows.append(("params before/after", f"{res['dense']['params']:,} ({res['dense']['nonzero_params']:,} non-zero) -> "
+                                           f"{after['params']:,} ({after['nonzero_params']:,} non-zero)"))
+    return rows
+
+
+def render_summary(results: list[dict]) -> None:
+    table = Table(title="nlsflow pipeline")
+    for column in ("stage", "status", "time (s)", "key metric"):
+        table.add_column(column)
+    for r in results:
+        table.add_row(r["stage"], r["status"], f"{r['stage_seconds']:.1f}", key_metric(r["stage"], r["metrics"]))
+    console = Console(width=160)
+    console.print(table)
+    for name, value in _extras(results):
+        console.print(f"[bold]{name}[/bold]: {value}")
+
+
+def summary_markdown(results: list[dict]) -> str:
+    lines = ["| stage | status | time (s) | key metric |", "|---|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['stage_seconds']:.1f} | {key_metric(r['stage'], r['metrics'])} |"
+              for r in results]
+    lines += [""] + [f"- **{name}**: {value}" for name, value in _extras(results)]
+    return "\n".join(lines)

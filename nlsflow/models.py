@@ -1,0 +1,96 @@
+"""Where base models come from (a hub id, a local folder, a GGUF file, or a tiny random Llama) and how they load."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from schemas.io import atomic_dir, sha256_json
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad 0 as LLM-Adapters sets for LLaMA
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir or os.environ.get("NLSFLOW_CACHE") or Path.home() / ".cache" / "nlsflow")
+
+
+def materialize_base_model(model_cfg, texts: Iterable[str] | None = None, seed: int = 0) -> str:
+    """Return what `from_pretrained` should load: a local folder or a hub id.
+
+    'tiny' builds (once, cached by shape and seed) a random Llama whose tokenizer is trained on `texts`;
+    a GGUF file is converted once to a safetensors folder in the cache.
+    """
+    if model_cfg.name_or_path == "tiny":
+        texts = list(texts or [])
+        key = sha256_json({"tiny": model_cfg.tiny.model_dump(), "seed": seed, "texts": sha256_json(texts)})[:16]
+        folder = cache_root(model_cfg.cache_dir) / f"tiny-llama-{key}"
+        if not (folder / "config.json").is_file():
+            with atomic_dir(folder) as tmp:
+                build_tiny_llama(model_cfg.tiny, texts, seed, tmp)
+        return str(folder)
+    if model_cfg.gguf_file:
+        key = sha256_json([model_cfg.name_or_path, model_cfg.gguf_file, model_cfg.revision])[:16]
+        folder = cache_root(model_cfg.cache_dir) / f"gguf-{Path(model_cfg.gguf_file).stem}-{key}"
+        if not (folder / "config.json").is_file():
+            log.info("converting %s to safetensors in %s (once)", model_cfg.gguf_file, folder)
+            kwargs = {"gguf_file": model_cfg.gguf_file, "revision": model_cfg.revision}
+            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, **kwargs)
+            with atomic_dir(folder) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        return str(folder)
+    return model_cfg.name_or_path
+
+
+def build_tiny_llama(tiny_cfg, texts: list[str], seed: int, out_dir: Path) -> None:
+    """A randomly initialised Llama with a byte-level BPE tokenizer trained on `texts` (what tests and CI run on)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if not texts:
+        raise ValueError("the tiny model's tokenizer needs training texts")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=tiny_cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(texts[: tiny_cfg.tokenizer_texts], trainer=trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        unk_token="<unk>", padding_side="left", model_max_length=4096)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=tiny_cfg.hidden_size,
+                         intermediate_size=tiny_cfg.intermediate_size, num_hidden_layers=tiny_cfg.num_hidden_layers,
+                         num_attention_heads=tiny_cfg.num_attention_heads, num_key_value_heads=tiny_cfg.num_key_value_heads,
+                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    log.info("built tiny Llama (%d params, vocab %d) in %s", sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:  # LLaMA has none; LLM-Adapters pads with id 0
+        tokenizer.pad_token_id = 0
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(path: str, dtype: str, device: torch.device):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    return model.to(device).eval()

@@ -1,0 +1,137 @@
+"""NSGA-II (pymoo) over a super-network's choice indices: maximise accuracy, minimise cost."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.problem import ElementwiseProblem
+from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.mutation.pm import PM
+from pymoo.operators.repair.rounding import RoundingRepair
+from pymoo.optimize import minimize
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+from tqdm.auto import tqdm
+
+from nlsflow.elastic import Subnet, Variable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    eval_id: int
+    subnet: Subnet
+    accuracy: float
+    cost: int
+    seconds: float
+    label: str = ""
+    pareto: bool = False
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.subnet, sort_keys=True)
+
+
+def subnet_from_indices(space: list[Variable], indices) -> Subnet:
+    return {v.name: v.choices[int(i)] for v, i in zip(space, indices)}
+
+
+def indices_from_subnet(space: list[Variable], subnet: Subnet) -> list[int]:
+    return [v.choices.index(subnet[v.name]) for v in space]
+
+
+class SubnetEvaluator:
+    """Scores subnets once each: a repeated config is answered from the cache, not re-generated."""
+
+    def __init__(self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int]):
+        self.accuracy_fn, self.cost_fn = accuracy_fn, cost_fn
+        self.evaluations: dict[str, Evaluation] = {}
+        self.progress = None
+
+    def __call__(self, subnet: Subnet, label: str = "") -> Evaluation:
+        key = json.dumps(subnet, sort_keys=True)
+        if key not in self.evaluations:
+            start = time.perf_counter()
+            accuracy = self.accuracy_fn(subnet)
+            self.evaluations[key] = Evaluation(len(self.evaluations), subnet, accuracy, self.cost_fn(subnet),
+                                               time.perf_counter() - start)
+            if self.progress is not None:
+                self.progress.update(1)
+        found = self.evaluations[key]
+        if label and not found.label:
+            found.label = label
+        return found
+
+
+class _SubnetProblem(ElementwiseProblem):
+    def __init__(self, space: list[Variable], evaluate: SubnetEvaluator):
+        self.space, self.evaluate = space, evaluate
+        super().__init__(n_var=len(space), n_obj=2, xl=np.zeros(len(space)), xu=np.array([len(v.choices) - 1 for v in space]),
+                         vtype=int)
+
+    def _evaluate(self, x, out, *args, **kwargs):
+        result = self.evaluate(subnet_from_indices(self.space, np.round(x).astype(int)))
+        out["F"] = [-result.accuracy, result.cost]
+
+
+def nsga2_search(space: list[Variable], evaluate: SubnetEvaluator, *, population: int, num_evals: int,
+                 seed: int, seeds: dict[str, Subnet]) -> list[Evaluation]:
+    """Run NSGA-II from an initial population holding the named `seeds` subnets; return every evaluation, Pareto-flagged."""
+    rng = np.random.default_rng(seed)
+    initial = [indices_from_subnet(space, s) for s in seeds.values()]
+    while len(initial) < population:
+        initial.append([int(rng.integers(len(v.choices))) for v in space])
+    for name, subnet in seeds.items():
+        evaluate(subnet, label=name)
+    algorithm = NSGA2(pop_size=population, sampling=np.array(initial[:population]),
+                      crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+                      mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+    with tqdm(total=num_evals, desc="search", unit="subnet", initial=len(evaluate.evaluations)) as bar:
+        evaluate.progress = bar
+        minimize(_SubnetProblem(space, evaluate), algorithm, ("n_evals", num_evals), seed=seed, verbose=False)
+        evaluate.progress = None
+    results = sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id)
+    front = NonDominatedSorting().do(np.array([[-e.accuracy, e.cost] for e in results]), only_non_dominated_front=True)
+    for i in front:
+        results[i].pareto = True
+    return results
+
+
+def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float) -> Evaluation:
+    """The seeds' rule: the lowest-cost subnet with accuracy >= ref_acc - acc_delta (else the most accurate)."""
+    eligible = [e for e in evaluations if e.accuracy >= ref_acc - acc_delta]
+    if not eligible:
+        return max(evaluations, key=lambda e: (e.accuracy, -e.cost))
+    return min(eligible, key=lambda e: (e.cost, -e.accuracy))
+
+
+def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, path) -> None:
+    """Pareto front (accuracy vs cost) beside the search progression (accuracy per evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.scatter([e.cost for e in evaluations], [e.accuracy for e in evaluations], s=14, c="lightgray", label="evaluated")
+    front = sorted((e for e in evaluations if e.pareto), key=lambda e: e.cost)
+    ax1.plot([e.cost for e in front], [e.accuracy for e in front], "o-", c="tab:blue", label="Pareto front")
+    for e in evaluations:
+        if e.label:
+            ax1.annotate(e.label, (e.cost, e.accuracy), fontsize=8)
+    ax1.scatter([chosen.cost], [chosen.accuracy], marker="*", s=160, c="tab:red", label="chosen", zorder=3)
+    ax1.set(xlabel=cost_name, ylabel="validation accuracy", title="Pareto front")
+    ax1.legend(fontsize=8)
+    ax2.plot([e.eval_id for e in evaluations], [e.accuracy for e in evaluations], ".", c="tab:gray")
+    ax2.plot([e.eval_id for e in evaluations], np.maximum.accumulate([e.accuracy for e in evaluations]), c="tab:green",
+             label="best so far")
+    ax2.set(xlabel="evaluation", ylabel="validation accuracy", title="search progression")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,236 @@
+"""One validated config per stage, composed into the pipeline config that YAML files and `key=value` overrides build."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from schemas.io import NlsflowError
+
+STAGES = ("prune", "train", "evaluate", "search", "extract", "benchmark")
+# Which stages' manifests each stage reads: the DAG's edges.
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "prune": (),
+    "train": ("prune",),
+    "evaluate": ("prune", "train"),
+    "search": ("prune", "train"),
+    "extract": ("prune", "train", "search"),
+    "benchmark": ("prune", "extract"),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelConfig(Strict):
+    vocab_size: int = Field(2048, description="BPE vocabulary trained on the task's training text")
+    hidden_size: int = Field(64, description="model width")
+    intermediate_size: int = Field(172, description="MLP width")
+    num_hidden_layers: int = Field(2, description="decoder layers")
+    num_attention_heads: int = Field(4, description="query heads")
+    num_key_value_heads: int = Field(2, description="key/value heads (GQA)")
+    tokenizer_texts: int = Field(4000, description="training records the tokenizer is trained on")
+
+
+class ModelConfig(Strict):
+    name_or_path: str = Field("tiny", description="'tiny' (random Llama built locally), a local HF folder, or a hub id")
+    gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once to safetensors")
+    revision: str | None = Field(None, description="hub revision")
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="shape of the 'tiny' model")
+    cache_dir: str | None = Field(None, description="where built or converted models are cached (default $NLSFLOW_CACHE or ~/.cache/nlsflow)")
+
+
+class CalibrationConfig(Strict):
+    source: Literal["wikitext2"] = Field("wikitext2", description="calibration text (WikiText-2 validation split)")
+    num_samples: int = Field(128, gt=0, description="calibration sequences")
+    seqlen: int = Field(2048, gt=0, description="tokens per calibration sequence")
+
+
+class PruneConfig(Strict):
+    method: Literal["wanda", "magnitude"] = Field("wanda", description="importance score")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights zeroed in every output row")
+    structure: str = Field("unstructured", description="'unstructured' or 'N:M' (e.g. '2:4')")
+    targets: list[str] | None = Field(None, description="linear-module suffixes to prune (default: all in decoder layers)")
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="calibration data")
+    perplexity_seqlen: int = Field(2048, gt=0, description="window for WikiText-2 test perplexity")
+    perplexity_max_windows: int | None = Field(None, description="cap on perplexity windows (None: whole test set)")
+
+    @field_validator("structure")
+    @classmethod
+    def _structure(cls, v: str) -> str:
+        if v != "unstructured":
+            n, sep, m = v.partition(":")
+            if not (sep and n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+                raise ValueError(f"structure must be 'unstructured' or 'N:M' with 0 < N < M, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _nm_sparsity(self) -> "PruneConfig":
+        if self.structure != "unstructured":
+            n, m = map(int, self.structure.split(":"))
+            if abs(self.sparsity - n / m) > 1e-9:
+                raise ValueError(f"structure {self.structure} zeroes {n}/{m} of the weights; set prune.sparsity={n / m:g}")
+        return self
+
+
+class GroupConfig(Strict):
+    name: str = Field(description="group name, e.g. 'qkv'")
+    modules: list[str] = Field(description="module-name suffixes that share one rank choice, e.g. [q_proj, k_proj, v_proj]")
+    choices: list[int] = Field(description="rank choices, descending; the first is the trained rank")
+    per_layer: bool = Field(True, description="one choice per decoder layer (NNCF '{*}') or one shared")
+
+
+class TrainConfig(Strict):
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description="LoRA targets")
+    rank: int = Field(32, gt=0, description="super-adapter (maximum) rank")
+    alpha: float = Field(64, gt=0, description="LoRA alpha; scaling alpha/rank is kept for every sub-rank")
+    dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
+    groups: list[GroupConfig] = Field(description="elastic search space: groups of modules and their rank choices")
+    learning_rate: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, gt=0, description="sequences per optimizer step")
+    micro_batch_size: int = Field(4, gt=0, description="sequences per forward pass (gradient accumulation)")
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, description="cap on optimizer steps")
+    warmup_steps: int = Field(100, ge=0)
+    cutoff_len: int = Field(256, gt=0, description="tokens per training example (LLM-Adapters cutoff_len)")
+    train_on_inputs: bool = Field(True, description="also train on the prompt tokens (LLM-Adapters default)")
+    max_train_samples: int | None = Field(None, description="cap on training records")
+    val_size: int = Field(1000, ge=1, description="records held out of training for the search stage")
+    log_every: int = Field(10, gt=0, description="steps between loss-log rows")
+
+    @model_validator(mode="after")
+    def _micro_divides_batch(self) -> "TrainConfig":
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        return self
+
+
+class GenerationConfig(Strict):
+    max_new_tokens: int = Field(256, gt=0)
+    num_beams: int = Field(1, gt=0, description="1: greedy; 4: the LLM-Adapters reference")
+    batch_size: int = Field(8, gt=0)
+
+
+class EvaluateConfig(Strict):
+    subnet: Literal["heuristic", "maximal", "minimal"] = Field("heuristic", description="subnet of the super-adapter to evaluate")
+    datasets: list[str] = Field(description="evaluation sets (names from nlsflow.data.EVAL_DATASETS)")
+    max_samples: int | None = Field(None, description="records per dataset (None: all)")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class SearchConfig(Strict):
+    algorithm: Literal["nsga2"] = "nsga2"
+    population: int = Field(5, gt=1)
+    num_evals: int = Field(200, gt=1, description="subnet evaluations in all")
+    cost: Literal["params", "macs"] = Field("params", description="second objective: adapter parameters or MACs per token")
+    val_samples: int | None = Field(None, description="validation records per evaluation (None: all held out)")
+    ref_acc: float | None = Field(None, description="reference accuracy (None: the heuristic subnet's)")
+    acc_delta: float = Field(0.01, ge=0, description="chosen: lowest cost with accuracy >= ref_acc - acc_delta")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+class ExtractConfig(Strict):
+    subnet: Literal["searched", "heuristic", "maximal", "minimal"] = Field("searched", description="which subnet to extract")
+    merge: bool = Field(True, description="also write the adapter merged into the base at extract/merged/")
+    tolerance: float = Field(1e-4, gt=0, description="max |logit difference| allowed between extracted and super-network")
+
+
+class BenchmarkConfig(Strict):
+    prompt_len: int = Field(128, gt=0)
+    new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(1, gt=0)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(3, gt=0)
+
+
+class PipelineConfig(Strict):
+    task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
+    profile: str = Field(description="profile name, for humans and the default run folder")
+    run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
+    data_root: str = Field("../shared/data", description="root of the LLM-Adapters / GSM8K / WikiText-2 files")
+    seed: int = Field(0)
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    num_threads: int | None = Field(None, description="torch CPU threads (None: torch's default)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+
+    def stage_config(self, stage: str) -> dict[str, Any]:
+        """What a stage's result depends on: its own section plus the shared fields (not run_dir or threads)."""
+        shared = self.model_dump(include={"task", "data_root", "seed", "device", "dtype", "model"})
+        return {"shared": shared, stage: getattr(self, stage).model_dump()}
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        node = tree.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise NlsflowError(f"override {dotted}: '{key}' is not a section; use a key inside a section like prune.sparsity=0.5")
+        tree = node
+    tree[leaf] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise NlsflowError(f"override {item!r} is not key=value; write e.g. prune.sparsity=0.5")
+    return key, yaml.safe_load(raw) if raw else ""
+
+
+def load_yaml(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise NlsflowError(f"config file {path} not found; pass an existing YAML (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise NlsflowError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise NlsflowError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
+    """Merge YAML files in order, apply dotted overrides, validate."""
+    tree: dict = {}
+    for path in paths:
+        tree = _deep_merge(tree, load_yaml(path))
+    for item in overrides:
+        _set_dotted(tree, *parse_override(item))
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise NlsflowError(f"config error in {', '.join(map(str, paths)) or 'overrides'}: {format_validation_error(e)}") from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{where}' (check the spelling against schemas/config.py)")
+        elif err["type"] == "missing":
+            parts.append(f"missing key '{where}'")
+        else:
+            parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

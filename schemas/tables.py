@@ -1,0 +1,62 @@
+"""Parquet tables exchanged between stages: fixed Arrow schemas, the schema version in the file's metadata."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.io import NlsflowError, atomic_write_bytes
+
+TABLE_VERSION = "1"
+
+TABLES: dict[str, pa.Schema] = {
+    "sparsity": pa.schema([("layer", pa.string()), ("in_features", pa.int64()), ("out_features", pa.int64()),
+                           ("zeros", pa.int64()), ("sparsity", pa.float64())]),
+    "training_log": pa.schema([("step", pa.int64()), ("epoch", pa.float64()), ("loss", pa.float64()),
+                               ("learning_rate", pa.float64()), ("active_config", pa.string())]),
+    "records": pa.schema([("source", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
+                          ("output", pa.string()), ("answer", pa.string())]),
+    "predictions": pa.schema([("task", pa.string()), ("index", pa.int64()), ("prompt", pa.string()),
+                              ("generation", pa.string()), ("prediction", pa.string()), ("label", pa.string()),
+                              ("correct", pa.bool_())]),
+    "evaluations": pa.schema([("eval_id", pa.int64()), ("config", pa.string()), ("accuracy", pa.float64()),
+                              ("params", pa.int64()), ("macs", pa.int64()), ("pareto", pa.bool_()),
+                              ("label", pa.string()), ("seconds", pa.float64())]),
+    "results": pa.schema([("model", pa.string()), ("params", pa.int64()), ("nonzero_params", pa.int64()),
+                          ("macs_per_token", pa.int64()), ("prefill_ms", pa.float64()), ("decode_ms_per_token", pa.float64()),
+                          ("tokens_per_s", pa.float64()), ("peak_memory_mb", pa.float64()), ("size_on_disk_mb", pa.float64())]),
+}
+
+
+def write_table(path: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    """Validate rows against the named schema and write them atomically as Parquet."""
+    schema = TABLES[name].with_metadata({"nlsflow.table": name, "nlsflow.table_version": TABLE_VERSION})
+    try:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
+        raise ValueError(f"rows for table '{name}' do not fit its schema: {e}") from None
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_table(path: Path, name: str) -> pa.Table:
+    """Read a Parquet table, checking it is the named table at this schema version."""
+    path = Path(path)
+    if not path.is_file():
+        raise NlsflowError(f"table {path} not found; re-run the stage that writes it")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise NlsflowError(f"{path} is not a readable Parquet file ({e}); re-run the stage that writes it") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("nlsflow.table") != name or meta.get("nlsflow.table_version") != TABLE_VERSION:
+        raise NlsflowError(f"{path} holds table {meta.get('nlsflow.table')!r} v{meta.get('nlsflow.table_version')}, "
+                           f"expected {name!r} v{TABLE_VERSION}; re-run the stage that writes it")
+    expected = TABLES[name]
+    if not table.schema.remove_metadata().equals(expected):
+        raise NlsflowError(f"{path} columns {table.schema.names} differ from table {name!r} {expected.names}; re-run the stage")
+    return table

@@ -1,0 +1,109 @@
+"""What every stage shares: CLI parsing, resume check, atomic stage folder, manifest writing."""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
+
+from schemas import STAGE_INPUTS, Manifest, NlsflowError, PipelineConfig, is_up_to_date, load_config, read_inputs, stage_dir
+from schemas.io import atomic_dir
+from schemas.manifest import list_outputs, write_manifest
+
+log = logging.getLogger("nlsflow")
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run` gets: the config, where to write, and its upstream manifests and folders."""
+    cfg: PipelineConfig
+    stage: str
+    out_dir: Path
+    inputs: dict[str, Manifest] = field(default_factory=dict)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    def input_dir(self, stage: str) -> Path:
+        return stage_dir(self.run_dir, stage)
+
+    @property
+    def data_root(self) -> Path:
+        return Path(self.cfg.data_root)
+
+
+StageFn = Callable[[StageContext], dict[str, Any]]
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("nlsflow", "torch", "transformers", "peft", "pymoo"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def setup_runtime(cfg: PipelineConfig) -> None:
+    import numpy as np
+    import torch
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+
+def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False) -> Manifest | None:
+    """Run one stage unless its manifest already matches; returns the new manifest, or None when skipped."""
+    config = cfg.stage_config(stage)
+    run_dir = Path(cfg.run_dir)
+    if not force and is_up_to_date(run_dir, stage, config):
+        log.info("%s: up to date, skipped", stage)
+        return None
+    inputs = read_inputs(run_dir, stage)
+    setup_runtime(cfg)
+    start = time.perf_counter()
+    with atomic_dir(stage_dir(run_dir, stage)) as tmp:
+        metrics = fn(StageContext(cfg=cfg, stage=stage, out_dir=tmp, inputs=inputs))
+        manifest = Manifest(stage=stage, config=config, inputs={k: m.fingerprint() for k, m in inputs.items()},
+                            outputs=list_outputs(tmp), metrics=metrics, duration_s=round(time.perf_counter() - start, 3),
+                            versions=_versions())
+        write_manifest(tmp, manifest)
+    log.info("%s: done in %.1fs", stage, manifest.duration_s)
+    return manifest
+
+
+def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"nlsflow stage '{stage}' "
+                                     f"(reads: {', '.join(STAGE_INPUTS[stage]) or 'nothing'})")
+    parser.add_argument("--config", action="append", type=Path, required=True, help="YAML file(s), merged in order")
+    parser.add_argument("--force", action="store_true", help="run even if the manifest is up to date")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. prune.sparsity=0.6")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except NlsflowError as e:
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        return 2
+    try:
+        run_stage(stage, fn, cfg, force=args.force)
+    except (NlsflowError, FileNotFoundError, ValueError) as e:  # bad input: one line here, the traceback in a file
+        trace = Path(cfg.run_dir) / f"{stage}.error.log"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        trace.write_text(traceback.format_exc())
+        print(f"error: {stage}: {e} (traceback: {trace})", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,71 @@
+"""Stage 5, extract: the chosen subnet as a clean PEFT adapter (and optionally merged), checked against the super-network.
+
+Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code) and,
+with `extract.merge`, `extract/merged/` (HF folder). The max |logit difference| goes into the manifest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import torch
+from peft import PeftModel
+
+from nlsflow.data import generate_prompt
+from nlsflow.elastic import activate, extract_sub_adapter
+from nlsflow.models import load_causal_lm, resolve_device
+from nlsflow.pruning import sparsity_table
+from nlsflow.supernet import NAMED_SUBNETS, load_supernet
+from schemas import NlsflowError, read_table
+from stages._common import StageContext, main
+
+log = logging.getLogger(__name__)
+PROBE_RECORDS = 8
+
+
+@torch.inference_mode()
+def logits(model, batch) -> torch.Tensor:
+    out = model(**batch).logits.float()
+    return out[batch["attention_mask"].bool()]  # compare real tokens only
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, xc = ctx.cfg, ctx.cfg.extract
+    device = resolve_device(cfg.device)
+    base_dir, train_dir = ctx.input_dir("prune") / "model", ctx.input_dir("train")
+    model, tokenizer, space = load_supernet(base_dir, train_dir / "adapter", train_dir / "search_space.json", cfg.dtype, device)
+    if xc.subnet == "searched":
+        subnet = json.loads((ctx.input_dir("search") / "chosen.json").read_text())
+    else:
+        subnet = NAMED_SUBNETS[xc.subnet](space)
+    activate(model, space, subnet)
+
+    probe = read_table(train_dir / "validation.parquet", "records").to_pylist()[:PROBE_RECORDS]
+    prompts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in probe]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
+    expected = logits(model, batch)
+
+    adapter_dir = ctx.out_dir / "adapter"
+    extract_sub_adapter(model, space, subnet, adapter_dir)
+    del model
+    sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), cfg.dtype, device), str(adapter_dir)).eval()
+    diff = (logits(sub, batch) - expected).abs().max().item()
+    log.info("extracted adapter vs super-network subnet: max |Δlogit| = %.3g", diff)
+    if diff > xc.tolerance:
+        raise NlsflowError(f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
+                           f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}")
+    metrics = {"subnet_name": xc.subnet, "subnet": subnet, "max_abs_logit_diff": diff,
+               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n)}
+    if xc.merge:
+        merged = sub.merge_and_unload()
+        metrics["merged_max_abs_logit_diff"] = (logits(merged, batch) - expected).abs().max().item()
+        layers = sparsity_table(merged)
+        metrics["merged_sparsity"] = sum(l.zeros for l in layers) / sum(l.in_features * l.out_features for l in layers)
+        metrics["merged_params"] = sum(p.numel() for p in merged.parameters())
+        merged.save_pretrained(ctx.out_dir / "merged")
+        tokenizer.save_pretrained(ctx.out_dir / "merged")
+    return metrics
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("extract", run))

@@ -1,0 +1,74 @@
+"""Stage 1, prune: Wanda (or magnitude) sparsity on the base model, layer by layer, with perplexity before and after.
+
+Writes `prune/model/` (HF folder, safetensors, with tokenizer) and `prune/sparsity.parquet`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+
+from nlsflow.data import generate_prompt, load_train_records, wikitext2
+from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
+from nlsflow.pruning import perplexity, prune_model
+from schemas import write_table
+from stages._common import StageContext, main
+
+log = logging.getLogger(__name__)
+
+
+def calibration_batch(tokenizer, text: str, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Random `seqlen` windows of the calibration text, as Wanda samples its calibration set."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() <= seqlen:
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; lower prune.calibration.seqlen")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(num_samples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])
+
+
+def parse_structure(structure: str):
+    if structure == "unstructured":
+        return structure
+    n, m = structure.split(":")
+    return int(n), int(m)
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, pc = ctx.cfg, ctx.cfg.prune
+    device = resolve_device(cfg.device)
+    texts = None
+    if cfg.model.name_or_path == "tiny":  # the tiny model's tokenizer learns the task's training text
+        texts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in load_train_records(ctx.data_root, cfg.task)]
+        texts += wikitext2(ctx.data_root, "valid").splitlines()
+    base = materialize_base_model(cfg.model, texts, cfg.seed)
+    tokenizer = load_tokenizer(base)
+    model = load_causal_lm(base, cfg.dtype, device)
+
+    test_ids = tokenizer(wikitext2(ctx.data_root, "test"), return_tensors="pt", add_special_tokens=False).input_ids
+    if pc.perplexity_max_windows:
+        test_ids = test_ids[:, : pc.perplexity_max_windows * pc.perplexity_seqlen]
+    ppl_dense = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
+    calib = calibration_batch(tokenizer, wikitext2(ctx.data_root, "valid"), pc.calibration.num_samples,
+                              pc.calibration.seqlen, cfg.seed).to(device)
+    layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
+                         structure=parse_structure(pc.structure), targets=pc.targets)
+    ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
+    log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
+
+    model.save_pretrained(ctx.out_dir / "model")
+    tokenizer.save_pretrained(ctx.out_dir / "model")
+    rows = [{"layer": l.name, "in_features": l.in_features, "out_features": l.out_features, "zeros": l.zeros,
+             "sparsity": l.sparsity} for l in layers]
+    write_table(ctx.out_dir / "sparsity.parquet", "sparsity", rows)
+    pruned_weights = sum(l.in_features * l.out_features for l in layers)
+    params = sum(p.numel() for p in model.parameters())
+    return {"base_model": base, "params": params,
+            "nonzero_params": int(sum((p != 0).sum().item() for p in model.parameters())),
+            "pruned_layers": len(layers), "sparsity": sum(l.zeros for l in layers) / max(pruned_weights, 1),
+            "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("prune", run))

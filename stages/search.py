@@ -1,0 +1,70 @@
+"""Stage 4, search: NSGA-II over the super-network's elastic choices, scored on the held-out validation slice.
+
+Writes `search/evaluations.parquet` (every evaluated subnet, its objectives, Pareto flag), `search/chosen.json`
+and `search/search.png` (Pareto front and search progression).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import defaultdict
+
+from nlsflow.data import EVAL_DATASETS
+from nlsflow.elastic import activate, adapter_parameters, linear_macs_per_token
+from nlsflow.generation import evaluate_dataset
+from nlsflow.models import resolve_device
+from nlsflow.nas import SubnetEvaluator, choose, nsga2_search, plot_search
+from nlsflow.supernet import NAMED_SUBNETS, load_supernet
+from schemas import read_table, write_table
+from schemas.io import atomic_write_text
+from stages._common import StageContext, main
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, sc = ctx.cfg, ctx.cfg.search
+    train_dir = ctx.input_dir("train")
+    model, tokenizer, space = load_supernet(ctx.input_dir("prune") / "model", train_dir / "adapter",
+                                            train_dir / "search_space.json", cfg.dtype, resolve_device(cfg.device))
+    validation = read_table(train_dir / "validation.parquet", "records").to_pylist()[: sc.val_samples]
+    by_source = defaultdict(list)
+    for record in validation:
+        by_source[record["source"]].append(record)
+
+    def accuracy(subnet) -> float:
+        activate(model, space, subnet)
+        correct = 0
+        for source, records in by_source.items():
+            rows = evaluate_dataset(model, tokenizer, EVAL_DATASETS[source], records, max_new_tokens=sc.generation.max_new_tokens,
+                                    num_beams=sc.generation.num_beams, batch_size=sc.generation.batch_size)
+            correct += sum(r["correct"] for r in rows)
+        return correct / len(validation)
+
+    def params(subnet) -> int:
+        return adapter_parameters(model, space, subnet)
+
+    def macs(subnet) -> int:
+        return linear_macs_per_token(model, space, subnet)
+
+    evaluate = SubnetEvaluator(accuracy, params if sc.cost == "params" else macs)
+    seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
+    evaluations = nsga2_search(space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds)
+    heuristic = next(e for e in evaluations if e.label == "heuristic")
+    ref_acc = heuristic.accuracy if sc.ref_acc is None else sc.ref_acc
+    chosen = choose(evaluations, ref_acc, sc.acc_delta)
+    log.info("chosen subnet: accuracy %.4f, %s %d (heuristic: %.4f, %d)", chosen.accuracy, sc.cost, chosen.cost,
+             heuristic.accuracy, heuristic.cost)
+
+    write_table(ctx.out_dir / "evaluations.parquet", "evaluations",
+                [{"eval_id": e.eval_id, "config": e.key, "accuracy": e.accuracy, "params": params(e.subnet),
+                  "macs": macs(e.subnet), "pareto": e.pareto, "label": e.label, "seconds": e.seconds} for e in evaluations])
+    atomic_write_text(ctx.out_dir / "chosen.json", json.dumps(chosen.subnet, indent=2))
+    plot_search(evaluations, chosen, sc.cost, ctx.out_dir / "search.png")
+    return {"evaluations": len(evaluations), "pareto_size": sum(e.pareto for e in evaluations), "val_samples": len(validation),
+            "ref_acc": ref_acc, "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
+            "cost": sc.cost, "heuristic_accuracy": heuristic.accuracy, "heuristic_cost": heuristic.cost}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("search", run))

@@ -1,0 +1,90 @@
+"""Stage 2, train: an elastic-rank LoRA super-adapter on the frozen pruned base; every step trains a random subnet.
+
+Writes `train/adapter/` (PEFT format), `train/search_space.json`, `train/training_log.parquet` and
+`train/validation.parquet` (the held-out slice the search stage scores subnets on).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+
+import torch
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
+
+from nlsflow.data import load_train_records, split_validation, tokenize_for_training
+from nlsflow.elastic import activate, make_elastic, random_subnet, resolve_space
+from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
+from nlsflow.supernet import groups_from_config, save_search_space
+from schemas import write_table
+from stages._common import StageContext, main
+
+log = logging.getLogger(__name__)
+
+
+def run(ctx: StageContext) -> dict:
+    cfg, tc = ctx.cfg, ctx.cfg.train
+    device = resolve_device(cfg.device)
+    base_dir = str(ctx.input_dir("prune") / "model")
+    tokenizer = load_tokenizer(base_dir)
+    model = load_causal_lm(base_dir, cfg.dtype, device)
+
+    records = load_train_records(ctx.data_root, cfg.task)
+    train_records, val_records = split_validation(records, tc.val_size, cfg.seed)
+    train_records = train_records[: tc.max_train_samples]
+    examples = [tokenize_for_training(tokenizer, r, tc.cutoff_len, tc.train_on_inputs) for r in train_records]
+
+    lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    make_elastic(model)
+    groups = groups_from_config(tc.groups)
+    space = resolve_space(model, groups)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
+    total_steps = min(tc.max_steps or 10**12, math.ceil(steps_per_epoch * tc.epochs))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate)
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(tc.warmup_steps, total_steps // 10), total_steps)
+    collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+    rng = random.Random(cfg.seed)
+    order_rng = torch.Generator().manual_seed(cfg.seed)
+
+    model.train()
+    log_rows, recent = [], []
+    order: list[int] = []
+    for step in tqdm(range(1, total_steps + 1), desc="train", unit="step"):
+        subnet = random_subnet(space, rng)  # the super-network trains one sampled subnet per optimizer step
+        activate(model, space, subnet)
+        if len(order) < tc.batch_size:
+            order += torch.randperm(len(examples), generator=order_rng).tolist()
+        batch_ids, order = order[: tc.batch_size], order[tc.batch_size :]
+        loss_sum = 0.0
+        for i in range(0, tc.batch_size, tc.micro_batch_size):
+            batch = collate([examples[j] for j in batch_ids[i : i + tc.micro_batch_size]]).to(device)
+            loss = model(**batch).loss * tc.micro_batch_size / tc.batch_size
+            loss.backward()
+            loss_sum += loss.item()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        recent.append(loss_sum)
+        if step % tc.log_every == 0 or step == total_steps:
+            log_rows.append({"step": step, "epoch": step / steps_per_epoch, "loss": sum(recent) / len(recent),
+                             "learning_rate": scheduler.get_last_lr()[0], "active_config": json.dumps(subnet)})
+            recent = []
+
+    model.save_pretrained(ctx.out_dir / "adapter")
+    save_search_space(ctx.out_dir / "search_space.json", groups, space)
+    write_table(ctx.out_dir / "training_log.parquet", "training_log", log_rows)
+    write_table(ctx.out_dir / "validation.parquet", "records",
+                [{k: r[k] for k in ("source", "instruction", "input", "output", "answer")} for r in val_records])
+    return {"steps": total_steps, "final_loss": log_rows[-1]["loss"], "trainable_params": trainable,
+            "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space)}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("train", run))
