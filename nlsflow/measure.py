@@ -5,6 +5,7 @@ Each model is measured in a fresh process so that peak memory is that model's ow
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 import resource
 import statistics
 import time
@@ -68,5 +69,5 @@ def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: s
 
 def measure_in_subprocess(**kwargs) -> dict:
     """`measure_model` in a spawned process: its peak RSS is this model's alone."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_model, kwds=kwargs)
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure_model, **kwargs).result()

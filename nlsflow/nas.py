@@ -69,13 +69,13 @@ class SubnetEvaluator:
 
 
 class _SubnetProblem(ElementwiseProblem):
-    def __init__(self, space: list[Variable], evaluate: SubnetEvaluator):
-        self.space, self.evaluate = space, evaluate
+    def __init__(self, space: list[Variable], scorer: SubnetEvaluator):
+        self.space, self.scorer = space, scorer
         super().__init__(n_var=len(space), n_obj=2, xl=np.zeros(len(space)), xu=np.array([len(v.choices) - 1 for v in space]),
                          vtype=int)
 
     def _evaluate(self, x, out, *args, **kwargs):
-        result = self.evaluate(subnet_from_indices(self.space, np.round(x).astype(int)))
+        result = self.scorer(subnet_from_indices(self.space, np.round(x).astype(int)))
         out["F"] = [-result.accuracy, result.cost]
 
 

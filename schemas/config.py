@@ -1,6 +1,7 @@
 """One validated config per stage, composed into the pipeline config that YAML files and `key=value` overrides build."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -169,6 +170,26 @@ class PipelineConfig(Strict):
         return {"shared": shared, stage: getattr(self, stage).model_dump()}
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 numbers, so `structure: 2:4` stays the string '2:4' (not 124)."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if not (tag.endswith((":int", ":float")) and regex.match("2:4"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in [("tag:yaml.org,2002:int", r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
+                                 "-+0123456789"),
+                                ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+                                 r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+                                 r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+)$", "-+0123456789.")]:
+    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def _deep_merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
@@ -190,7 +211,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise NlsflowError(f"override {item!r} is not key=value; write e.g. prune.sparsity=0.5")
-    return key, yaml.safe_load(raw) if raw else ""
+    return key, yaml_load(raw) if raw else ""
 
 
 def load_yaml(path: Path) -> dict:
@@ -198,7 +219,7 @@ def load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise NlsflowError(f"config file {path} not found; pass an existing YAML (see configs/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise NlsflowError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

@@ -7,6 +7,7 @@ import random
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -91,6 +92,7 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. prune.sparsity=0.6")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not actionable here
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
@@ -100,7 +102,10 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
         return 2
     try:
         run_stage(stage, fn, cfg, force=args.force)
-    except (NlsflowError, FileNotFoundError, ValueError) as e:  # bad input: one line here, the traceback in a file
+    except NlsflowError as e:
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as e:  # bad input caught deep in a library: one line here, the trace in a file
         trace = Path(cfg.run_dir) / f"{stage}.error.log"
         trace.parent.mkdir(parents=True, exist_ok=True)
         trace.write_text(traceback.format_exc())

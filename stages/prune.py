@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 def calibration_batch(tokenizer, text: str, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
     """Random `seqlen` windows of the calibration text, as Wanda samples its calibration set."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
     if ids.numel() <= seqlen:
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; lower prune.calibration.seqlen")
     rng = random.Random(seed)
@@ -46,7 +46,7 @@ def run(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(base)
     model = load_causal_lm(base, cfg.dtype, device)
 
-    test_ids = tokenizer(wikitext2(ctx.data_root, "test"), return_tensors="pt", add_special_tokens=False).input_ids
+    test_ids = tokenizer(wikitext2(ctx.data_root, "test"), return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
     if pc.perplexity_max_windows:
         test_ids = test_ids[:, : pc.perplexity_max_windows * pc.perplexity_seqlen]
     ppl_dense = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)

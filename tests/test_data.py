@@ -1,7 +1,5 @@
 """Prompt template, dataset registries, loading, de-contamination, splitting and tokenization."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, decoders, models, processors
@@ -22,8 +20,7 @@ from nlsflow.data import (
     wikitext2,
 )
 
-DATA_ROOT = Path(os.environ.get("NLSFLOW_DATA_ROOT", "/work/shared/data"))
-needs_data = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"no shared data at {DATA_ROOT}")
+from conftest import DATA_ROOT, needs_data
 
 INDENT = " " * 16
 

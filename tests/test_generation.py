@@ -1,7 +1,5 @@
 """Batched left-padded generation on a tiny random Llama equals one-prompt-at-a-time generation."""
 import copy
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,9 @@ from nlsflow.answers import score
 from nlsflow.data import EVAL_DATASETS, generate_prompt, load_eval_records
 from nlsflow.generation import evaluate_dataset, generate
 
-DATA_ROOT = Path(os.environ.get("NLSFLOW_DATA_ROOT", "/work/shared/data"))
-pytestmark = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"no shared data at {DATA_ROOT}")
+from conftest import DATA_ROOT, needs_data
+
+pytestmark = needs_data
 
 PROMPTS = [
     "The lobster",

@@ -1,0 +1,51 @@
+"""Shared fixtures: a private Prefect home and model cache, the data root, and one tiny pipeline run per session."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_ROOT = Path(os.environ.get("NLSFLOW_DATA_ROOT", REPO.parent / "shared" / "data"))
+needs_data = pytest.mark.skipif(not DATA_ROOT.is_dir(), reason=f"no shared data at {DATA_ROOT} (set NLSFLOW_DATA_ROOT)")
+TINY_CONFIGS = [REPO / "configs" / "tasks" / "math.yaml", REPO / "configs" / "profiles" / "tiny.yaml"]
+
+_SCRATCH = Path(tempfile.mkdtemp(prefix="nlsflow-tests-"))
+# Before anything imports Prefect: a throwaway home, no analytics, patience for the embedded server on 2 cores.
+os.environ["PREFECT_HOME"] = str(_SCRATCH / "prefect")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+os.environ["NLSFLOW_CACHE"] = str(_SCRATCH / "cache")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SCRATCH, ignore_errors=True)
+
+
+def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
+    return [f"run_dir={run_dir}", f"data_root={DATA_ROOT}", *extra]
+
+
+def tiny_config(run_dir: Path, *extra: str):
+    from schemas import load_config
+
+    return load_config(TINY_CONFIGS, tiny_overrides(run_dir, *extra))
+
+
+@pytest.fixture(scope="session")
+def math_run(tmp_path_factory):
+    """All six stages of the tiny math pipeline, run in-process once; tests must not modify it (copy it first)."""
+    if not DATA_ROOT.is_dir():
+        pytest.skip(f"no shared data at {DATA_ROOT}")
+    from stages import benchmark, evaluate, extract, prune, search, train
+    from stages._common import run_stage
+
+    run_dir = tmp_path_factory.mktemp("math-tiny")
+    cfg = tiny_config(run_dir)
+    for module in (prune, train, evaluate, search, extract, benchmark):
+        stage = module.__name__.rsplit(".", 1)[-1]
+        assert run_stage(stage, module.run, cfg) is not None
+    return cfg

@@ -1,0 +1,140 @@
+"""Each stage's artifacts on the tiny math run: they exist, validate, and hold what the stage promises."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from nlsflow.data import generate_prompt
+from nlsflow.elastic import activate, resolve_space
+from nlsflow.models import load_causal_lm, load_tokenizer
+from nlsflow.pruning import wanda_scores
+from nlsflow.supernet import load_search_space_groups, load_supernet
+from schemas import STAGES, read_manifest, read_table, stage_dir
+
+pytestmark = pytest.mark.slow
+
+
+def _dir(cfg, stage):
+    return stage_dir(cfg.run_dir, stage)
+
+
+def test_all_manifests_validate_and_chain(math_run):
+    manifests = {s: read_manifest(_dir(math_run, s), s) for s in STAGES}
+    assert manifests["extract"].inputs == {s: manifests[s].fingerprint() for s in ("prune", "train", "search")}
+    assert all(m.config == json.loads(json.dumps(math_run.stage_config(s))) for s, m in manifests.items())
+    assert not list(_dir(math_run, "prune").parent.glob(".*.tmp"))  # no temp folders left behind
+
+
+def test_prune_rows_have_exactly_the_lowest_wanda_scores_zeroed(math_run):
+    """Every pruned row has floor(ratio * in) zeros; they are the lowest |W|*||X|| for the activations the pruner saw."""
+    model_dir = _dir(math_run, "prune") / "model"
+    pruned = load_causal_lm(str(model_dir), "float32", torch.device("cpu"))
+    dense = load_causal_lm(read_manifest(_dir(math_run, "prune"), "prune").metrics["base_model"], "float32",
+                           torch.device("cpu"))
+    table = read_table(_dir(math_run, "prune") / "sparsity.parquet", "sparsity").to_pylist()
+    assert len(table) == 14  # 7 linears in each of 2 layers
+    ratio = math_run.prune.sparsity
+    for row in table:
+        weight = pruned.get_submodule(row["layer"]).weight
+        assert ((weight == 0).sum(dim=1) == math.floor(ratio * row["in_features"])).all(), row["layer"]
+        # Dense weights that were kept are unchanged.
+        kept = weight != 0
+        assert torch.equal(weight[kept], dense.get_submodule(row["layer"]).weight[kept])
+    # The lowest-score property, recomputed on layer 0 (its inputs are the dense embeddings of the calibration set).
+    from nlsflow.data import wikitext2
+    from stages.prune import calibration_batch
+
+    tokenizer = load_tokenizer(str(model_dir))
+    calib = calibration_batch(tokenizer, wikitext2(math_run.data_root, "valid"), math_run.prune.calibration.num_samples,
+                              math_run.prune.calibration.seqlen, math_run.seed)
+    captured = {}
+    q_proj = dense.model.layers[0].self_attn.q_proj
+    hook = q_proj.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
+    with torch.no_grad():
+        for sample in calib:  # one sample at a time, as the pruner feeds the layer
+            captured.pop("x", None)
+            dense(sample[None])
+            captured.setdefault("sq", torch.zeros(q_proj.in_features))
+            captured["sq"] += captured["x"].reshape(-1, q_proj.in_features).float().pow(2).sum(0)
+    hook.remove()
+    scores = wanda_scores(q_proj.weight, captured["sq"] / len(calib))
+    zeros = pruned.model.layers[0].self_attn.q_proj.weight == 0
+    assert (scores.masked_fill(~zeros, -1).max(dim=1).values <= scores.masked_fill(zeros, float("inf")).min(dim=1).values).all()
+
+
+def test_train_writes_peft_adapter_log_and_disjoint_validation(math_run):
+    folder = _dir(math_run, "train")
+    assert json.loads((folder / "adapter" / "adapter_config.json").read_text())["r"] == math_run.train.rank
+    weights = load_file(folder / "adapter" / "adapter_model.safetensors")
+    assert weights and all(t.shape[0] == 8 or t.shape[1] == 8 for t in weights.values())
+    log = read_table(folder / "training_log.parquet", "training_log").to_pylist()
+    assert log[-1]["step"] == read_manifest(folder, "train").metrics["steps"]
+    assert len({row["active_config"] for row in log}) > 1  # different subnets were trained
+    assert all(math.isfinite(row["loss"]) for row in log) and log[-1]["loss"] < log[0]["loss"]
+    validation = read_table(folder / "validation.parquet", "records").to_pylist()
+    assert len(validation) == math_run.train.val_size
+    assert {r["source"] for r in validation} <= {"gsm8k", "mawps"}
+    space = json.loads((folder / "search_space.json").read_text())
+    assert len(space["variables"]) == 6 and set(space["subnets"]["heuristic"].values()) == {6}
+
+
+def test_evaluate_predictions_match_metrics(math_run):
+    rows = read_table(_dir(math_run, "evaluate") / "predictions.parquet", "predictions").to_pylist()
+    metrics = read_manifest(_dir(math_run, "evaluate"), "evaluate").metrics
+    assert len(rows) == len(math_run.evaluate.datasets) * math_run.evaluate.max_samples
+    for task in math_run.evaluate.datasets:
+        task_rows = [r for r in rows if r["task"] == task]
+        assert metrics["accuracy"][task] == sum(r["correct"] for r in task_rows) / len(task_rows)
+    assert metrics["subnet"] == {name: 6 for name in metrics["subnet"]} and metrics["protocol"] == "llm-adapters"
+
+
+def test_search_evaluations_are_unique_and_the_choice_is_on_record(math_run):
+    folder = _dir(math_run, "search")
+    rows = read_table(folder / "evaluations.parquet", "evaluations").to_pylist()
+    assert len({r["config"] for r in rows}) == len(rows) >= math_run.search.population
+    assert {"heuristic", "maximal", "minimal"} <= {r["label"] for r in rows}
+    chosen = json.loads((folder / "chosen.json").read_text())
+    assert json.dumps(chosen, sort_keys=True) in {r["config"] for r in rows}
+    for r in rows:  # a Pareto point is dominated by no other evaluation
+        dominated = any(o["accuracy"] >= r["accuracy"] and o["params"] <= r["params"] and
+                        (o["accuracy"] > r["accuracy"] or o["params"] < r["params"]) for o in rows)
+        assert r["pareto"] == (not dominated)
+    assert (folder / "search.png").stat().st_size > 10_000
+
+
+def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):
+    """No nlsflow code on the extracted side: PeftModel.from_pretrained on the pruned base."""
+    base_dir, train_dir = _dir(math_run, "prune") / "model", _dir(math_run, "train")
+    chosen = json.loads((_dir(math_run, "search") / "chosen.json").read_text())
+    supernet, tokenizer, space = load_supernet(base_dir, train_dir / "adapter", train_dir / "search_space.json",
+                                               "float32", torch.device("cpu"))
+    activate(supernet, space, chosen)
+    extracted = PeftModel.from_pretrained(load_causal_lm(str(base_dir), "float32", torch.device("cpu")),
+                                          str(_dir(math_run, "extract") / "adapter")).eval()
+    batch = tokenizer([generate_prompt("What is 2 plus 3?"), generate_prompt("Name a prime.", "", "7")],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        diff = (supernet(**batch).logits - extracted(**batch).logits)[batch["attention_mask"].bool()].abs().max().item()
+    assert diff <= 1e-4
+    ranks = {name: layer.r["default"] for name, layer in extracted.named_modules() if hasattr(layer, "lora_A")}
+    expected = {m: chosen[v.name] for v in resolve_space(supernet, load_search_space_groups(train_dir / "search_space.json"))
+                for m in v.modules}
+    assert ranks == expected
+    metrics = read_manifest(_dir(math_run, "extract"), "extract").metrics
+    assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
+    assert (_dir(math_run, "extract") / "merged" / "config.json").is_file()
+
+
+def test_benchmark_measures_every_variant(math_run):
+    rows = read_table(_dir(math_run, "benchmark") / "results.parquet", "results").to_pylist()
+    by_model = {r["model"]: r for r in rows}
+    assert set(by_model) == {"dense", "pruned", "extracted_merged", "extracted_adapter"}
+    assert by_model["pruned"]["nonzero_params"] < by_model["dense"]["nonzero_params"]
+    assert by_model["pruned"]["params"] == by_model["dense"]["params"]
+    assert by_model["extracted_adapter"]["params"] > by_model["pruned"]["params"]
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["prefill_ms"] > 0 for r in rows)
