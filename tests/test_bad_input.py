@@ -1,0 +1,92 @@
+"""Bad input fails with one clear line naming the problem and the fix, and leaves no partial artifact behind."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY_CONFIGS, tiny_config, tiny_overrides
+from schemas import read_manifest, stage_dir
+from stages._common import run_stage
+
+
+def _stage_cli(stage: str, run_dir, *extra: str) -> subprocess.CompletedProcess:
+    configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
+    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *configs, *tiny_overrides(run_dir, *extra)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def _leftovers(run_dir) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("."))
+
+
+def test_missing_input_manifest(tmp_path):
+    line = _error_line(_stage_cli("train", tmp_path))
+    assert "missing input manifest" in line and "prune" in line and "run the 'prune' stage first" in line
+    assert not (tmp_path / "train").exists() and not _leftovers(tmp_path)
+
+
+def test_unknown_config_key(tmp_path):
+    line = _error_line(_stage_cli("prune", tmp_path, "prune.sparsty=0.5"))
+    assert "unknown key 'prune.sparsty'" in line
+    assert not (tmp_path / "prune").exists()
+
+
+@pytest.mark.slow
+def test_corrupt_safetensors_is_caught_before_use(math_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(math_run.run_dir, run)
+    weights = stage_dir(run, "prune") / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100:] = b"\x00" * 100
+    weights.write_bytes(bytes(data))
+    before = (stage_dir(run, "train") / "manifest.json").read_text()
+    line = _error_line(_stage_cli("train", run, "train.learning_rate=0.02"))
+    assert "model.safetensors does not match its sha256" in line and "re-run the 'prune' stage" in line
+    assert (stage_dir(run, "train") / "manifest.json").read_text() == before and not _leftovers(run)
+
+
+@pytest.mark.slow
+def test_wrong_schema_version(math_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(math_run.run_dir, run)
+    manifest = stage_dir(run, "prune") / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["schema_version"] = 0
+    manifest.write_text(json.dumps(doc))
+    line = _error_line(_stage_cli("train", run, "train.learning_rate=0.02"))
+    assert "schema nlsflow.manifest v0, expected nlsflow.manifest v1" in line
+
+
+def test_failing_stage_leaves_no_partial_folder(tmp_path):
+    def crashes(ctx):
+        (ctx.out_dir / "half.bin").write_bytes(b"x" * 10)
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError):
+        run_stage("prune", crashes, tiny_config(tmp_path))
+    assert not (tmp_path / "prune").exists() and not _leftovers(tmp_path)
+
+
+@pytest.mark.slow
+def test_failed_rerun_keeps_the_previous_complete_stage(math_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(math_run.run_dir, run)
+
+    def crashes(ctx):
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        run_stage("benchmark", crashes, tiny_config(run), force=True)
+    read_manifest(stage_dir(run, "benchmark"), "benchmark")  # still complete and verified
+    assert not _leftovers(run)

@@ -1,0 +1,36 @@
+"""Resume: a stage whose manifest matches its config and inputs is skipped; a change re-runs it and what follows."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import tiny_config
+from schemas import STAGES, stage_dir
+from stages import benchmark, evaluate, extract, prune, search, train
+from stages._common import run_stage
+
+pytestmark = pytest.mark.slow
+RUNS = dict(zip(STAGES, (prune.run, train.run, evaluate.run, search.run, extract.run, benchmark.run)))
+
+
+@pytest.fixture
+def copied_run(math_run, tmp_path):
+    shutil.copytree(math_run.run_dir, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def _statuses(cfg) -> dict[str, str]:
+    return {stage: "skipped" if run_stage(stage, fn, cfg) is None else "ran" for stage, fn in RUNS.items()}
+
+
+def test_unchanged_config_skips_everything(copied_run):
+    assert set(_statuses(tiny_config(copied_run)).values()) == {"skipped"}
+
+
+def test_corrupt_output_reruns_only_that_stage(copied_run):
+    table = stage_dir(copied_run, "evaluate") / "predictions.parquet"
+    table.write_bytes(table.read_bytes()[:-10])
+    statuses = _statuses(tiny_config(copied_run))
+    assert statuses == {"prune": "skipped", "train": "skipped", "evaluate": "ran", "search": "skipped",
+                        "extract": "skipped", "benchmark": "skipped"}
