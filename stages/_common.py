@@ -93,6 +93,9 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not actionable here
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file loading bars drown the stage's own progress
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
