@@ -1,6 +1,6 @@
 """The nlsflow pipeline: prune -> train -> evaluate -> search -> extract -> benchmark, one Prefect task per stage.
 
-    python -m flows.pipeline --config configs/profiles/tiny.yaml --config configs/tasks/math.yaml run_dir=runs/math-tiny
+    python -m flows.pipeline --config configs/tasks/math.yaml --config configs/profiles/tiny.yaml run_dir=runs/math-tiny
 
 A stage whose manifest already matches its config and its inputs' digests is skipped, so a re-run resumes.
 """
@@ -31,7 +31,7 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
         logger.info("%s is up to date: skipped", stage)
         status = "skipped"
     else:
-        get_runner(runner_name).run(stage, config_file, logger.info)
+        get_runner(runner_name).run(stage, config_file, logger.info, force=force)
         status = "ran"
     manifest = read_manifest(stage_dir(cfg.run_dir, stage), stage, verify=False)
     return {"stage": stage, "status": status, "seconds": time.perf_counter() - start,

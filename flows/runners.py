@@ -14,15 +14,15 @@ from schemas import NlsflowError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def stage_command(stage: str, config_file: Path) -> list[str]:
+def stage_command(stage: str, config_file: Path, force: bool) -> list[str]:
     """The one command every runner executes (also the container entrypoint's arguments)."""
-    return ["-m", f"stages.{stage}", "--config", str(config_file)]
+    return ["-m", f"stages.{stage}", "--config", str(config_file), *(["--force"] if force else [])]
 
 
 class StageRunner(Protocol):
     name: str
 
-    def run(self, stage: str, config_file: Path, log: Callable[[str], None]) -> None:
+    def run(self, stage: str, config_file: Path, log: Callable[[str], None], force: bool = False) -> None:
         """Run the stage to completion, streaming its output lines to `log`; raise NlsflowError on failure."""
 
 
@@ -31,9 +31,9 @@ class LocalRunner:
 
     name = "local"
 
-    def run(self, stage: str, config_file: Path, log: Callable[[str], None]) -> None:
+    def run(self, stage: str, config_file: Path, log: Callable[[str], None], force: bool = False) -> None:
         env = {**os.environ, "TQDM_MININTERVAL": os.environ.get("TQDM_MININTERVAL", "5"), "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen([sys.executable, *stage_command(stage, Path(config_file).resolve())], cwd=REPO_ROOT,
+        proc = subprocess.Popen([sys.executable, *stage_command(stage, Path(config_file).resolve(), force)], cwd=REPO_ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         tail: deque[str] = deque(maxlen=30)
         for raw in proc.stdout:

@@ -18,7 +18,8 @@ def key_metric(stage: str, m: dict) -> str:
         return (f"{m['evaluations']} subnets, chosen accuracy {m['chosen_accuracy']:.4f} at {m['cost']} {m['chosen_cost']:,}"
                 f" (heuristic {m['heuristic_accuracy']:.4f} at {m['heuristic_cost']:,})")
     if stage == "extract":
-        return f"max |Δlogit| {m['max_abs_logit_diff']:.2e}, adapter params {m['adapter_params']:,}"
+        text = f"max |Δlogit| {m['max_abs_logit_diff']:.2e}, adapter params {m['adapter_params']:,}"
+        return text + (f", merged sparsity {m['merged_sparsity']:.3f}" if "merged_sparsity" in m else "")
     if stage == "benchmark":
         return ", ".join(f"{name} {r['tokens_per_s']:.1f} tok/s" for name, r in m["results"].items())
     return ""
@@ -29,14 +30,14 @@ def _extras(results: list[dict]) -> list[tuple[str, str]]:
     rows = []
     if "evaluate" in by_stage:
         acc = by_stage["evaluate"]["accuracy"]
-        rows.append(("heuristic accuracy", ", ".join(f"{k} {v:.4f}" for k, v in acc.items())))
+        rows.append((f"{by_stage['evaluate']['subnet_name']} accuracy", ", ".join(f"{k} {v:.4f}" for k, v in acc.items())))
     if "extract" in by_stage:
         rows.append(("chosen subnet", json.dumps(by_stage["extract"]["subnet"])))
     if "benchmark" in by_stage:
         res = by_stage["benchmark"]["results"]
-        after = res.get("extracted_merged") or res["extracted_adapter"]
-        rows.append(("params before/after", f"{res['dense']['params']:,} ({res['dense']['nonzero_params']:,} non-zero) -> "
-                                           f"{after['params']:,} ({after['nonzero_params']:,} non-zero)"))
+        dense, after = res["dense"], res["extracted_adapter"]  # the pruned base plus the extracted sub-adapter
+        rows.append(("params before/after", f"dense {dense['params']:,} ({dense['nonzero_params']:,} non-zero) -> pruned + "
+                                           f"sub-adapter {after['params']:,} ({after['nonzero_params']:,} non-zero)"))
     return rows
 
 

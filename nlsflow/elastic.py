@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import random
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +22,8 @@ from peft import get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import nn
+
+from schemas.io import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -215,17 +214,6 @@ def extract_sub_adapter(
             state[f"{name}.lora_A.weight"] = state[f"{name}.lora_A.weight"][:r].contiguous()
             state[f"{name}.lora_B.weight"] = state[f"{name}.lora_B.weight"][:, :r].contiguous()
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_dir(Path(out_dir)) as tmp:  # out_dir is never half-written: it is the old or the new folder
         config.save_pretrained(tmp)
         save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-        old = tmp.with_name(tmp.name + ".old")
-        if out_dir.exists():
-            os.replace(out_dir, old)  # out_dir is never half-written: it is the old or the new folder
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 
-def linear_macs_per_token(model: nn.Module) -> int:
+def model_linear_macs(model: nn.Module) -> int:
     """Multiply-accumulates of every nn.Linear (LoRA factors included) for one token; attention scores excluded."""
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
@@ -36,7 +36,8 @@ def _timed(fn, device: torch.device) -> float:
 
 @torch.inference_mode()
 def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: str, *, prompt_len: int, new_tokens: int,
-                  batch_size: int, warmup: int, repeats: int, num_threads: int | None = None) -> dict:
+                  batch_size: int, warmup: int, repeats: int, num_threads: int | None = None,
+                  revision: str | None = None) -> dict:
     from peft import PeftModel
 
     from nlsflow.models import load_causal_lm, resolve_device
@@ -44,7 +45,7 @@ def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: s
     if num_threads:
         torch.set_num_threads(num_threads)
     dev = resolve_device(device)
-    model = load_causal_lm(model_dir, dtype, dev)
+    model = load_causal_lm(model_dir, dtype, dev, revision)
     if adapter_dir:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
     vocab = model.config.vocab_size
@@ -61,9 +62,10 @@ def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: s
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     folders = [Path(model_dir)] + ([Path(adapter_dir)] if adapter_dir else [])
     return {"params": sum(p.numel() for p in params), "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
-            "macs_per_token": linear_macs_per_token(model), "prefill_ms": prefill_s * 1e3,
+            "macs_per_token": model_linear_macs(model), "prefill_ms": prefill_s * 1e3,
             "decode_ms_per_token": max(total_s - prefill_s, 0.0) / new_tokens * 1e3,
-            "tokens_per_s": batch_size * new_tokens / total_s, "peak_memory_mb": peak,
+            "tokens_per_s": batch_size * new_tokens / total_s,  # end to end: prefill + decode
+            "peak_memory_mb": peak,
             "size_on_disk_mb": size_on_disk_mb(folders) if all(Path(f).is_dir() for f in folders) else float("nan")}
 
 

@@ -1,6 +1,7 @@
 """Where base models come from (a hub id, a local folder, a GGUF file, or a tiny random Llama) and how they load."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Iterable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from schemas.io import atomic_dir, sha256_json
+from schemas.io import NlsflowError, atomic_dir, sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +21,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0..3: pad 0 as LLM-Ada
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise NlsflowError(f"device={device} but this machine has no CUDA device; set device=cpu (or auto)")
     return torch.device(device)
 
 
@@ -38,7 +41,7 @@ def materialize_base_model(model_cfg, texts: Iterable[str] | None = None, seed: 
         key = sha256_json({"tiny": model_cfg.tiny.model_dump(), "seed": seed, "texts": sha256_json(texts)})[:16]
         folder = cache_root(model_cfg.cache_dir) / f"tiny-llama-{key}"
         if not (folder / "config.json").is_file():
-            with atomic_dir(folder) as tmp:
+            with atomic_dir(folder, keep_existing=True) as tmp:
                 build_tiny_llama(model_cfg.tiny, texts, seed, tmp)
         return str(folder)
     if model_cfg.gguf_file:
@@ -49,7 +52,7 @@ def materialize_base_model(model_cfg, texts: Iterable[str] | None = None, seed: 
             kwargs = {"gguf_file": model_cfg.gguf_file, "revision": model_cfg.revision}
             model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, **kwargs)
-            with atomic_dir(folder) as tmp:
+            with atomic_dir(folder, keep_existing=True) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         return str(folder)
@@ -83,14 +86,27 @@ def build_tiny_llama(tiny_cfg, texts: list[str], seed: int, out_dir: Path) -> No
     log.info("built tiny Llama (%d params, vocab %d) in %s", sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)
 
 
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+@contextlib.contextmanager
+def _loading(path: str):
+    """Turn a failed from_pretrained into one line that names the model and the fix."""
+    try:
+        yield
+    except OSError as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise NlsflowError(f"cannot load model {path!r} ({first}); check model.name_or_path: a local HF folder, "
+                           "or a hub id while online") from None
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    with _loading(path):
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
     if tokenizer.pad_token_id is None:  # LLaMA has none; LLM-Adapters pads with id 0
         tokenizer.pad_token_id = 0
     tokenizer.padding_side = "left"
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+def load_causal_lm(path: str, dtype: str, device: torch.device, revision: str | None = None):
+    with _loading(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], revision=revision)
     return model.to(device).eval()

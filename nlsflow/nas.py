@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -10,6 +11,7 @@ from typing import Callable
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
 from pymoo.core.problem import ElementwiseProblem
+from pymoo.core.termination import Termination
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
@@ -68,6 +70,17 @@ class SubnetEvaluator:
         return found
 
 
+class _UniqueEvaluations(Termination):
+    """Stop once `budget` distinct subnets are scored (cache hits are free), or after `max_gen` stalled generations."""
+
+    def __init__(self, scorer: SubnetEvaluator, budget: int, max_gen: int):
+        super().__init__()
+        self.scorer, self.budget, self.max_gen = scorer, budget, max_gen
+
+    def _update(self, algorithm):
+        return max(len(self.scorer.evaluations) / self.budget, algorithm.n_gen / self.max_gen)
+
+
 class _SubnetProblem(ElementwiseProblem):
     def __init__(self, space: list[Variable], scorer: SubnetEvaluator):
         self.space, self.scorer = space, scorer
@@ -91,9 +104,12 @@ def nsga2_search(space: list[Variable], evaluate: SubnetEvaluator, *, population
     algorithm = NSGA2(pop_size=population, sampling=np.array(initial[:population]),
                       crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
                       mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
-    with tqdm(total=num_evals, desc="search", unit="subnet", initial=len(evaluate.evaluations)) as bar:
+    budget = min(num_evals, math.prod(len(v.choices) for v in space))
+    termination = _UniqueEvaluations(evaluate, budget, max_gen=10 * math.ceil(budget / population) + 10)
+    with tqdm(total=budget, desc="search", unit="subnet", initial=len(evaluate.evaluations)) as bar:
         evaluate.progress = bar
-        minimize(_SubnetProblem(space, evaluate), algorithm, ("n_evals", num_evals), seed=seed, verbose=False)
+        minimize(_SubnetProblem(space, evaluate), algorithm, termination, copy_termination=False, seed=seed,
+                 verbose=False)
         evaluate.progress = None
     results = sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id)
     front = NonDominatedSorting().do(np.array([[-e.accuracy, e.cost] for e in results]), only_non_dominated_front=True)

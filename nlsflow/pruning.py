@@ -49,7 +49,7 @@ def prune_mask(scores: torch.Tensor, sparsity: float, structure: Structure = "un
     rows, cols = scores.shape
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if n_m is None:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, : int(cols * sparsity)]
+        idx = torch.sort(scores, dim=1, stable=True).indices[:, : math.floor(cols * sparsity + 1e-9)]  # 0.29*100 -> 29
         return mask.scatter_(1, idx, True)
     n, m = n_m
     if cols % m:

@@ -57,7 +57,7 @@ class PruneConfig(Strict):
     targets: list[str] | None = Field(None, description="linear-module suffixes to prune (default: all in decoder layers)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="calibration data")
     perplexity_seqlen: int = Field(2048, gt=0, description="window for WikiText-2 test perplexity")
-    perplexity_max_windows: int | None = Field(None, description="cap on perplexity windows (None: whole test set)")
+    perplexity_max_windows: int | None = Field(None, gt=0, description="cap on perplexity windows (None: whole test set)")
 
     @field_validator("structure")
     @classmethod
@@ -68,10 +68,15 @@ class PruneConfig(Strict):
                 raise ValueError(f"structure must be 'unstructured' or 'N:M' with 0 < N < M, got {v!r}")
         return v
 
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N, M) for N:M sparsity, None for unstructured."""
+        return None if self.structure == "unstructured" else tuple(map(int, self.structure.split(":")))
+
     @model_validator(mode="after")
     def _nm_sparsity(self) -> "PruneConfig":
-        if self.structure != "unstructured":
-            n, m = map(int, self.structure.split(":"))
+        if self.n_m:
+            n, m = self.n_m
             if abs(self.sparsity - n / m) > 1e-9:
                 raise ValueError(f"structure {self.structure} zeroes {n}/{m} of the weights; set prune.sparsity={n / m:g}")
         return self
@@ -91,21 +96,31 @@ class TrainConfig(Strict):
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     groups: list[GroupConfig] = Field(description="elastic search space: groups of modules and their rank choices")
     learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (HF Trainer default 1.0; None: off)")
     batch_size: int = Field(16, gt=0, description="sequences per optimizer step")
     micro_batch_size: int = Field(4, gt=0, description="sequences per forward pass (gradient accumulation)")
     epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, description="cap on optimizer steps")
+    max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps")
     warmup_steps: int = Field(100, ge=0)
     cutoff_len: int = Field(256, gt=0, description="tokens per training example (LLM-Adapters cutoff_len)")
     train_on_inputs: bool = Field(True, description="also train on the prompt tokens (LLM-Adapters default)")
-    max_train_samples: int | None = Field(None, description="cap on training records")
+    max_train_samples: int | None = Field(None, gt=0, description="cap on training records")
     val_size: int = Field(1000, ge=1, description="records held out of training for the search stage")
     log_every: int = Field(10, gt=0, description="steps between loss-log rows")
 
     @model_validator(mode="after")
-    def _micro_divides_batch(self) -> "TrainConfig":
+    def _consistent(self) -> "TrainConfig":
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        for g in self.groups:
+            if not g.choices or any(a <= b for a, b in zip(g.choices, g.choices[1:])) or g.choices[-1] <= 0:
+                raise ValueError(f"group '{g.name}': choices {g.choices} must be positive and strictly descending")
+            if g.choices[0] != self.rank:
+                raise ValueError(f"group '{g.name}': the first choice {g.choices[0]} must equal train.rank={self.rank}")
+            stray = [m for m in g.modules if m not in self.target_modules]
+            if stray:
+                raise ValueError(f"group '{g.name}': modules {stray} are not in train.target_modules {self.target_modules}")
         return self
 
 
@@ -118,16 +133,26 @@ class GenerationConfig(Strict):
 class EvaluateConfig(Strict):
     subnet: Literal["heuristic", "maximal", "minimal"] = Field("heuristic", description="subnet of the super-adapter to evaluate")
     datasets: list[str] = Field(description="evaluation sets (names from nlsflow.data.EVAL_DATASETS)")
-    max_samples: int | None = Field(None, description="records per dataset (None: all)")
+    max_samples: int | None = Field(None, gt=0, description="records per dataset (None: all)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+    @field_validator("datasets")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from nlsflow.data import EVAL_DATASETS
+
+        unknown = [d for d in v if d not in EVAL_DATASETS]
+        if unknown or not v:
+            raise ValueError(f"unknown or no datasets {unknown}; choose from {sorted(EVAL_DATASETS)}")
+        return v
 
 
 class SearchConfig(Strict):
     algorithm: Literal["nsga2"] = "nsga2"
     population: int = Field(5, gt=1)
-    num_evals: int = Field(200, gt=1, description="subnet evaluations in all")
+    num_evals: int = Field(200, gt=1, description="distinct subnets to evaluate (at most the size of the space)")
     cost: Literal["params", "macs"] = Field("params", description="second objective: adapter parameters or MACs per token")
-    val_samples: int | None = Field(None, description="validation records per evaluation (None: all held out)")
+    val_samples: int | None = Field(None, gt=0, description="validation records per evaluation (None: all held out)")
     ref_acc: float | None = Field(None, description="reference accuracy (None: the heuristic subnet's)")
     acc_delta: float = Field(0.01, ge=0, description="chosen: lowest cost with accuracy >= ref_acc - acc_delta")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -136,7 +161,8 @@ class SearchConfig(Strict):
 class ExtractConfig(Strict):
     subnet: Literal["searched", "heuristic", "maximal", "minimal"] = Field("searched", description="which subnet to extract")
     merge: bool = Field(True, description="also write the adapter merged into the base at extract/merged/")
-    tolerance: float = Field(1e-4, gt=0, description="max |logit difference| allowed between extracted and super-network")
+    tolerance: float = Field(1e-4, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)")
+    merge_tolerance: float = Field(1e-3, gt=0, description="max |logit| difference, merged vs super-network (float32)")
 
 
 class BenchmarkConfig(Strict):
@@ -151,9 +177,9 @@ class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
-    data_root: str = Field("../shared/data", description="root of the LLM-Adapters / GSM8K / WikiText-2 files")
+    data_root: str = Field("../shared/data", validate_default=True, description="root of the LLM-Adapters / GSM8K / WikiText-2 files")
     seed: int = Field(0)
-    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     num_threads: int | None = Field(None, description="torch CPU threads (None: torch's default)")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -164,9 +190,15 @@ class PipelineConfig(Strict):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
+    @field_validator("run_dir", "data_root")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        """Relative paths mean relative to where the command runs; stages may run elsewhere, so resolve once."""
+        return str(Path(v).expanduser().resolve())
+
     def stage_config(self, stage: str) -> dict[str, Any]:
-        """What a stage's result depends on: its own section plus the shared fields (not run_dir or threads)."""
-        shared = self.model_dump(include={"task", "data_root", "seed", "device", "dtype", "model"})
+        """What a stage's result depends on: its own section plus the shared fields (not paths or threads)."""
+        shared = self.model_dump(include={"task", "seed", "device", "dtype", "model"})
         return {"shared": shared, stage: getattr(self, stage).model_dump()}
 
 

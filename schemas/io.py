@@ -31,11 +31,18 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes owner-only files; artifacts are shared (containers, UI)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -52,14 +59,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
-    """Yield a fresh temp folder beside `path`; on success it replaces `path` whole, on failure it is removed."""
+def atomic_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path`; on success it replaces `path` whole, on failure it is removed.
+
+    With keep_existing, a `path` that appeared meanwhile (another process built the same cache entry) wins.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        replace_dir(tmp, path)
+        if keep_existing and path.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -71,6 +71,8 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NlsflowError(f"{path} is not valid JSON ({e.msg}); delete {folder} and re-run the '{stage}' stage") from None
+    if not isinstance(raw, dict):
+        raise NlsflowError(f"{path} holds a JSON {type(raw).__name__}, not a manifest; re-run the '{stage}' stage")
     if raw.get("schema_name") != MANIFEST_SCHEMA or raw.get("schema_version") != MANIFEST_VERSION:
         raise NlsflowError(f"{path} has schema {raw.get('schema_name')} v{raw.get('schema_version')}, expected "
                            f"{MANIFEST_SCHEMA} v{MANIFEST_VERSION}; re-run the '{stage}' stage with this version of nlsflow")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from schemas import STAGE_INPUTS, Manifest, NlsflowError, PipelineConfig, is_up_to_date, load_config, read_inputs, stage_dir
-from schemas.io import atomic_dir
+from schemas.io import atomic_dir, atomic_write_text
 from schemas.manifest import list_outputs, write_manifest
 
 log = logging.getLogger("nlsflow")
@@ -80,6 +80,7 @@ def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False)
                             outputs=list_outputs(tmp), metrics=metrics, duration_s=round(time.perf_counter() - start, 3),
                             versions=_versions())
         write_manifest(tmp, manifest)
+    (run_dir / f"{stage}.error.log").unlink(missing_ok=True)  # a stale trace from an earlier failure
     log.info("%s: done in %.1fs", stage, manifest.duration_s)
     return manifest
 
@@ -110,8 +111,7 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
         return 2
     except (FileNotFoundError, ValueError) as e:  # bad input caught deep in a library: one line here, the trace in a file
         trace = Path(cfg.run_dir) / f"{stage}.error.log"
-        trace.parent.mkdir(parents=True, exist_ok=True)
-        trace.write_text(traceback.format_exc())
+        atomic_write_text(trace, traceback.format_exc())
         print(f"error: {stage}: {e} (traceback: {trace})", file=sys.stderr)
         return 2
     return 0

@@ -16,16 +16,18 @@ log = logging.getLogger(__name__)
 def run(ctx: StageContext) -> dict:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
     pruned, extracted = ctx.input_dir("prune") / "model", ctx.input_dir("extract")
-    variants = {"dense": (ctx.inputs["prune"].metrics["base_model"], None), "pruned": (str(pruned), None)}
+    prune_metrics = ctx.inputs["prune"].metrics
+    variants = {"dense": (prune_metrics["base_model"], None, prune_metrics.get("base_revision")),
+                "pruned": (str(pruned), None, None)}
     if (extracted / "merged").is_dir():
-        variants["extracted_merged"] = (str(extracted / "merged"), None)
-    variants["extracted_adapter"] = (str(pruned), str(extracted / "adapter"))
+        variants["extracted_merged"] = (str(extracted / "merged"), None, None)
+    variants["extracted_adapter"] = (str(pruned), str(extracted / "adapter"), None)
 
     rows = []
-    for name, (model_dir, adapter_dir) in variants.items():
+    for name, (model_dir, adapter_dir, revision) in variants.items():
         result = measure_in_subprocess(model_dir=model_dir, adapter_dir=adapter_dir, dtype=cfg.dtype, device=cfg.device,
                                        prompt_len=bc.prompt_len, new_tokens=bc.new_tokens, batch_size=bc.batch_size,
-                                       warmup=bc.warmup, repeats=bc.repeats, num_threads=cfg.num_threads)
+                                       warmup=bc.warmup, repeats=bc.repeats, num_threads=cfg.num_threads, revision=revision)
         log.info("%s: %s", name, result)
         rows.append({"model": name, **result})
     write_table(ctx.out_dir / "results.parquet", "results", rows)

@@ -28,13 +28,6 @@ def calibration_batch(tokenizer, text: str, num_samples: int, seqlen: int, seed:
     return torch.stack([ids[s : s + seqlen] for s in starts])
 
 
-def parse_structure(structure: str):
-    if structure == "unstructured":
-        return structure
-    n, m = structure.split(":")
-    return int(n), int(m)
-
-
 def run(ctx: StageContext) -> dict:
     cfg, pc = ctx.cfg, ctx.cfg.prune
     device = resolve_device(cfg.device)
@@ -43,8 +36,9 @@ def run(ctx: StageContext) -> dict:
         texts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in load_train_records(ctx.data_root, cfg.task)]
         texts += wikitext2(ctx.data_root, "valid").splitlines()
     base = materialize_base_model(cfg.model, texts, cfg.seed)
-    tokenizer = load_tokenizer(base)
-    model = load_causal_lm(base, cfg.dtype, device)
+    revision = cfg.model.revision if base == cfg.model.name_or_path else None  # a hub id, loaded as is
+    tokenizer = load_tokenizer(base, revision)
+    model = load_causal_lm(base, cfg.dtype, device, revision)
 
     test_ids = tokenizer(wikitext2(ctx.data_root, "test"), return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
     if pc.perplexity_max_windows:
@@ -53,7 +47,7 @@ def run(ctx: StageContext) -> dict:
     calib = calibration_batch(tokenizer, wikitext2(ctx.data_root, "valid"), pc.calibration.num_samples,
                               pc.calibration.seqlen, cfg.seed).to(device)
     layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
-                         structure=parse_structure(pc.structure), targets=pc.targets)
+                         structure=pc.n_m or "unstructured", targets=pc.targets)
     ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
     log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
 
@@ -64,7 +58,7 @@ def run(ctx: StageContext) -> dict:
     write_table(ctx.out_dir / "sparsity.parquet", "sparsity", rows)
     pruned_weights = sum(l.in_features * l.out_features for l in layers)
     params = sum(p.numel() for p in model.parameters())
-    return {"base_model": base, "params": params,
+    return {"base_model": base, "base_revision": revision, "params": params,
             "nonzero_params": int(sum((p != 0).sum().item() for p in model.parameters())),
             "pruned_layers": len(layers), "sparsity": sum(l.zeros for l in layers) / max(pruned_weights, 1),
             "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned}

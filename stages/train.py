@@ -19,7 +19,7 @@ from nlsflow.data import load_train_records, split_validation, tokenize_for_trai
 from nlsflow.elastic import activate, make_elastic, random_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from nlsflow.supernet import groups_from_config, save_search_space
-from schemas import write_table
+from schemas import NlsflowError, write_table
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ def run(ctx: StageContext) -> dict:
     records = load_train_records(ctx.data_root, cfg.task)
     train_records, val_records = split_validation(records, tc.val_size, cfg.seed)
     train_records = train_records[: tc.max_train_samples]
+    if len(train_records) < tc.batch_size:
+        raise NlsflowError(f"{len(train_records)} training records left after holding out {len(val_records)}: fewer than "
+                           f"train.batch_size={tc.batch_size}; lower train.batch_size or train.val_size")
     examples = [tokenize_for_training(tokenizer, r, tc.cutoff_len, tc.train_on_inputs) for r in train_records]
 
     lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
@@ -46,9 +49,12 @@ def run(ctx: StageContext) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
-    total_steps = min(tc.max_steps or 10**12, math.ceil(steps_per_epoch * tc.epochs))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.learning_rate)
-    scheduler = get_linear_schedule_with_warmup(optimizer, min(tc.warmup_steps, total_steps // 10), total_steps)
+    total_steps = math.ceil(steps_per_epoch * tc.epochs)
+    if tc.max_steps is not None:
+        total_steps = min(total_steps, tc.max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, total_steps)
     collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
     rng = random.Random(cfg.seed)
     order_rng = torch.Generator().manual_seed(cfg.seed)
@@ -59,8 +65,8 @@ def run(ctx: StageContext) -> dict:
     for step in tqdm(range(1, total_steps + 1), desc="train", unit="step"):
         subnet = random_subnet(space, rng)  # the super-network trains one sampled subnet per optimizer step
         activate(model, space, subnet)
-        if len(order) < tc.batch_size:
-            order += torch.randperm(len(examples), generator=order_rng).tolist()
+        if len(order) < tc.batch_size:  # a new epoch: reshuffle (the remainder of the last one is dropped)
+            order = torch.randperm(len(examples), generator=order_rng).tolist()
         batch_ids, order = order[: tc.batch_size], order[tc.batch_size :]
         loss_sum = 0.0
         for i in range(0, tc.batch_size, tc.micro_batch_size):
@@ -68,13 +74,16 @@ def run(ctx: StageContext) -> dict:
             loss = model(**batch).loss * tc.micro_batch_size / tc.batch_size
             loss.backward()
             loss_sum += loss.item()
+        if tc.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+        learning_rate = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         recent.append(loss_sum)
         if step % tc.log_every == 0 or step == total_steps:
             log_rows.append({"step": step, "epoch": step / steps_per_epoch, "loss": sum(recent) / len(recent),
-                             "learning_rate": scheduler.get_last_lr()[0], "active_config": json.dumps(subnet)})
+                             "learning_rate": learning_rate, "active_config": json.dumps(subnet)})
             recent = []
 
     model.save_pretrained(ctx.out_dir / "adapter")

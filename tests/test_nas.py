@@ -1,0 +1,53 @@
+"""NSGA-II search on a synthetic objective: budget, cache, Pareto flags and the seeds' choice rule."""
+from __future__ import annotations
+
+import itertools
+
+from nlsflow.elastic import Variable, heuristic_subnet, maximal_subnet, minimal_subnet
+from nlsflow.nas import Evaluation, SubnetEvaluator, choose, nsga2_search
+
+SPACE = [Variable(f"layers.{i}.qkv", (f"m{i}",), (8, 6, 4, 2)) for i in range(4)]
+
+
+def _objectives():
+    calls = []
+
+    def accuracy(subnet):  # more rank helps, layer 0 most; saturates at rank 6 for layer 3
+        calls.append(dict(subnet))
+        weights = (0.4, 0.3, 0.2, 0.1)
+        return round(sum(w * min(subnet[v.name], 6) / 6 for w, v in zip(weights, SPACE) if v.name in subnet), 6)
+
+    def cost(subnet):
+        return sum(subnet.values())
+
+    return accuracy, cost, calls
+
+
+def test_search_respects_budget_caches_and_flags_the_true_front():
+    accuracy, cost, calls = _objectives()
+    scorer = SubnetEvaluator(accuracy, cost)
+    seeds = {"heuristic": heuristic_subnet(SPACE), "maximal": maximal_subnet(SPACE), "minimal": minimal_subnet(SPACE)}
+    results = nsga2_search(SPACE, scorer, population=6, num_evals=30, seed=0, seeds=seeds)
+    assert 30 <= len(results) < 30 + 6  # checked once per generation
+    assert len(calls) == len(results) == len({tuple(sorted(c.items())) for c in calls})  # each subnet scored once
+    assert {r.label for r in results} >= {"heuristic", "maximal", "minimal"}
+    for r in results:
+        dominated = any(o.accuracy >= r.accuracy and o.cost <= r.cost and (o.accuracy, o.cost) != (r.accuracy, r.cost)
+                        for o in results)
+        assert r.pareto == (not dominated)
+
+
+def test_search_stops_when_the_space_is_exhausted():
+    accuracy, cost, _ = _objectives()
+    tiny_space = SPACE[:2]
+    scorer = SubnetEvaluator(accuracy, cost)
+    results = nsga2_search(tiny_space, scorer, population=4, num_evals=1000, seed=1, seeds={})
+    assert len(results) <= len(list(itertools.product(*(v.choices for v in tiny_space))))
+
+
+def test_choose_lowest_cost_within_delta_else_most_accurate():
+    evals = [Evaluation(0, {"a": 8}, 0.50, 100, 0.0), Evaluation(1, {"a": 6}, 0.49, 80, 0.0),
+             Evaluation(2, {"a": 4}, 0.45, 60, 0.0), Evaluation(3, {"a": 2}, 0.495, 80, 0.0)]
+    assert choose(evals, ref_acc=0.50, acc_delta=0.01).eval_id == 3  # cost 80 ties: the more accurate
+    assert choose(evals, ref_acc=0.50, acc_delta=0.06).eval_id == 2
+    assert choose(evals, ref_acc=0.90, acc_delta=0.01).eval_id == 0
