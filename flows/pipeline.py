@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
 from flows.runners import get_runner
 from flows.summary import render_summary, summary_markdown
@@ -31,7 +32,10 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
         logger.info("%s is up to date: skipped", stage)
         status = "skipped"
     else:
-        get_runner(runner_name).run(stage, config_file, logger.info, force=force)
+        try:
+            get_runner(runner_name).run(stage, config_file, logger.info, force=force)
+        except NlsflowError as e:  # the stage already said why: fail the task with that line, no traceback
+            return Failed(message=str(e))
         status = "ran"
     manifest = read_manifest(stage_dir(cfg.run_dir, stage), stage, verify=False)
     return {"stage": stage, "status": status, "seconds": time.perf_counter() - start,
@@ -45,7 +49,12 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
     cfg = load_config([Path(p) for p in config_files], overrides or [])
     config_file = Path(cfg.run_dir) / "config.yaml"
     atomic_write_text(config_file, dump_config(cfg))
-    results = [run_stage(stage, config_file, runner, force) for stage in STAGES]
+    results = []
+    for stage in STAGES:
+        state = run_stage(stage, config_file, runner, force, return_state=True)
+        if state.is_failed():
+            return Failed(message=state.message)  # later stages would only fail on the missing input
+        results.append(state.result())
     create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=f"{cfg.task} / {cfg.profile}")
     return results
 
@@ -58,11 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")
     args = parser.parse_args(argv)
     try:
-        results = pipeline(args.config, args.overrides, args.runner, args.force)
-    except NlsflowError as e:
+        state = pipeline(args.config, args.overrides, args.runner, args.force, return_state=True)
+    except NlsflowError as e:  # a config error, before any stage ran
         print(f"error: {e}", file=sys.stderr)
         return 2
-    render_summary(results)
+    if state.is_failed():
+        print(f"error: {state.message}", file=sys.stderr)
+        return 2
+    render_summary(state.result())
     return 0
 
 

@@ -43,7 +43,7 @@ class LocalRunner:
                     log(line)
         if proc.wait() != 0:
             errors = [l for l in tail if l.startswith("error:")] or list(tail)[-1:] or ["no output"]
-            raise NlsflowError(f"stage '{stage}' failed (exit {proc.returncode}): {errors[-1]}")
+            raise NlsflowError(f"stage '{stage}' failed (exit {proc.returncode}): {errors[-1].removeprefix('error: ')}")
 
 
 RUNNERS: dict[str, type] = {"local": LocalRunner}

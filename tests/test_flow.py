@@ -48,4 +48,5 @@ def test_pipeline_reports_a_failing_stage_in_one_line(tmp_path):
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error and "stage 'prune' failed" in error[-1] and "missing data file" in error[-1]
+    assert "Traceback" not in proc.stderr
     assert not (tmp_path / "prune").exists()

@@ -34,3 +34,19 @@ def test_corrupt_output_reruns_only_that_stage(copied_run):
     statuses = _statuses(tiny_config(copied_run))
     assert statuses == {"prune": "skipped", "train": "skipped", "evaluate": "ran", "search": "skipped",
                         "extract": "skipped", "benchmark": "skipped"}
+
+
+def test_force_reruns_an_up_to_date_stage(copied_run):
+    assert run_stage("evaluate", RUNS["evaluate"], tiny_config(copied_run), force=True) is not None
+
+
+def test_upstream_change_reruns_everything_downstream(copied_run):
+    statuses = _statuses(tiny_config(copied_run, "prune.calibration.num_samples=4"))
+    assert statuses == dict.fromkeys(STAGES, "ran")
+
+
+def test_runner_passes_force_to_the_stage():
+    from flows.runners import stage_command
+
+    assert stage_command("search", "c.yaml", force=True)[-1] == "--force"
+    assert "--force" not in stage_command("search", "c.yaml", force=False)
