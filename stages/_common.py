@@ -37,7 +37,7 @@ class StageContext:
 
     @property
     def data_root(self) -> Path:
-        return Path(self.cfg.data_root)
+        return Path(self.cfg.data.root)
 
 
 StageFn = Callable[[StageContext], dict[str, Any]]

@@ -1,16 +1,16 @@
-"""Stage 3, evaluate: the super-adapter's heuristic subnet on the task's test sets (LLM-Adapters protocol).
+"""Stage 3, evaluate: the super-adapter's heuristic subnet on the task's test sets, under both scoring protocols.
 
-Writes `evaluate/predictions.parquet`; per-task and average accuracy go into the manifest.
+Writes `evaluate/predictions.parquet`; per-task and average accuracy (LLM-Adapters reference rules and the strict
+rules) go into the manifest. With `evaluate.baselines`, the dense and/or pruned base without adapter are scored too.
 """
 from __future__ import annotations
 
 import logging
 
-from nlsflow.answers import REFERENCE_PROTOCOL
-from nlsflow.data import EVAL_DATASETS, load_eval_records
+from nlsflow.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
 from nlsflow.elastic import activate
-from nlsflow.generation import evaluate_dataset
-from nlsflow.models import resolve_device
+from nlsflow.evaluation import evaluate_test_sets
+from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
 from schemas import write_table
 from stages._common import StageContext, main
@@ -20,25 +20,29 @@ log = logging.getLogger(__name__)
 
 def run(ctx: StageContext) -> dict:
     cfg, ec = ctx.cfg, ctx.cfg.evaluate
+    device = resolve_device(cfg.device)
     train_dir = ctx.input_dir("train")
     model, tokenizer, space = load_supernet(ctx.input_dir("prune") / "model", train_dir / "adapter",
-                                            train_dir / "search_space.json", cfg.dtype, resolve_device(cfg.device))
+                                            train_dir / "search_space.json", cfg.dtype, device)
     subnet = NAMED_SUBNETS[ec.subnet](space)
     activate(model, space, subnet)
+    rows, metrics = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, ec.subnet)
 
-    rows, accuracy = [], {}
-    for name in ec.datasets:
-        records = load_eval_records(ctx.data_root, name, ec.max_samples)
-        task_rows = evaluate_dataset(model, tokenizer, EVAL_DATASETS[name], records,
-                                     max_new_tokens=ec.generation.max_new_tokens, num_beams=ec.generation.num_beams,
-                                     batch_size=ec.generation.batch_size)
-        accuracy[name] = sum(r["correct"] for r in task_rows) / len(task_rows)
-        log.info("%s: accuracy %.4f on %d records", name, accuracy[name], len(task_rows))
-        rows += task_rows
+    baselines = {}
+    if "pruned" in ec.baselines:
+        with model.disable_adapter():  # the pruned base alone
+            pruned_rows, baselines["pruned"] = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, "pruned")
+        rows += pruned_rows
+    if "dense" in ec.baselines:
+        del model
+        prune = ctx.inputs["prune"].metrics
+        dense = load_causal_lm(prune["base_model"], cfg.dtype, device, prune.get("base_revision"))
+        dense_rows, baselines["dense"] = evaluate_test_sets(dense, load_tokenizer(prune["base_model"], prune.get("base_revision")),
+                                                            ctx.data_root, ec, "dense")
+        rows += dense_rows
     write_table(ctx.out_dir / "predictions.parquet", "predictions", rows)
-    return {"protocol": REFERENCE_PROTOCOL, "subnet_name": ec.subnet, "subnet": subnet, "accuracy": accuracy,
-            "average_accuracy": sum(accuracy.values()) / len(accuracy), "samples": len(rows),
-            "generation": ec.generation.model_dump()}
+    return {"protocols": [REFERENCE_PROTOCOL, STRICT_PROTOCOL], "subnet_name": ec.subnet, "subnet": subnet, **metrics,
+            "baselines": baselines, "samples": len(rows), "generation": ec.generation.model_dump()}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage 5, extract: the chosen subnet as a clean PEFT adapter (and optionally merged), checked against the super-network.
 
-Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code) and,
-with `extract.merge`, `extract/merged/` (HF folder). The max |logit difference| goes into the manifest.
+Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code),
+with `extract.merge` `extract/merged/` (HF folder), and with `extract.evaluate` `extract/predictions.parquet`
+(the extracted model on the test sets). The max |logit difference| and accuracies go into the manifest.
 """
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from peft import PeftModel
 
 from nlsflow.data import generate_prompt
 from nlsflow.elastic import activate, extract_sub_adapter
+from nlsflow.evaluation import evaluate_test_sets
 from nlsflow.models import DTYPES, load_causal_lm, resolve_device
 from nlsflow.pruning import sparsity_table
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
-from schemas import NlsflowError, read_table
+from schemas import NlsflowError, read_table, write_table
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,12 @@ def run(ctx: StageContext) -> dict:
         metrics["merged_params"] = sum(p.numel() for p in merged.parameters())
         merged.to(DTYPES[cfg.dtype]).save_pretrained(ctx.out_dir / "merged")
         tokenizer.save_pretrained(ctx.out_dir / "merged")
+        del merged
+    if xc.evaluate:  # the deployable model, loaded with stock PEFT, on the test sets
+        sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), cfg.dtype, device), str(adapter_dir)).eval()
+        rows, scores = evaluate_test_sets(sub, tokenizer, ctx.data_root, ctx.cfg.evaluate, "extracted")
+        write_table(ctx.out_dir / "predictions.parquet", "predictions", rows)
+        metrics.update(scores)
     return metrics
 
 

@@ -5,11 +5,8 @@ Writes `prune/model/` (HF folder, safetensors, with tokenizer) and `prune/sparsi
 from __future__ import annotations
 
 import logging
-import random
 
-import torch
-
-from nlsflow.data import generate_prompt, load_train_records, wikitext2
+from nlsflow.data import calibration_batch, calibration_documents, generate_prompt, load_train_records, wikitext2
 from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
 from nlsflow.pruning import perplexity, prune_model
 from schemas import write_table
@@ -18,34 +15,29 @@ from stages._common import StageContext, main
 log = logging.getLogger(__name__)
 
 
-def calibration_batch(tokenizer, text: str, num_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Random `seqlen` windows of the calibration text, as Wanda samples its calibration set."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids[0]
-    if ids.numel() <= seqlen:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than seqlen={seqlen}; lower prune.calibration.seqlen")
-    rng = random.Random(seed)
-    starts = [rng.randrange(0, ids.numel() - seqlen) for _ in range(num_samples)]
-    return torch.stack([ids[s : s + seqlen] for s in starts])
-
-
 def run(ctx: StageContext) -> dict:
     cfg, pc = ctx.cfg, ctx.cfg.prune
     device = resolve_device(cfg.device)
+    root, download = ctx.data_root, cfg.data.download
     texts = None
     if cfg.model.name_or_path == "tiny":  # the tiny model's tokenizer learns the task's training text
-        texts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in load_train_records(ctx.data_root, cfg.task)]
-        texts += wikitext2(ctx.data_root, "valid").splitlines()
+        records = load_train_records(root, cfg.data.train_sets, download=download)
+        texts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in records]
+        texts += wikitext2(root, "valid", download=download).splitlines()
     base = materialize_base_model(cfg.model, texts, cfg.seed)
     revision = cfg.model.revision if base == cfg.model.name_or_path else None  # a hub id, loaded as is
     tokenizer = load_tokenizer(base, revision)
     model = load_causal_lm(base, cfg.dtype, device, revision)
 
-    test_ids = tokenizer(wikitext2(ctx.data_root, "test"), return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
+    test_text = wikitext2(root, "test", download=download)
+    test_ids = tokenizer(test_text, return_tensors="pt", add_special_tokens=False, verbose=False).input_ids
     if pc.perplexity_max_windows:
         test_ids = test_ids[:, : pc.perplexity_max_windows * pc.perplexity_seqlen]
     ppl_dense = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
-    calib = calibration_batch(tokenizer, wikitext2(ctx.data_root, "valid"), pc.calibration.num_samples,
-                              pc.calibration.seqlen, cfg.seed).to(device)
+    cc = pc.calibration
+    documents = calibration_documents(root, cc.source, train_names=cfg.data.train_sets,
+                                      contamination=cfg.data.contamination, download=download)
+    calib = calibration_batch(tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed).to(device)
     layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
                          structure=pc.n_m or "unstructured", targets=pc.targets)
     ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
-from nlsflow.data import load_train_records, split_validation, tokenize_for_training
+from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
 from nlsflow.elastic import activate, make_elastic, random_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from nlsflow.supernet import groups_from_config, save_search_space
@@ -32,7 +32,8 @@ def run(ctx: StageContext) -> dict:
     tokenizer = load_tokenizer(base_dir)
     model = load_causal_lm(base_dir, cfg.dtype, device)
 
-    records = load_train_records(ctx.data_root, cfg.task)
+    records = load_train_records(ctx.data_root, cfg.data.train_sets, download=cfg.data.download)
+    records, contamination = check_contamination(records, ctx.data_root, mode=cfg.data.contamination)
     train_records, val_records = split_validation(records, tc.val_size, cfg.seed)
     train_records = train_records[: tc.max_train_samples]
     if len(train_records) < tc.batch_size:
@@ -92,7 +93,8 @@ def run(ctx: StageContext) -> dict:
     write_table(ctx.out_dir / "validation.parquet", "records",
                 [{k: r[k] for k in ("source", "instruction", "input", "output", "answer")} for r in val_records])
     return {"steps": total_steps, "final_loss": log_rows[-1]["loss"], "trainable_params": trainable,
-            "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space)}
+            "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space),
+            "train_sets": cfg.data.train_sets, "contamination": contamination}
 
 
 if __name__ == "__main__":

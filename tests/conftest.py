@@ -19,6 +19,7 @@ os.environ["PREFECT_HOME"] = str(_SCRATCH / "prefect")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 os.environ["NLSFLOW_CACHE"] = str(_SCRATCH / "cache")
+os.environ["HF_HUB_OFFLINE"] = "1"  # no hub here: a hub id must fail at once, not wait on the network
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -26,7 +27,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data_root={DATA_ROOT}", *extra]
+    return [f"run_dir={run_dir}", f"data.root={DATA_ROOT}", *extra]
 
 
 def tiny_config(run_dir: Path, *extra: str):

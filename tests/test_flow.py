@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, needs_data]
 
 def _pipeline(run_dir, *extra: str) -> str:
     configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={run_dir}", f"data_root={DATA_ROOT}",
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={run_dir}", f"data.root={DATA_ROOT}",
                            *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
@@ -44,7 +44,7 @@ def test_pipeline_runs_resumes_and_reruns_from_a_changed_stage(tmp_path):
 def test_pipeline_reports_a_failing_stage_in_one_line(tmp_path):
     configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={tmp_path}",
-                           f"data_root={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+                           f"data.root={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error and "stage 'prune' failed" in error[-1] and "missing data file" in error[-1]

@@ -7,7 +7,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from nlsflow.answers import score
+from nlsflow.answers import score, score_strict
 from nlsflow.data import EVAL_DATASETS, generate_prompt, load_eval_records
 from nlsflow.generation import evaluate_dataset, generate
 
@@ -110,9 +110,23 @@ def test_evaluate_dataset_rows(model, tokenizer):
                             progress=False)
     assert [row["index"] for row in rows] == [0, 1, 2, 3]
     for row, record in zip(rows, records):
-        assert set(row) == {"task", "index", "prompt", "generation", "prediction", "label", "correct"}
+        assert set(row) == {"task", "index", "prompt", "generation", "prediction", "label", "correct",
+                            "strict_prediction", "strict_correct"}
         assert row["task"] == "boolq"
         assert row["prompt"] == generate_prompt(record["instruction"])
         assert row["label"] == record["answer"]
         assert (row["prediction"], row["correct"]) == score(dataset, row["generation"], row["label"])
+        assert (row["strict_prediction"], row["strict_correct"]) == score_strict(dataset, row["generation"],
+                                                                                 row["label"])
     assert [row["generation"] for row in rows] == one_by_one(model, tokenizer, [r["prompt"] for r in rows], 4)
+
+
+def test_evaluate_dataset_reports_both_protocols(monkeypatch):
+    generations = ["The correct answer is True", "that is untrue", "the correct answer is false"]
+    monkeypatch.setattr("nlsflow.generation.generate", lambda *args, **kwargs: generations)
+    records = [{"instruction": "q", "answer": answer} for answer in ("true", "false", "false")]
+    rows = evaluate_dataset(None, None, EVAL_DATASETS["boolq"], records, max_new_tokens=4, num_beams=1, batch_size=2,
+                            progress=False)
+    assert [(row["prediction"], row["correct"]) for row in rows] == [(None, False), ("true", False), ("false", True)]
+    assert [(row["strict_prediction"], row["strict_correct"]) for row in rows] == [
+        ("true", True), (None, False), ("false", True)]

@@ -8,19 +8,31 @@ import pytest
 
 from conftest import REPO
 from schemas import Manifest, NlsflowError, load_config, read_manifest, read_table, write_manifest, write_table
-from schemas.config import STAGE_INPUTS, STAGES, dump_config
+from schemas.config import STAGE_INPUTS, STAGE_SECTIONS, STAGES, dump_config
 from schemas.manifest import list_outputs
 
 TASKS = sorted(p for p in (REPO / "configs" / "tasks").glob("*.yaml"))
-PROFILES = sorted(p for p in (REPO / "configs" / "profiles").glob("*.yaml"))
+PROFILES = sorted(p for p in (REPO / "configs" / "profiles").glob("*.yaml") if "." not in p.stem)
+
+
+def layered(task, profile) -> list:
+    """What `make pipeline` merges: task, profile, and the profile's file for that task if any."""
+    extra = profile.with_name(f"{profile.stem}.{task.stem}.yaml")
+    return [task, profile] + ([extra] if extra.is_file() else [])
+
+
+def test_every_profile_file_is_shipped_for_a_known_profile_and_task():
+    for path in (REPO / "configs" / "profiles").glob("*.*.yaml"):
+        profile, task = path.stem.split(".")
+        assert (path.parent / f"{profile}.yaml").is_file() and task in {t.stem for t in TASKS}, path
 
 
 @pytest.mark.parametrize("task,profile", list(product(TASKS, PROFILES)), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(task, profile):
-    cfg = load_config([task, profile], ["run_dir=runs/x"])
+    cfg = load_config(layered(task, profile), ["run_dir=runs/x"])
     assert cfg.task == task.stem and cfg.profile == profile.stem
     for stage in STAGES:
-        assert set(cfg.stage_config(stage)) == {"shared", stage}
+        assert set(cfg.stage_config(stage)) == {"shared", *STAGE_SECTIONS[stage]} and stage in STAGE_SECTIONS[stage]
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from nlsflow.data import generate_prompt
+from nlsflow.data import calibration_batch, calibration_documents, generate_prompt
 from nlsflow.elastic import activate, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer
 from nlsflow.pruning import wanda_scores
@@ -46,12 +46,10 @@ def test_prune_rows_have_exactly_the_lowest_wanda_scores_zeroed(math_run):
         kept = weight != 0
         assert torch.equal(weight[kept], dense.get_submodule(row["layer"]).weight[kept])
     # The lowest-score property, recomputed on layer 0 (its inputs are the dense embeddings of the calibration set).
-    from nlsflow.data import wikitext2
-    from stages.prune import calibration_batch
-
     tokenizer = load_tokenizer(str(model_dir))
-    calib = calibration_batch(tokenizer, wikitext2(math_run.data_root, "valid"), math_run.prune.calibration.num_samples,
-                              math_run.prune.calibration.seqlen, math_run.seed)
+    cc = math_run.prune.calibration
+    calib = calibration_batch(tokenizer, calibration_documents(math_run.data.root, cc.source), cc.num_samples, cc.seqlen,
+                              cc.seed)
     captured = {}
     q_proj = dense.model.layers[0].self_attn.q_proj
     hook = q_proj.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
@@ -79,6 +77,8 @@ def test_train_writes_peft_adapter_log_and_disjoint_validation(math_run):
     validation = read_table(folder / "validation.parquet", "records").to_pylist()
     assert len(validation) == math_run.train.val_size
     assert {r["source"] for r in validation} <= {"gsm8k", "mawps"}
+    report = read_manifest(folder, "train").metrics["contamination"]
+    assert report["dropped"] == 1192 and report["overlaps"]["mawps_test"] == 27
     space = json.loads((folder / "search_space.json").read_text())
     assert len(space["variables"]) == 6 and set(space["subnets"]["heuristic"].values()) == {6}
 
@@ -90,7 +90,11 @@ def test_evaluate_predictions_match_metrics(math_run):
     for task in math_run.evaluate.datasets:
         task_rows = [r for r in rows if r["task"] == task]
         assert metrics["accuracy"][task] == sum(r["correct"] for r in task_rows) / len(task_rows)
-    assert metrics["subnet"] == {name: 6 for name in metrics["subnet"]} and metrics["protocol"] == "llm-adapters"
+    assert metrics["subnet"] == {name: 6 for name in metrics["subnet"]}
+    assert metrics["protocols"] == ["llm-adapters", "strict"] and {r["model"] for r in rows} == {"heuristic"}
+    for task in math_run.evaluate.datasets:
+        task_rows = [r for r in rows if r["task"] == task]
+        assert metrics["accuracy_strict"][task] == sum(r["strict_correct"] for r in task_rows) / len(task_rows)
 
 
 def test_search_evaluations_are_unique_and_the_choice_is_on_record(math_run):
@@ -128,6 +132,8 @@ def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):
     metrics = read_manifest(_dir(math_run, "extract"), "extract").metrics
     assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
     assert (_dir(math_run, "extract") / "merged" / "config.json").is_file()
+    rows = read_table(_dir(math_run, "extract") / "predictions.parquet", "predictions").to_pylist()
+    assert {r["model"] for r in rows} == {"extracted"} and set(metrics["accuracy"]) == set(math_run.evaluate.datasets)
 
 
 def test_benchmark_measures_every_variant(math_run):
@@ -138,3 +144,12 @@ def test_benchmark_measures_every_variant(math_run):
     assert by_model["pruned"]["params"] == by_model["dense"]["params"]
     assert by_model["extracted_adapter"]["params"] > by_model["pruned"]["params"]
     assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["prefill_ms"] > 0 for r in rows)
+
+
+def test_report_quotes_the_manifests(math_run):
+    from flows.report import run_report
+
+    text = run_report(math_run.run_dir)
+    evaluate = read_manifest(_dir(math_run, "evaluate"), "evaluate").metrics
+    assert f"| pruned + heuristic subnet | {100 * evaluate['accuracy']['gsm8k']:.1f} |" in text
+    assert "pruned + extracted (searched) subnet" in text

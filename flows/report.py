@@ -1,0 +1,56 @@
+"""Markdown tables of a finished run's measured numbers, read from its manifests (what the README quotes).
+
+    python -m flows.report runs/math-smollm2 [runs/commonsense-smollm2 ...]
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from schemas import read_manifest, stage_dir
+
+
+def _accuracy_rows(run_dir: Path) -> list[tuple[str, dict]]:
+    evaluate = read_manifest(stage_dir(run_dir, "evaluate"), "evaluate", verify=False).metrics
+    rows = [(name, m) for name, m in evaluate.get("baselines", {}).items()]
+    rows.append((f"pruned + {evaluate['subnet_name']} subnet", evaluate))
+    extract = read_manifest(stage_dir(run_dir, "extract"), "extract", verify=False).metrics
+    if "accuracy" in extract:
+        rows.append(("pruned + extracted (searched) subnet", extract))
+    return rows
+
+
+def run_report(run_dir: Path) -> str:
+    run_dir = Path(run_dir)
+    prune = read_manifest(stage_dir(run_dir, "prune"), "prune", verify=False)
+    train = read_manifest(stage_dir(run_dir, "train"), "train", verify=False)
+    search = read_manifest(stage_dir(run_dir, "search"), "search", verify=False).metrics
+    extract = read_manifest(stage_dir(run_dir, "extract"), "extract", verify=False).metrics
+    shared = prune.config["shared"]
+    lines = [f"### {shared['task']} on {prune.metrics['base_model'].split('/')[-1]} ({run_dir.name})", "",
+             f"Wanda {prune.config['prune']['sparsity']:.0%} {prune.config['prune']['structure']}: WikiText-2 perplexity "
+             f"{prune.metrics['ppl_dense']:.2f} → {prune.metrics['ppl_pruned']:.2f}; super-adapter {train.metrics['steps']} steps "
+             f"on {train.metrics['train_records']} records, final loss {train.metrics['final_loss']:.3f}; search: "
+             f"{search['evaluations']} subnets; extracted adapter {extract['adapter_params']:,} parameters, "
+             f"max |Δlogit| vs super-network {extract['max_abs_logit_diff']:.1e}.", ""]
+    rows = _accuracy_rows(run_dir)
+    tasks = list(rows[-1][1]["accuracy"])
+    lines.append("| model | " + " | ".join(tasks) + " | average | average (strict) |")
+    lines.append("|---" * (len(tasks) + 3) + "|")
+    for name, m in rows:
+        cells = [f"{100 * m['accuracy'][t]:.1f}" for t in tasks]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * m['average_accuracy']:.1f} | "
+                     f"{100 * m['average_accuracy_strict']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.report", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    for run_dir in parser.parse_args(argv).run_dirs:
+        print(run_report(run_dir), end="\n\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
