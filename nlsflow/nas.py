@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
 from tqdm.auto import tqdm
 
 from nlsflow.elastic import Subnet, Variable
+from schemas.tables import read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,30 @@ def indices_from_subnet(space: list[Variable], subnet: Subnet) -> list[int]:
 
 
 class SubnetEvaluator:
-    """Scores subnets once each: a repeated config is answered from the cache, not re-generated."""
+    """Scores subnets once each: a repeated config is answered from the cache, not re-generated.
 
-    def __init__(self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int]):
-        self.accuracy_fn, self.cost_fn = accuracy_fn, cost_fn
+    With `cache_path`, every new evaluation is persisted at once (Parquet, written atomically), and a later
+    evaluator on the same path starts from it: a search killed at any point resumes without re-evaluating.
+    """
+
+    def __init__(self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int],
+                 cache_path: Path | None = None):
+        self.accuracy_fn, self.cost_fn, self.cache_path = accuracy_fn, cost_fn, cache_path
         self.evaluations: dict[str, Evaluation] = {}
         self.progress = None
+        if cache_path is not None and Path(cache_path).is_file():
+            for row in read_table(cache_path, "search_cache").to_pylist():
+                subnet = json.loads(row["config"])
+                self.evaluations[row["config"]] = Evaluation(row["eval_id"], subnet, row["accuracy"], row["cost"],
+                                                             row["seconds"])
+            log.info("search cache %s: resuming from %d evaluations", cache_path, len(self.evaluations))
+        self.resumed = len(self.evaluations)
+
+    def _persist(self) -> None:
+        if self.cache_path is not None:
+            write_table(self.cache_path, "search_cache", [
+                {"eval_id": e.eval_id, "config": e.key, "accuracy": e.accuracy, "cost": e.cost, "seconds": e.seconds}
+                for e in self.evaluations.values()])
 
     def __call__(self, subnet: Subnet, label: str = "") -> Evaluation:
         key = json.dumps(subnet, sort_keys=True)
@@ -62,6 +82,7 @@ class SubnetEvaluator:
             accuracy = self.accuracy_fn(subnet)
             self.evaluations[key] = Evaluation(len(self.evaluations), subnet, accuracy, self.cost_fn(subnet),
                                                time.perf_counter() - start)
+            self._persist()
             if self.progress is not None:
                 self.progress.update(1)
         found = self.evaluations[key]
@@ -126,28 +147,33 @@ def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float) -> E
     return min(eligible, key=lambda e: (e.cost, -e.accuracy))
 
 
-def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, path) -> None:
-    """Pareto front (accuracy vs cost) beside the search progression (accuracy per evaluation)."""
+def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, folder: Path) -> None:
+    """`pareto_front.png` (accuracy vs cost, named subnets marked) and `search_progression.png` (accuracy per evaluation)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.scatter([e.cost for e in evaluations], [e.accuracy for e in evaluations], s=14, c="lightgray", label="evaluated")
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([e.cost for e in evaluations], [e.accuracy for e in evaluations], s=14, c="lightgray", label="evaluated")
     front = sorted((e for e in evaluations if e.pareto), key=lambda e: e.cost)
-    ax1.plot([e.cost for e in front], [e.accuracy for e in front], "o-", c="tab:blue", label="Pareto front")
+    ax.plot([e.cost for e in front], [e.accuracy for e in front], "o-", c="tab:blue", label="Pareto front")
     for e in evaluations:
         if e.label:
-            ax1.annotate(e.label, (e.cost, e.accuracy), fontsize=8)
-    ax1.scatter([chosen.cost], [chosen.accuracy], marker="*", s=160, c="tab:red", label="chosen", zorder=3)
-    ax1.set(xlabel=cost_name, ylabel="validation accuracy", title="Pareto front")
-    ax1.legend(fontsize=8)
-    ax2.plot([e.eval_id for e in evaluations], [e.accuracy for e in evaluations], ".", c="tab:gray")
-    ax2.plot([e.eval_id for e in evaluations], np.maximum.accumulate([e.accuracy for e in evaluations]), c="tab:green",
-             label="best so far")
-    ax2.set(xlabel="evaluation", ylabel="validation accuracy", title="search progression")
-    ax2.legend(fontsize=8)
+            ax.annotate(e.label, (e.cost, e.accuracy), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([chosen.cost], [chosen.accuracy], marker="*", s=160, c="tab:red", label="chosen", zorder=3)
+    ax.set(xlabel=cost_name, ylabel="validation accuracy", title="Pareto front")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(Path(folder) / "pareto_front.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ids, accuracies = [e.eval_id for e in evaluations], [e.accuracy for e in evaluations]
+    ax.plot(ids, accuracies, ".", c="tab:gray", label="evaluation")
+    ax.plot(ids, np.maximum.accumulate(accuracies), c="tab:green", label="best so far")
+    ax.set(xlabel="evaluation", ylabel="validation accuracy", title="search progression")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(folder) / "search_progression.png", dpi=110)
     plt.close(fig)

@@ -9,6 +9,7 @@ from peft import PeftModel
 
 from nlsflow.elastic import ElasticGroup, Variable, heuristic_subnet, make_elastic, maximal_subnet, minimal_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer
+from nlsflow.sparse_merge import make_sparsity_preserving
 from schemas.io import atomic_write_text
 
 NAMED_SUBNETS = {"heuristic": heuristic_subnet, "maximal": maximal_subnet, "minimal": minimal_subnet}
@@ -32,11 +33,14 @@ def load_search_space_groups(path: Path) -> list[ElasticGroup]:
             for g in doc["groups"]]
 
 
-def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dtype: str, device: torch.device):
+def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dtype: str, device: torch.device,
+                  sparsity_preserving: bool = False):
     """The pruned base with the super-adapter attached and made elastic: (peft_model, tokenizer, space)."""
     tokenizer = load_tokenizer(str(base_dir))
     base = load_causal_lm(str(base_dir), dtype, device)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
     make_elastic(model)
+    if sparsity_preserving:  # the adapter's delta only where the base weight is non-zero, as it was trained
+        make_sparsity_preserving(model)
     space = resolve_space(model, load_search_space_groups(search_space_file))
     return model, tokenizer, space

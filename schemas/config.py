@@ -115,7 +115,11 @@ class TrainConfig(Strict):
     rank: int = Field(32, gt=0, description="super-adapter (maximum) rank")
     alpha: float = Field(64, gt=0, description="LoRA alpha; scaling alpha/rank is kept for every sub-rank")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
-    groups: list[GroupConfig] = Field(description="elastic search space: groups of modules and their rank choices")
+    groups: list[GroupConfig] = Field([], description="elastic search space: groups of modules and their rank choices")
+    search_space_file: str | None = Field(None, description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain "
+                                          "YAML search space; fills `groups` (and `search` defaults) when the config loads")
+    sparsity_preserving: bool = Field(False, description="mask the adapter's delta by the base's zeros (SQFT-style), so "
+                                      "the merged model keeps the pruned base's sparsity exactly")
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (HF Trainer default 1.0; None: off)")
@@ -134,6 +138,8 @@ class TrainConfig(Strict):
     def _consistent(self) -> "TrainConfig":
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+        if not self.groups:
+            raise ValueError("train.groups is empty: list the elastic groups or set train.search_space_file")
         for g in self.groups:
             if not g.choices or any(a <= b for a, b in zip(g.choices, g.choices[1:])) or g.choices[-1] <= 0:
                 raise ValueError(f"group '{g.name}': choices {g.choices} must be positive and strictly descending")
@@ -290,10 +296,37 @@ def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
         tree = _deep_merge(tree, load_yaml(path))
     for item in overrides:
         _set_dotted(tree, *parse_override(item))
+    _expand_search_space_file(tree)
     try:
         return PipelineConfig.model_validate(tree)
     except ValidationError as e:
         raise NlsflowError(f"config error in {', '.join(map(str, paths)) or 'overrides'}: {format_validation_error(e)}") from None
+
+
+def _expand_search_space_file(tree: dict) -> None:
+    """Resolve `train.search_space_file` into inline groups, so the resolved config (and resume) sees its content.
+
+    Its `search` block (num_evals, population, ref_acc, acc_delta) gives defaults that the YAML's own `search` overrides.
+    """
+    train = tree.get("train") or {}
+    if not train.get("search_space_file"):
+        return
+    from nlsflow.search_space import add_fixed_groups, load_search_space  # heavy imports, only when used
+
+    try:
+        space = load_search_space(train["search_space_file"], rank=train.get("rank"))
+    except FileNotFoundError:
+        raise NlsflowError(f"train.search_space_file {train['search_space_file']} not found") from None
+    if space.base_width_groups:
+        raise NlsflowError(f"{train['search_space_file']} makes base-model widths elastic "
+                           f"({', '.join(g.name for g in space.base_width_groups)}): LoNAS elastic width is not supported "
+                           "yet; remove those groups")
+    if train.get("target_modules") and train.get("rank"):
+        space = add_fixed_groups(space, train["target_modules"], train["rank"])
+    train["groups"] = [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer}
+                       for g in space.groups]
+    tree["train"] = train
+    tree["search"] = _deep_merge(space.search, tree.get("search") or {})
 
 
 def format_validation_error(e: ValidationError) -> str:

@@ -25,6 +25,8 @@ TABLES: dict[str, pa.Schema] = {
     "evaluations": pa.schema([("eval_id", pa.int64()), ("config", pa.string()), ("accuracy", pa.float64()),
                               ("params", pa.int64()), ("macs", pa.int64()), ("pareto", pa.bool_()),
                               ("label", pa.string()), ("seconds", pa.float64())]),
+    "search_cache": pa.schema([("eval_id", pa.int64()), ("config", pa.string()), ("accuracy", pa.float64()),
+                               ("cost", pa.int64()), ("seconds", pa.float64())]),
     "results": pa.schema([("model", pa.string()), ("params", pa.int64()), ("nonzero_params", pa.int64()),
                           ("macs_per_token", pa.int64()), ("prefill_ms", pa.float64()), ("decode_ms_per_token", pa.float64()),
                           ("tokens_per_s", pa.float64()), ("peak_memory_mb", pa.float64()), ("size_on_disk_mb", pa.float64())]),

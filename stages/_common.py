@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import random
+import shutil
 import sys
 import time
 import traceback
@@ -72,6 +73,8 @@ def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False)
         log.info("%s: up to date, skipped", stage)
         return None
     inputs = read_inputs(run_dir, stage)
+    for stale in run_dir.glob(f".{stage}.*.tmp"):  # left by a killed run of this stage: never a result
+        shutil.rmtree(stale, ignore_errors=True)
     setup_runtime(cfg)
     start = time.perf_counter()
     with atomic_dir(stage_dir(run_dir, stage)) as tmp:

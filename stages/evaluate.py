@@ -23,7 +23,8 @@ def run(ctx: StageContext) -> dict:
     device = resolve_device(cfg.device)
     train_dir = ctx.input_dir("train")
     model, tokenizer, space = load_supernet(ctx.input_dir("prune") / "model", train_dir / "adapter",
-                                            train_dir / "search_space.json", cfg.dtype, device)
+                                            train_dir / "search_space.json", cfg.dtype, device,
+                                            cfg.train.sparsity_preserving)
     subnet = NAMED_SUBNETS[ec.subnet](space)
     activate(model, space, subnet)
     rows, metrics = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, ec.subnet)

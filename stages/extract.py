@@ -17,6 +17,7 @@ from nlsflow.elastic import activate, extract_sub_adapter
 from nlsflow.evaluation import evaluate_test_sets
 from nlsflow.models import DTYPES, load_causal_lm, resolve_device
 from nlsflow.pruning import sparsity_table
+from nlsflow.sparse_merge import make_sparsity_preserving, masked_merge, require_sparsity
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
 from schemas import NlsflowError, read_table, write_table
 from stages._common import StageContext, main
@@ -36,8 +37,9 @@ def run(ctx: StageContext) -> dict:
     cfg, xc = ctx.cfg, ctx.cfg.extract
     device = resolve_device(cfg.device)
     base_dir, train_dir = ctx.input_dir("prune") / "model", ctx.input_dir("train")
+    sparse = cfg.train.sparsity_preserving
     model, tokenizer, space = load_supernet(base_dir, train_dir / "adapter", train_dir / "search_space.json", CHECK_DTYPE,
-                                            device)
+                                            device, sparse)
     if xc.subnet == "searched":
         subnet = json.loads((ctx.input_dir("search") / "chosen.json").read_text())
     else:
@@ -53,6 +55,8 @@ def run(ctx: StageContext) -> dict:
     extract_sub_adapter(model, space, subnet, adapter_dir)
     del model
     sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), CHECK_DTYPE, device), str(adapter_dir)).eval()
+    if sparse:  # a stock adapter reproduces the masked super-network only with the mask: deploy extract/merged/
+        make_sparsity_preserving(sub)
     diff = (logits(sub, batch) - expected).abs().max().item()
     log.info("extracted adapter vs super-network subnet: max |Δlogit| = %.3g", diff)
     if diff > xc.tolerance:
@@ -61,11 +65,14 @@ def run(ctx: StageContext) -> dict:
     metrics = {"subnet_name": xc.subnet, "subnet": subnet, "max_abs_logit_diff": diff, "check_dtype": CHECK_DTYPE,
                "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n)}
     if xc.merge:
-        merged = sub.merge_and_unload()
+        merged = masked_merge(sub) if sparse else sub.merge_and_unload()
         merged_diff = (logits(merged, batch) - expected).abs().max().item()
         if merged_diff > xc.merge_tolerance:
             raise NlsflowError(f"merged model differs from the super-network by {merged_diff:.3g} > extract.merge_tolerance="
                                f"{xc.merge_tolerance:g}; set extract.merge=false to keep the adapter only")
+        if sparse:  # fails loudly, naming the first layer that lost zeros
+            pruned = read_table(ctx.input_dir("prune") / "sparsity.parquet", "sparsity").to_pylist()
+            require_sparsity(merged, {r["layer"]: r["zeros"] for r in pruned})
         metrics["merged_max_abs_logit_diff"] = merged_diff
         layers = sparsity_table(merged)
         metrics["merged_sparsity"] = sum(l.zeros for l in layers) / sum(l.in_features * l.out_features for l in layers)
@@ -75,6 +82,8 @@ def run(ctx: StageContext) -> dict:
         del merged
     if xc.evaluate:  # the deployable model, loaded with stock PEFT, on the test sets
         sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), cfg.dtype, device), str(adapter_dir)).eval()
+        if sparse:
+            make_sparsity_preserving(sub)
         rows, scores = evaluate_test_sets(sub, tokenizer, ctx.data_root, ctx.cfg.evaluate, "extracted")
         write_table(ctx.out_dir / "predictions.parquet", "predictions", rows)
         metrics.update(scores)

@@ -1,10 +1,13 @@
 """Stage 4, search: NSGA-II over the super-network's elastic choices, scored on the held-out validation slice.
 
-Writes `search/evaluations.parquet` (every evaluated subnet, its objectives, Pareto flag), `search/chosen.json`
-and `search/search.png` (Pareto front and search progression).
+Writes `search/evaluations.parquet` (every evaluated subnet, its objectives, Pareto flag), `search/chosen.json`,
+`search/search_progression.{csv,png}` as the seeds do, and `search/pareto_front.png` (heuristic, maximal, minimal
+and the chosen subnet marked). Evaluations are cached as they happen: a killed search resumes where it stopped.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 from collections import defaultdict
@@ -16,7 +19,7 @@ from nlsflow.models import resolve_device
 from nlsflow.nas import SubnetEvaluator, choose, nsga2_search, plot_search
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
 from schemas import read_table, write_table
-from schemas.io import atomic_write_text
+from schemas.io import atomic_write_text, sha256_json
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -26,7 +29,8 @@ def run(ctx: StageContext) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.search
     train_dir = ctx.input_dir("train")
     model, tokenizer, space = load_supernet(ctx.input_dir("prune") / "model", train_dir / "adapter",
-                                            train_dir / "search_space.json", cfg.dtype, resolve_device(cfg.device))
+                                            train_dir / "search_space.json", cfg.dtype, resolve_device(cfg.device),
+                                            cfg.train.sparsity_preserving)
     validation = read_table(train_dir / "validation.parquet", "records").to_pylist()[: sc.val_samples]
     by_source = defaultdict(list)
     for record in validation:
@@ -47,7 +51,12 @@ def run(ctx: StageContext) -> dict:
     def macs(subnet) -> int:
         return linear_macs_per_token(model, space, subnet)
 
-    evaluate = SubnetEvaluator(accuracy, params if sc.cost == "params" else macs)
+    # Evaluations persist outside the stage folder (which appears only when the stage completes), keyed by what an
+    # accuracy depends on: a killed search resumes from them, and a changed population or budget reuses them.
+    cache_key = sha256_json({"inputs": {k: m.fingerprint() for k, m in ctx.inputs.items()}, "cost": sc.cost,
+                             "val_samples": sc.val_samples, "generation": sc.generation.model_dump(), "dtype": cfg.dtype})
+    cache_path = ctx.run_dir / ".cache" / f"search-{cache_key[:16]}.parquet"
+    evaluate = SubnetEvaluator(accuracy, params if sc.cost == "params" else macs, cache_path=cache_path)
     seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
     evaluations = nsga2_search(space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds)
     heuristic = next(e for e in evaluations if e.label == "heuristic")
@@ -60,8 +69,14 @@ def run(ctx: StageContext) -> dict:
                 [{"eval_id": e.eval_id, "config": e.key, "accuracy": e.accuracy, "params": params(e.subnet),
                   "macs": macs(e.subnet), "pareto": e.pareto, "label": e.label, "seconds": e.seconds} for e in evaluations])
     atomic_write_text(ctx.out_dir / "chosen.json", json.dumps(chosen.subnet, indent=2))
-    plot_search(evaluations, chosen, sc.cost, ctx.out_dir / "search.png")
-    return {"evaluations": len(evaluations), "pareto_size": sum(e.pareto for e in evaluations), "val_samples": len(validation),
+    progression = io.StringIO()
+    writer = csv.writer(progression)
+    writer.writerow(["eval_id", "accuracy", sc.cost, "pareto", "label", "config"])
+    writer.writerows([e.eval_id, e.accuracy, e.cost, e.pareto, e.label, e.key] for e in evaluations)
+    atomic_write_text(ctx.out_dir / "search_progression.csv", progression.getvalue())
+    plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
+    return {"evaluations": len(evaluations), "resumed_from_cache": evaluate.resumed,
+            "pareto_size": sum(e.pareto for e in evaluations), "val_samples": len(validation),
             "ref_acc": ref_acc, "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
             "cost": sc.cost, "heuristic_accuracy": heuristic.accuracy, "heuristic_cost": heuristic.cost}
 

@@ -18,6 +18,7 @@ from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
 from nlsflow.elastic import activate, make_elastic, random_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
+from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.supernet import groups_from_config, save_search_space
 from schemas import NlsflowError, write_table
 from stages._common import StageContext, main
@@ -45,6 +46,8 @@ def run(ctx: StageContext) -> dict:
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     make_elastic(model)
+    if tc.sparsity_preserving:  # the adapter's delta is masked by the base's zeros: merging keeps the sparsity
+        log.info("sparsity-preserving LoRA: %d LoRA layers have a sparse base", make_sparsity_preserving(model))
     groups = groups_from_config(tc.groups)
     space = resolve_space(model, groups)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

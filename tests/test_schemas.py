@@ -36,8 +36,8 @@ def test_every_shipped_config_loads(task, profile):
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):
-    cfg = load_config([TASKS[0], PROFILES[0]], ["run_dir=x", "prune.sparsity=0.6", "train.groups=[]", "search.cost=macs"])
-    assert cfg.prune.sparsity == 0.6 and cfg.train.groups == [] and cfg.search.cost == "macs"
+    cfg = load_config([TASKS[0], PROFILES[0]], ["run_dir=x", "prune.sparsity=0.6", "train.target_modules=[q_proj, k_proj, v_proj, up_proj, down_proj, o_proj]", "search.cost=macs"])
+    assert cfg.prune.sparsity == 0.6 and cfg.train.target_modules[-1] == "o_proj" and cfg.search.cost == "macs"
     # The dumped config reloads to the same thing (the flow hands stages this file).
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
     assert load_config([tmp_path / "c.yaml"]) == cfg

@@ -108,7 +108,8 @@ def test_search_evaluations_are_unique_and_the_choice_is_on_record(math_run):
         dominated = any(o["accuracy"] >= r["accuracy"] and o["params"] <= r["params"] and
                         (o["accuracy"] > r["accuracy"] or o["params"] < r["params"]) for o in rows)
         assert r["pareto"] == (not dominated)
-    assert (folder / "search.png").stat().st_size > 10_000
+    assert (folder / "pareto_front.png").stat().st_size > 10_000 and (folder / "search_progression.png").is_file()
+    assert len((folder / "search_progression.csv").read_text().splitlines()) == len(rows) + 1
 
 
 def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):

@@ -1,0 +1,44 @@
+"""Method variants on the tiny profile: Shears' sparsity-preserving merge, and a seed NNCF search-space file."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, tiny_config
+from schemas import NlsflowError, read_manifest, read_table, stage_dir
+from stages import evaluate, extract, prune, search, train
+from stages._common import run_stage
+
+pytestmark = pytest.mark.slow
+SHEARS_TEMPLATE = REPO / "tests" / "fixtures" / "nncf" / "shears_llama_template.json"
+LONAS = REPO / "tests" / "fixtures" / "nncf" / "lonas_llama_7b_commonsense_2layers.json"
+
+
+def test_sparsity_preserving_training_merges_with_the_pruned_sparsity(tmp_path):
+    cfg = tiny_config(tmp_path, "train.sparsity_preserving=true", "train.max_steps=20", "search.num_evals=4")
+    for module in (prune, train, evaluate, search, extract):
+        run_stage(module.__name__.rsplit(".", 1)[-1], module.run, cfg)
+    metrics = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics
+    pruned = read_table(stage_dir(tmp_path, "prune") / "sparsity.parquet", "sparsity").to_pylist()
+    assert metrics["merged_sparsity"] == pytest.approx(sum(r["zeros"] for r in pruned) /
+                                                       sum(r["in_features"] * r["out_features"] for r in pruned))
+    assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
+
+
+def test_seed_nncf_file_fills_the_groups_and_search_defaults(tmp_path):
+    cfg = tiny_config(tmp_path, f"train.search_space_file={SHEARS_TEMPLATE}", "train.rank=32", "train.alpha=64")
+    assert [(g.name, g.modules, g.choices, g.per_layer) for g in cfg.train.groups] == [
+        ("qkv", ["q_proj", "k_proj", "v_proj"], [32, 24, 16], True), ("up", ["up_proj"], [32, 24, 16], True),
+        ("down", ["down_proj"], [32, 24, 16], True)]
+    assert cfg.stage_config("train")["train"]["groups"][0]["choices"] == [32, 24, 16]  # content, not just the path
+
+
+def test_search_block_gives_defaults_and_width_groups_are_refused(tmp_path):
+    plain = tmp_path / "space.yaml"
+    plain.write_text("groups:\n  - {name: qkv, modules: [q_proj, k_proj, v_proj], choices: [8, 6]}\n"
+                     "  - {name: mlp, modules: [up_proj, down_proj], choices: [8, 4]}\n"
+                     "search: {algorithm: NSGA2, num_evals: 99, ref_acc: 0.3, acc_delta: 0.02}\n")
+    cfg = tiny_config(tmp_path, f"train.search_space_file={plain}")
+    assert cfg.search.ref_acc == 0.3 and cfg.search.acc_delta == 0.02
+    assert cfg.search.num_evals == 10  # the profile's own search.num_evals wins over the file's
+    with pytest.raises(NlsflowError, match="LoNAS elastic width is not supported yet"):
+        tiny_config(tmp_path, f"train.search_space_file={LONAS}", "train.rank=32")
