@@ -42,3 +42,19 @@ def test_search_block_gives_defaults_and_width_groups_are_refused(tmp_path):
     assert cfg.search.num_evals == 10  # the profile's own search.num_evals wins over the file's
     with pytest.raises(NlsflowError, match="LoNAS elastic width is not supported yet"):
         tiny_config(tmp_path, f"train.search_space_file={LONAS}", "train.rank=32")
+
+
+def test_commonsense_task_runs_end_to_end(tmp_path):
+    from conftest import DATA_ROOT
+    from schemas import load_config
+
+    configs = [REPO / "configs" / "tasks" / "commonsense.yaml", REPO / "configs" / "profiles" / "tiny.yaml"]
+    cfg = load_config(configs, [f"run_dir={tmp_path}", f"data.root={DATA_ROOT}", "train.max_steps=20",
+                                "search.num_evals=4", "evaluate.max_samples=2"])
+    for module in (prune, train, evaluate, search, extract):
+        run_stage(module.__name__.rsplit(".", 1)[-1], module.run, cfg)
+    metrics = read_manifest(stage_dir(tmp_path, "evaluate"), "evaluate").metrics
+    assert set(metrics["accuracy"]) == set(cfg.evaluate.datasets) and len(cfg.evaluate.datasets) == 8
+    sources = {r["source"] for r in read_table(stage_dir(tmp_path, "train") / "validation.parquet", "records").to_pylist()}
+    assert sources <= {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"}
+    assert read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics["max_abs_logit_diff"] <= 1e-4
