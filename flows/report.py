@@ -27,7 +27,8 @@ def run_report(run_dir: Path) -> str:
     search = read_manifest(stage_dir(run_dir, "search"), "search", verify=False).metrics
     extract = read_manifest(stage_dir(run_dir, "extract"), "extract", verify=False).metrics
     shared = prune.config["shared"]
-    lines = [f"### {shared['task']} on {prune.metrics['base_model'].split('/')[-1]} ({run_dir.name})", "",
+    model = shared["model"]["gguf_file"] or shared["model"]["name_or_path"]
+    lines = [f"### {shared['task']} on {model} ({run_dir.name})", "",
              f"Wanda {prune.config['prune']['sparsity']:.0%} {prune.config['prune']['structure']}: WikiText-2 perplexity "
              f"{prune.metrics['ppl_dense']:.2f} → {prune.metrics['ppl_pruned']:.2f}; super-adapter {train.metrics['steps']} steps "
              f"on {train.metrics['train_records']} records, final loss {train.metrics['final_loss']:.3f}; search: "

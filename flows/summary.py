@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 from rich.console import Console
 from rich.table import Table
@@ -26,6 +27,14 @@ def key_metric(stage: str, m: dict) -> str:
     return ""
 
 
+def describe_subnet(subnet: dict[str, int]) -> str:
+    """The subnet itself when short; else how many variables take each choice."""
+    if len(subnet) <= 8:
+        return json.dumps(subnet)
+    counts = Counter(subnet.values())
+    return f"{len(subnet)} variables: " + ", ".join(f"{n} at {choice}" for choice, n in sorted(counts.items(), reverse=True))
+
+
 def _extras(results: list[dict]) -> list[tuple[str, str]]:
     by_stage = {r["stage"]: r["metrics"] for r in results}
     rows = []
@@ -38,7 +47,7 @@ def _extras(results: list[dict]) -> list[tuple[str, str]]:
             f"{name} {m['average_accuracy']:.4f} / {m['average_accuracy_strict']:.4f}" for name, m in scored.items())))
         rows.append((f"{ev['subnet_name']} accuracy per task", ", ".join(f"{k} {v:.4f}" for k, v in ev["accuracy"].items())))
     if "extract" in by_stage:
-        rows.append(("chosen subnet", json.dumps(by_stage["extract"]["subnet"])))
+        rows.append(("chosen subnet", describe_subnet(by_stage["extract"]["subnet"])))
     if "benchmark" in by_stage:
         res = by_stage["benchmark"]["results"]
         dense, after = res["dense"], res["extracted_adapter"]  # the pruned base plus the extracted sub-adapter
