@@ -27,7 +27,8 @@ def _error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def _leftovers(run_dir) -> list[str]:
-    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("."))
+    """Temp files or folders of an atomic write (`.name.xxxx.tmp`); the search cache `.cache/` is meant to stay."""
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
 
 
 def test_missing_input_manifest(tmp_path):
