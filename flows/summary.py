@@ -50,8 +50,9 @@ def _extras(results: list[dict]) -> list[tuple[str, str]]:
         rows.append(("chosen subnet", describe_subnet(by_stage["extract"]["subnet"])))
     if "benchmark" in by_stage:
         res = by_stage["benchmark"]["results"]
-        dense, after = res["dense"], res["extracted_adapter"]  # the pruned base plus the extracted sub-adapter
-        rows.append(("params before/after", f"dense {dense['params']:,} ({dense['nonzero_params']:,} non-zero) -> pruned + "
+        dense, after = res["dense"], res["extracted_adapter"]  # the pruned (LoNAS: narrowed) base + the sub-adapter
+        base = "narrowed" if "mlp_widths" in by_stage.get("extract", {}) else "pruned"
+        rows.append(("params before/after", f"dense {dense['params']:,} ({dense['nonzero_params']:,} non-zero) -> {base} + "
                                            f"sub-adapter {after['params']:,} ({after['nonzero_params']:,} non-zero)"))
     return rows
 

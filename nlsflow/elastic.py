@@ -38,11 +38,17 @@ class ElasticGroup:
 
 @dataclass(frozen=True)
 class Variable:
-    """One searchable dimension: a group resolved against a model."""
+    """One searchable dimension: a group resolved against a model.
+
+    A "rank" variable sets the LoRA rank of `modules`; a "width" variable (LoNAS, `nlsflow.width`) sets how many
+    output channels `modules` keep (their base weight and lora_B rows) and so how many inputs `consumers` read.
+    """
 
     name: str  # "layers.0.qkv" (per layer) or "qkv" (shared)
-    modules: tuple[str, ...]  # full names of LoRA layers, as in peft_model.named_modules()
+    modules: tuple[str, ...]  # full names as in peft_model.named_modules(): LoRA layers, or width-elastic producers
     choices: tuple[int, ...]
+    kind: str = "rank"  # or "width"
+    consumers: tuple[str, ...] = ()  # width: the modules whose input width follows (down_proj for gate/up)
 
 
 Subnet = dict[str, int]  # variable name -> active rank
@@ -156,52 +162,97 @@ def _elastic(layer: LoraLayer, name: str) -> tuple[ElasticLinear, ElasticLinear]
 
 
 def _pairs(peft_model, space: Sequence[Variable]):
-    """Yield (variable, ElasticLinear A, ElasticLinear B) for every module of the space."""
+    """Yield (variable, ElasticLinear A, ElasticLinear B) for every LoRA module of the rank variables."""
     modules = dict(peft_model.named_modules())
     for v in space:
-        for name in v.modules:
-            yield (v, *_elastic(modules[name], name))
+        if v.kind == "rank":
+            for name in v.modules:
+                yield (v, *_elastic(modules[name], name))
+
+
+def _width_linears(peft_model, v: Variable):
+    """Yield (ElasticLinear, "out" | "in") for every base weight and LoRA factor a width variable narrows."""
+    modules = dict(peft_model.named_modules())
+    for names, side, lora in ((v.modules, "out", "lora_B"), (v.consumers, "in", "lora_A")):
+        for name in names:
+            module = modules[name]
+            linears = [module.get_base_layer(), *getattr(module, lora).values()] if isinstance(module, LoraLayer) else [module]
+            for linear in linears:
+                if not isinstance(linear, ElasticLinear):
+                    raise ValueError(f"{name} is not width-elastic; call nlsflow.width.make_width_elastic first")
+                yield linear, side
 
 
 def activate(peft_model, space: Sequence[Variable], subnet: Subnet) -> None:
     validate_subnet(space, subnet)
     for v, a, b in _pairs(peft_model, space):
         a.active_out = b.active_in = subnet[v.name]
+    for v in space:
+        if v.kind == "width":
+            for linear, side in _width_linears(peft_model, v):
+                setattr(linear, f"active_{side}", subnet[v.name])
 
 
 def active_subnet(peft_model, space: Sequence[Variable]) -> Subnet:
-    return {v.name: a.active_out or a.out_features for v, a, _ in _pairs(peft_model, space)}
+    subnet = {v.name: a.active_out or a.out_features for v, a, _ in _pairs(peft_model, space)}
+    for v in space:
+        if v.kind == "width":
+            linear, _ = next(_width_linears(peft_model, v))
+            subnet[v.name] = linear.active_out or linear.out_features
+    return {v.name: subnet[v.name] for v in space}
+
+
+def subnet_shapes(peft_model, space: Sequence[Variable], subnet: Subnet) -> dict[str, tuple[int, int]]:
+    """(in, out) of every nn.Linear of the model with `subnet` active, by module name; the model is not changed."""
+    validate_subnet(space, subnet)
+    rank, width_out, width_in = {}, {}, {}
+    for v in space:
+        for name in v.modules:
+            (rank if v.kind == "rank" else width_out)[name] = subnet[v.name]
+        for name in v.consumers:
+            width_in[name] = subnet[v.name]
+    shapes = {}
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            n_in, n_out = width_in.get(name, base.in_features), width_out.get(name, base.out_features)
+            shapes[f"{name}.base_layer"] = (n_in, n_out)
+            for key, a in module.lora_A.items():
+                r = rank.get(name, a.out_features)
+                shapes[f"{name}.lora_A.{key}"], shapes[f"{name}.lora_B.{key}"] = (n_in, r), (r, n_out)
+        elif isinstance(module, nn.Linear) and name not in shapes:
+            shapes[name] = (width_in.get(name, module.in_features), width_out.get(name, module.out_features))
+    return shapes
 
 
 def adapter_parameters(peft_model, space: Sequence[Variable], subnet: Subnet) -> int:
-    """Parameters of the sub-adapter: r*(in+out) per LoRA layer, plus lora_B biases if any."""
-    validate_subnet(space, subnet)
-    return sum(
-        subnet[v.name] * (a.in_features + b.out_features) + (0 if b.bias is None else b.out_features)
-        for v, a, b in _pairs(peft_model, space)
-    )
+    """Parameters of the sub-adapter: r*(in+out) per LoRA layer at the subnet's widths, plus lora_B biases if any."""
+    biases = {f"{n}.lora_B.{k}" for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
+              for k, b in m.lora_B.items() if b.bias is not None}
+    return sum(i * o + (o if name in biases else 0)
+               for name, (i, o) in subnet_shapes(peft_model, space, subnet).items() if ".lora_" in name)
 
 
 def linear_macs_per_token(peft_model, space: Sequence[Variable], subnet: Subnet) -> int:
-    """Dense MACs of every base nn.Linear (decoder + lm_head) plus the active adapter's r*(in+out)."""
-    validate_subnet(space, subnet)
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
-    lora = {id(m) for layer in layers for d in (layer.lora_A, layer.lora_B) for m in d.values()}
-    base = [m for m in peft_model.modules() if isinstance(m, nn.Linear) and id(m) not in lora]
-    adapter = sum(subnet[v.name] * (a.in_features + b.out_features) for v, a, b in _pairs(peft_model, space))
-    return sum(m.in_features * m.out_features for m in base) + adapter
+    """Exact MACs per token of every nn.Linear (decoder + lm_head, base widths and adapter ranks as the subnet sets)."""
+    return sum(i * o for i, o in subnet_shapes(peft_model, space, subnet).values())
 
 
-def extract_sub_adapter(
-    peft_model, space: Sequence[Variable], subnet: Subnet, out_dir: Path, adapter_name: str = "default"
-) -> None:
-    """Write a stock PEFT adapter folder holding `subnet`'s slices of the super-adapter."""
+def extract_sub_adapter(peft_model, space: Sequence[Variable], subnet: Subnet, out_dir: Path, adapter_name: str = "default",
+                        base_model_name_or_path: str | None = None) -> None:
+    """Write a stock PEFT adapter folder holding `subnet`'s slices of the super-adapter.
+
+    With width variables the adapter fits the narrowed base (`nlsflow.width.narrow_model`); name it in
+    `base_model_name_or_path`.
+    """
     validate_subnet(space, subnet)
     modules = dict(peft_model.named_modules())
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     config = copy.deepcopy(peft_model.peft_config[adapter_name])
     config.inference_mode, config.rank_pattern, config.alpha_pattern = True, {}, {}
-    for v in space:
+    if base_model_name_or_path:
+        config.base_model_name_or_path = base_model_name_or_path
+    for v in (v for v in space if v.kind == "rank"):
         r = subnet[v.name]
         for name in v.modules:
             # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): "^" + the escaped
@@ -213,6 +264,15 @@ def extract_sub_adapter(
             config.alpha_pattern[key] = scaling * (math.sqrt(r) if config.use_rslora else r)
             state[f"{name}.lora_A.weight"] = state[f"{name}.lora_A.weight"][:r].contiguous()
             state[f"{name}.lora_B.weight"] = state[f"{name}.lora_B.weight"][:, :r].contiguous()
+    for v in (v for v in space if v.kind == "width"):  # LoRA factors on the narrowed channels (base: nlsflow.width)
+        w = subnet[v.name]
+        for name in v.modules:
+            for key in (f"{name}.lora_B.weight", f"{name}.lora_B.bias"):
+                if key in state:
+                    state[key] = state[key][:w].contiguous()
+        for name in v.consumers:
+            if f"{name}.lora_A.weight" in state:
+                state[f"{name}.lora_A.weight"] = state[f"{name}.lora_A.weight"][:, :w].contiguous()
 
     with atomic_dir(Path(out_dir)) as tmp:  # out_dir is never half-written: it is the old or the new folder
         config.save_pretrained(tmp)

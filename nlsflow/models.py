@@ -11,6 +11,8 @@ from typing import Iterable
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from nlsflow.per_layer_llama import PerLayerLlamaForCausalLM
+from nlsflow.width import is_per_layer
 from schemas.io import NlsflowError, atomic_dir, sha256_json
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,8 @@ def load_tokenizer(path: str, revision: str | None = None):
 
 
 def load_causal_lm(path: str, dtype: str, device: torch.device, revision: str | None = None):
+    # a LoNAS subnet with per-layer MLP widths loads with our class, not as remote code
+    loader = PerLayerLlamaForCausalLM if is_per_layer(path) else AutoModelForCausalLM
     with _loading(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], revision=revision)
+        model = loader.from_pretrained(path, dtype=DTYPES[dtype], revision=revision)
     return model.to(device).eval()

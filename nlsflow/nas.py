@@ -139,12 +139,29 @@ def nsga2_search(space: list[Variable], evaluate: SubnetEvaluator, *, population
     return results
 
 
-def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float) -> Evaluation:
-    """The seeds' rule: the lowest-cost subnet with accuracy >= ref_acc - acc_delta (else the most accurate)."""
+CHOICE_RULES = ("min_cost_within_delta", "max_accuracy", "max_accuracy_within_budget")
+
+
+def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float, rule: str = "min_cost_within_delta",
+           max_cost: float | None = None) -> Evaluation:
+    """Pick one evaluated subnet by `rule` (ties go to the more accurate, then the cheaper):
+
+    - min_cost_within_delta (the seeds'): the lowest cost with accuracy >= ref_acc - acc_delta, else the most accurate;
+    - max_accuracy: the most accurate;
+    - max_accuracy_within_budget: the most accurate with cost <= max_cost, else the cheapest.
+    """
+    most_accurate = max(evaluations, key=lambda e: (e.accuracy, -e.cost))
+    if rule == "max_accuracy":
+        return most_accurate
+    if rule == "max_accuracy_within_budget":
+        if max_cost is None:
+            raise ValueError("rule max_accuracy_within_budget needs max_cost")
+        within = [e for e in evaluations if e.cost <= max_cost]
+        return max(within, key=lambda e: (e.accuracy, -e.cost)) if within else min(evaluations, key=lambda e: (e.cost, -e.accuracy))
+    if rule != "min_cost_within_delta":
+        raise ValueError(f"unknown rule {rule!r}; use one of {CHOICE_RULES}")
     eligible = [e for e in evaluations if e.accuracy >= ref_acc - acc_delta]
-    if not eligible:
-        return max(evaluations, key=lambda e: (e.accuracy, -e.cost))
-    return min(eligible, key=lambda e: (e.cost, -e.accuracy))
+    return min(eligible, key=lambda e: (e.cost, -e.accuracy)) if eligible else most_accurate
 
 
 def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, folder: Path) -> None:

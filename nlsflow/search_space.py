@@ -30,6 +30,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nlsflow.elastic import ElasticGroup
+from nlsflow.width import WidthGroup
 from schemas.config import GroupConfig, format_validation_error, yaml_load
 from schemas.io import NlsflowError
 
@@ -43,16 +44,6 @@ _SELF = re.compile(r"/\w+\[(\w+)\]/NNCFUserSelfLinear\[self_linear\]/linear_\d+$
 _PLAIN = re.compile(r"/NNCFLinear\[(\w+)\]/linear_\d+$")  # a module without LoRA; tried after _LORA
 # Strings (kept), // and /* */ comments, and trailing commas: what NNCF's jstyleson reader accepts beyond JSON.
 _JSON_EXTRAS = re.compile(r'("(?:[^"\\]|\\.)*")|//[^\n]*|/\*.*?\*/|,(?=(?:\s|//[^\n]*|/\*.*?\*/)*[\]}])', re.DOTALL)
-
-
-@dataclass(frozen=True)
-class WidthGroup:
-    """Base-model modules whose output width shrinks together (LoNAS' elastic MLP), e.g. gate_proj + up_proj."""
-
-    name: str
-    modules: tuple[str, ...]  # module-name suffixes
-    choices: tuple[int, ...]  # strictly descending; choices[0] is the module's full output size
-    per_layer: bool = True
 
 
 @dataclass(frozen=True)

@@ -10,27 +10,41 @@ from peft import PeftModel
 from nlsflow.elastic import ElasticGroup, Variable, heuristic_subnet, make_elastic, maximal_subnet, minimal_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer
 from nlsflow.sparse_merge import make_sparsity_preserving
+from nlsflow.width import WidthGroup, make_width_elastic
 from schemas.io import atomic_write_text
 
 NAMED_SUBNETS = {"heuristic": heuristic_subnet, "maximal": maximal_subnet, "minimal": minimal_subnet}
 
 
-def groups_from_config(groups) -> list[ElasticGroup]:
-    return [ElasticGroup(name=g.name, modules=tuple(g.modules), choices=tuple(g.choices), per_layer=g.per_layer) for g in groups]
+def groups_from_config(groups, cls=ElasticGroup) -> list:
+    """`train.groups` as ElasticGroups (or `train.width_groups` as WidthGroups, with cls=WidthGroup)."""
+    return [cls(name=g.name, modules=tuple(g.modules), choices=tuple(g.choices), per_layer=g.per_layer) for g in groups]
 
 
-def save_search_space(path: Path, groups: list[ElasticGroup], space: list[Variable]) -> None:
-    doc = {"groups": [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer}
-                      for g in groups],
-           "variables": [{"name": v.name, "modules": list(v.modules), "choices": list(v.choices)} for v in space],
+def make_supernet(peft_model, groups: list[ElasticGroup], width_groups: list[WidthGroup]) -> list[Variable]:
+    """Make a PEFT model's LoRA ranks (and base widths) elastic in place; the space lists rank variables first."""
+    make_elastic(peft_model)
+    return resolve_space(peft_model, groups) + make_width_elastic(peft_model, width_groups)
+
+
+def _rows(groups) -> list[dict]:
+    return [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer} for g in groups]
+
+
+def save_search_space(path: Path, groups: list[ElasticGroup], width_groups: list[WidthGroup], space: list[Variable]) -> None:
+    doc = {"groups": _rows(groups), "width_groups": _rows(width_groups),
+           "variables": [{"name": v.name, "kind": v.kind, "modules": list(v.modules), "consumers": list(v.consumers),
+                          "choices": list(v.choices)} for v in space],
            "subnets": {name: fn(space) for name, fn in NAMED_SUBNETS.items()}}
     atomic_write_text(path, json.dumps(doc, indent=2))
 
 
-def load_search_space_groups(path: Path) -> list[ElasticGroup]:
+def load_search_space_groups(path: Path) -> tuple[list[ElasticGroup], list[WidthGroup]]:
     doc = json.loads(Path(path).read_text())
-    return [ElasticGroup(name=g["name"], modules=tuple(g["modules"]), choices=tuple(g["choices"]), per_layer=g["per_layer"])
-            for g in doc["groups"]]
+    def read(rows, cls):
+        return [cls(name=g["name"], modules=tuple(g["modules"]), choices=tuple(g["choices"]), per_layer=g["per_layer"])
+                for g in rows]
+    return read(doc["groups"], ElasticGroup), read(doc.get("width_groups", []), WidthGroup)
 
 
 def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dtype: str, device: torch.device,
@@ -39,8 +53,7 @@ def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dt
     tokenizer = load_tokenizer(str(base_dir))
     base = load_causal_lm(str(base_dir), dtype, device)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
-    make_elastic(model)
+    space = make_supernet(model, *load_search_space_groups(search_space_file))
     if sparsity_preserving:  # the adapter's delta only where the base weight is non-zero, as it was trained
         make_sparsity_preserving(model)
-    space = resolve_space(model, load_search_space_groups(search_space_file))
     return model, tokenizer, space

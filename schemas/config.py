@@ -105,8 +105,8 @@ class PruneConfig(Strict):
 
 class GroupConfig(Strict):
     name: str = Field(description="group name, e.g. 'qkv'")
-    modules: list[str] = Field(description="module-name suffixes that share one rank choice, e.g. [q_proj, k_proj, v_proj]")
-    choices: list[int] = Field(description="rank choices, descending; the first is the trained rank")
+    modules: list[str] = Field(description="module-name suffixes that share one choice, e.g. [q_proj, k_proj, v_proj]")
+    choices: list[int] = Field(description="choices, descending; the first is the trained rank (or the module's width)")
     per_layer: bool = Field(True, description="one choice per decoder layer (NNCF '{*}') or one shared")
 
 
@@ -116,6 +116,9 @@ class TrainConfig(Strict):
     alpha: float = Field(64, gt=0, description="LoRA alpha; scaling alpha/rank is kept for every sub-rank")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     groups: list[GroupConfig] = Field([], description="elastic search space: groups of modules and their rank choices")
+    width_groups: list[GroupConfig] = Field([], description="LoNAS elastic base width: MLP projections whose output "
+                                            "channels shrink together (e.g. [gate_proj, up_proj]; down_proj follows), "
+                                            "choices from the full width down")
     search_space_file: str | None = Field(None, description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain "
                                           "YAML search space; fills `groups` (and `search` defaults) when the config loads")
     sparsity_preserving: bool = Field(False, description="mask the adapter's delta by the base's zeros (SQFT-style), so "
@@ -140,9 +143,16 @@ class TrainConfig(Strict):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if not self.groups:
             raise ValueError("train.groups is empty: list the elastic groups or set train.search_space_file")
-        for g in self.groups:
+        if self.width_groups and self.sparsity_preserving:
+            raise ValueError("train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; "
+                             "drop one of them")
+        names = [g.name for g in (*self.groups, *self.width_groups)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names {names} must be unique across train.groups and train.width_groups")
+        for g in (*self.groups, *self.width_groups):
             if not g.choices or any(a <= b for a, b in zip(g.choices, g.choices[1:])) or g.choices[-1] <= 0:
                 raise ValueError(f"group '{g.name}': choices {g.choices} must be positive and strictly descending")
+        for g in self.groups:
             if g.choices[0] != self.rank:
                 raise ValueError(f"group '{g.name}': the first choice {g.choices[0]} must equal train.rank={self.rank}")
             stray = [m for m in g.modules if m not in self.target_modules]
@@ -183,11 +193,23 @@ class SearchConfig(Strict):
     val_samples: int | None = Field(None, gt=0, description="validation records per evaluation (None: all held out)")
     ref_acc: float | None = Field(None, description="reference accuracy (None: the heuristic subnet's)")
     acc_delta: float = Field(0.01, ge=0, description="chosen: lowest cost with accuracy >= ref_acc - acc_delta")
+    rule: Literal["min_cost_within_delta", "max_accuracy", "max_accuracy_within_budget"] = Field(
+        "min_cost_within_delta", description="how the chosen subnet is picked: the seeds' rule (lowest cost within "
+        "acc_delta of ref_acc), the most accurate, or the most accurate within cost_budget")
+    cost_budget: float | None = Field(None, gt=0, le=1, description="max_accuracy_within_budget: the largest cost, as "
+                                      "a fraction of the maximal subnet's")
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SearchConfig":
+        if (self.rule == "max_accuracy_within_budget") != (self.cost_budget is not None):
+            raise ValueError("search.cost_budget goes with search.rule=max_accuracy_within_budget (and only with it)")
+        return self
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
 class ExtractConfig(Strict):
-    subnet: Literal["searched", "heuristic", "maximal", "minimal"] = Field("searched", description="which subnet to extract")
+    subnet: Literal["searched", "heuristic", "maximal", "minimal"] | dict[str, int] = Field(
+        "searched", description="which subnet to extract: a named one, or a mapping variable -> choice (as search/chosen.json)")
     merge: bool = Field(True, description="also write the adapter merged into the base at extract/merged/")
     evaluate: bool = Field(True, description="score the extracted model on the test sets (evaluate's settings)")
     tolerance: float = Field(1e-4, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)")
@@ -205,6 +227,8 @@ class BenchmarkConfig(Strict):
 class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
+    method: Literal["shears", "lonas"] = Field("shears", description="configs/methods/<method>.yaml, a label for humans: "
+                                              "what the method does is in the prune and train settings")
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
     data: DataConfig
     seed: int = Field(0)
@@ -317,14 +341,10 @@ def _expand_search_space_file(tree: dict) -> None:
         space = load_search_space(train["search_space_file"], rank=train.get("rank"))
     except FileNotFoundError:
         raise NlsflowError(f"train.search_space_file {train['search_space_file']} not found") from None
-    if space.base_width_groups:
-        raise NlsflowError(f"{train['search_space_file']} makes base-model widths elastic "
-                           f"({', '.join(g.name for g in space.base_width_groups)}): LoNAS elastic width is not supported "
-                           "yet; remove those groups")
     if train.get("target_modules") and train.get("rank"):
         space = add_fixed_groups(space, train["target_modules"], train["rank"])
-    train["groups"] = [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer}
-                       for g in space.groups]
+    plain = space.to_dict()
+    train["groups"], train["width_groups"] = plain["groups"], plain["width_groups"]
     tree["train"] = train
     tree["search"] = _deep_merge(space.search, tree.get("search") or {})
 
@@ -338,7 +358,8 @@ def format_validation_error(e: ValidationError) -> str:
         elif err["type"] == "missing":
             parts.append(f"missing key '{where}'")
         else:
-            parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+            got = repr(err.get("input"))
+            parts.append(f"{where}: {err['msg']}" + (f" (got {got})" if len(got) <= 80 else ""))
     return "; ".join(parts)
 
 

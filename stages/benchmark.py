@@ -21,7 +21,8 @@ def run(ctx: StageContext) -> dict:
                 "pruned": (str(pruned), None, None)}
     if (extracted / "merged").is_dir():
         variants["extracted_merged"] = (str(extracted / "merged"), None, None)
-    variants["extracted_adapter"] = (str(pruned), str(extracted / "adapter"), None)
+    adapter_base = extracted / "base" if (extracted / "base").is_dir() else pruned  # LoNAS: the narrowed base
+    variants["extracted_adapter"] = (str(adapter_base), str(extracted / "adapter"), None)
 
     rows = []
     for name, (model_dir, adapter_dir, revision) in variants.items():

@@ -3,6 +3,9 @@
 Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code),
 with `extract.merge` `extract/merged/` (HF folder), and with `extract.evaluate` `extract/predictions.parquet`
 (the extracted model on the test sets). The max |logit difference| and accuracies go into the manifest.
+With elastic base width (LoNAS) the inactive MLP channels are cut out: `extract/base/` is the narrowed base the
+adapter belongs to, and `extract/merged/` is narrowed too (a stock HF folder when every layer has one width,
+else `per_layer_llama` with its code in the folder).
 """
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import torch
 from peft import PeftModel
 
 from nlsflow.data import generate_prompt
-from nlsflow.elastic import activate, extract_sub_adapter
+from nlsflow.elastic import activate, extract_sub_adapter, validate_subnet
 from nlsflow.evaluation import evaluate_test_sets
 from nlsflow.models import DTYPES, load_causal_lm, resolve_device
 from nlsflow.pruning import sparsity_table
 from nlsflow.sparse_merge import make_sparsity_preserving, masked_merge, require_sparsity
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
+from nlsflow.width import narrow_model, save_narrowed
 from schemas import NlsflowError, read_table, write_table
 from stages._common import StageContext, main
 
@@ -40,10 +44,16 @@ def run(ctx: StageContext) -> dict:
     sparse = cfg.train.sparsity_preserving
     model, tokenizer, space = load_supernet(base_dir, train_dir / "adapter", train_dir / "search_space.json", CHECK_DTYPE,
                                             device, sparse)
-    if xc.subnet == "searched":
-        subnet = json.loads((ctx.input_dir("search") / "chosen.json").read_text())
+    if isinstance(xc.subnet, dict):
+        subnet, subnet_name = xc.subnet, "given"
+    elif xc.subnet == "searched":
+        subnet, subnet_name = json.loads((ctx.input_dir("search") / "chosen.json").read_text()), xc.subnet
     else:
-        subnet = NAMED_SUBNETS[xc.subnet](space)
+        subnet, subnet_name = NAMED_SUBNETS[xc.subnet](space), xc.subnet
+    try:
+        validate_subnet(space, subnet)
+    except ValueError as e:
+        raise NlsflowError(f"extract.subnet: {e}; see train/search_space.json for the variables and choices") from None
     activate(model, space, subnet)
 
     probe = read_table(train_dir / "validation.parquet", "records").to_pylist()[:PROBE_RECORDS]
@@ -51,8 +61,16 @@ def run(ctx: StageContext) -> dict:
     batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
     expected = logits(model, batch)
 
-    adapter_dir = ctx.out_dir / "adapter"
-    extract_sub_adapter(model, space, subnet, adapter_dir)
+    adapter_dir, sizes = ctx.out_dir / "adapter", []
+    if any(v.kind == "width" for v in space):  # LoNAS: the sub-adapter belongs to the base without the cut channels
+        narrow = load_causal_lm(str(base_dir), cfg.dtype, device)
+        sizes = narrow_model(narrow, space, subnet)
+        base_dir = ctx.out_dir / "base"
+        save_narrowed(narrow, sizes, base_dir)
+        tokenizer.save_pretrained(base_dir)
+        del narrow
+    extract_sub_adapter(model, space, subnet, adapter_dir,
+                        base_model_name_or_path=str(ctx.input_dir("extract") / "base") if sizes else None)
     del model
     sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), CHECK_DTYPE, device), str(adapter_dir)).eval()
     if sparse:  # a stock adapter reproduces the masked super-network only with the mask: deploy extract/merged/
@@ -62,8 +80,11 @@ def run(ctx: StageContext) -> dict:
     if diff > xc.tolerance:
         raise NlsflowError(f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
                            f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}")
-    metrics = {"subnet_name": xc.subnet, "subnet": subnet, "max_abs_logit_diff": diff, "check_dtype": CHECK_DTYPE,
-               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n)}
+    metrics = {"subnet_name": subnet_name, "subnet": subnet, "max_abs_logit_diff": diff, "check_dtype": CHECK_DTYPE,
+               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n),
+               "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n)}
+    if sizes:
+        metrics["mlp_widths"] = sizes
     if xc.merge:
         merged = masked_merge(sub) if sparse else sub.merge_and_unload()
         merged_diff = (logits(merged, batch) - expected).abs().max().item()
@@ -77,7 +98,7 @@ def run(ctx: StageContext) -> dict:
         layers = sparsity_table(merged)
         metrics["merged_sparsity"] = sum(l.zeros for l in layers) / sum(l.in_features * l.out_features for l in layers)
         metrics["merged_params"] = sum(p.numel() for p in merged.parameters())
-        merged.to(DTYPES[cfg.dtype]).save_pretrained(ctx.out_dir / "merged")
+        save_narrowed(merged.to(DTYPES[cfg.dtype]), sizes, ctx.out_dir / "merged")
         tokenizer.save_pretrained(ctx.out_dir / "merged")
         del merged
     if xc.evaluate:  # the deployable model, loaded with stock PEFT, on the test sets

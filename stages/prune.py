@@ -8,7 +8,7 @@ import logging
 
 from nlsflow.data import calibration_batch, calibration_documents, generate_prompt, load_train_records, wikitext2
 from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
-from nlsflow.pruning import perplexity, prune_model
+from nlsflow.pruning import perplexity, prune_model, sparsity_table
 from schemas import write_table
 from stages._common import StageContext, main
 
@@ -34,13 +34,16 @@ def run(ctx: StageContext) -> dict:
     if pc.perplexity_max_windows:
         test_ids = test_ids[:, : pc.perplexity_max_windows * pc.perplexity_seqlen]
     ppl_dense = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
-    cc = pc.calibration
-    documents = calibration_documents(root, cc.source, train_names=cfg.data.train_sets,
-                                      contamination=cfg.data.contamination, download=download)
-    calib = calibration_batch(tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed).to(device)
-    layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
-                         structure=pc.n_m or "unstructured", targets=pc.targets)
-    ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
+    if pc.sparsity == 0:  # LoNAS: no pruning, the base is passed on dense
+        layers, ppl_pruned = sparsity_table(model, pc.targets), ppl_dense
+    else:
+        cc = pc.calibration
+        documents = calibration_documents(root, cc.source, train_names=cfg.data.train_sets,
+                                          contamination=cfg.data.contamination, download=download)
+        calib = calibration_batch(tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed).to(device)
+        layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
+                             structure=pc.n_m or "unstructured", targets=pc.targets)
+        ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
     log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
 
     model.save_pretrained(ctx.out_dir / "model")

@@ -61,7 +61,9 @@ def run(ctx: StageContext) -> dict:
     evaluations = nsga2_search(space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds)
     heuristic = next(e for e in evaluations if e.label == "heuristic")
     ref_acc = heuristic.accuracy if sc.ref_acc is None else sc.ref_acc
-    chosen = choose(evaluations, ref_acc, sc.acc_delta)
+    maximal = next(e for e in evaluations if e.label == "maximal")
+    max_cost = None if sc.cost_budget is None else sc.cost_budget * maximal.cost
+    chosen = choose(evaluations, ref_acc, sc.acc_delta, sc.rule, max_cost)
     log.info("chosen subnet: accuracy %.4f, %s %d (heuristic: %.4f, %d)", chosen.accuracy, sc.cost, chosen.cost,
              heuristic.accuracy, heuristic.cost)
 
@@ -77,7 +79,7 @@ def run(ctx: StageContext) -> dict:
     plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
     return {"evaluations": len(evaluations), "resumed_from_cache": evaluate.resumed,
             "pareto_size": sum(e.pareto for e in evaluations), "val_samples": len(validation),
-            "ref_acc": ref_acc, "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
+            "ref_acc": ref_acc, "rule": sc.rule, "max_cost": max_cost, "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
             "cost": sc.cost, "heuristic_accuracy": heuristic.accuracy, "heuristic_cost": heuristic.cost}
 
 

@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
 from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
-from nlsflow.elastic import activate, make_elastic, random_subnet, resolve_space
+from nlsflow.elastic import activate, random_subnet
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from nlsflow.sparse_merge import make_sparsity_preserving
-from nlsflow.supernet import groups_from_config, save_search_space
+from nlsflow.supernet import groups_from_config, make_supernet, save_search_space
+from nlsflow.width import WidthGroup
 from schemas import NlsflowError, write_table
 from stages._common import StageContext, main
 
@@ -45,11 +46,10 @@ def run(ctx: StageContext) -> dict:
     lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    make_elastic(model)
+    groups, width_groups = groups_from_config(tc.groups), groups_from_config(tc.width_groups, WidthGroup)
+    space = make_supernet(model, groups, width_groups)
     if tc.sparsity_preserving:  # the adapter's delta is masked by the base's zeros: merging keeps the sparsity
         log.info("sparsity-preserving LoRA: %d LoRA layers have a sparse base", make_sparsity_preserving(model))
-    groups = groups_from_config(tc.groups)
-    space = resolve_space(model, groups)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
@@ -91,12 +91,13 @@ def run(ctx: StageContext) -> dict:
             recent = []
 
     model.save_pretrained(ctx.out_dir / "adapter")
-    save_search_space(ctx.out_dir / "search_space.json", groups, space)
+    save_search_space(ctx.out_dir / "search_space.json", groups, width_groups, space)
     write_table(ctx.out_dir / "training_log.parquet", "training_log", log_rows)
     write_table(ctx.out_dir / "validation.parquet", "records",
                 [{k: r[k] for k in ("source", "instruction", "input", "output", "answer")} for r in val_records])
     return {"steps": total_steps, "final_loss": log_rows[-1]["loss"], "trainable_params": trainable,
             "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space),
+            "width_variables": sum(v.kind == "width" for v in space),
             "train_sets": cfg.data.train_sets, "contamination": contamination}
 
 

@@ -32,7 +32,7 @@ def test_seed_nncf_file_fills_the_groups_and_search_defaults(tmp_path):
     assert cfg.stage_config("train")["train"]["groups"][0]["choices"] == [32, 24, 16]  # content, not just the path
 
 
-def test_search_block_gives_defaults_and_width_groups_are_refused(tmp_path):
+def test_search_block_gives_defaults_and_width_groups_fill_the_config(tmp_path):
     plain = tmp_path / "space.yaml"
     plain.write_text("groups:\n  - {name: qkv, modules: [q_proj, k_proj, v_proj], choices: [8, 6]}\n"
                      "  - {name: mlp, modules: [up_proj, down_proj], choices: [8, 4]}\n"
@@ -40,8 +40,13 @@ def test_search_block_gives_defaults_and_width_groups_are_refused(tmp_path):
     cfg = tiny_config(tmp_path, f"train.search_space_file={plain}")
     assert cfg.search.ref_acc == 0.3 and cfg.search.acc_delta == 0.02
     assert cfg.search.num_evals == 10  # the profile's own search.num_evals wins over the file's
-    with pytest.raises(NlsflowError, match="LoNAS elastic width is not supported yet"):
+    with pytest.raises(NlsflowError, match=r"group 'gate_up': modules \['gate_proj'\] are not in train.target_modules"):
         tiny_config(tmp_path, f"train.search_space_file={LONAS}", "train.rank=32")
+    cfg = tiny_config(tmp_path, f"train.search_space_file={LONAS}", "train.rank=32",
+                      "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]")
+    assert [(g.name, g.modules, g.choices) for g in cfg.train.width_groups] == [
+        ("gate_up_width", ["gate_proj", "up_proj"], [11008, 9632, 8256, 6880, 5504])]
+    assert cfg.search.population == 4 and cfg.search.acc_delta == 0.01 and cfg.search.ref_acc == 0.45
 
 
 def test_commonsense_task_runs_end_to_end(tmp_path):

@@ -15,22 +15,32 @@ TASKS = sorted(p for p in (REPO / "configs" / "tasks").glob("*.yaml"))
 PROFILES = sorted(p for p in (REPO / "configs" / "profiles").glob("*.yaml") if "." not in p.stem)
 
 
-def layered(task, profile) -> list:
-    """What `make pipeline` merges: task, profile, and the profile's file for that task if any."""
-    extra = profile.with_name(f"{profile.stem}.{task.stem}.yaml")
-    return [task, profile] + ([extra] if extra.is_file() else [])
+METHODS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
 
 
-def test_every_profile_file_is_shipped_for_a_known_profile_and_task():
+def layered(task, profile, method=None) -> list:
+    """What `make pipeline` merges: task, profile, profile.task, method, profile.method, profile.method.task."""
+    def optional(*parts):
+        path = profile.with_name(".".join(parts) + ".yaml")
+        return [path] if path.is_file() else []
+    files = [task, profile, *optional(profile.stem, task.stem)]
+    if method is not None:
+        files += [method, *optional(profile.stem, method.stem), *optional(profile.stem, method.stem, task.stem)]
+    return files
+
+
+def test_every_profile_file_is_shipped_for_a_known_profile_task_and_method():
     for path in (REPO / "configs" / "profiles").glob("*.*.yaml"):
-        profile, task = path.stem.split(".")
-        assert (path.parent / f"{profile}.yaml").is_file() and task in {t.stem for t in TASKS}, path
+        profile, *rest = path.stem.split(".")
+        known = [{t.stem for t in TASKS}] if len(rest) == 1 and rest[0] not in {m.stem for m in METHODS} else \
+            [{m.stem for m in METHODS}, {t.stem for t in TASKS}][: len(rest)]
+        assert (path.parent / f"{profile}.yaml").is_file() and all(r in k for r, k in zip(rest, known)), path
 
 
-@pytest.mark.parametrize("task,profile", list(product(TASKS, PROFILES)), ids=lambda p: p.stem)
-def test_every_shipped_config_loads(task, profile):
-    cfg = load_config(layered(task, profile), ["run_dir=runs/x"])
-    assert cfg.task == task.stem and cfg.profile == profile.stem
+@pytest.mark.parametrize("task,profile,method", list(product(TASKS, PROFILES, METHODS)), ids=lambda p: p.stem)
+def test_every_shipped_config_loads(task, profile, method):
+    cfg = load_config(layered(task, profile, method), ["run_dir=runs/x"])
+    assert cfg.task == task.stem and cfg.profile == profile.stem and cfg.method == method.stem
     for stage in STAGES:
         assert set(cfg.stage_config(stage)) == {"shared", *STAGE_SECTIONS[stage]} and stage in STAGE_SECTIONS[stage]
 

@@ -127,7 +127,7 @@ def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):
         diff = (supernet(**batch).logits - extracted(**batch).logits)[batch["attention_mask"].bool()].abs().max().item()
     assert diff <= 1e-4
     ranks = {name: layer.r["default"] for name, layer in extracted.named_modules() if hasattr(layer, "lora_A")}
-    expected = {m: chosen[v.name] for v in resolve_space(supernet, load_search_space_groups(train_dir / "search_space.json"))
+    expected = {m: chosen[v.name] for v in resolve_space(supernet, load_search_space_groups(train_dir / "search_space.json")[0])
                 for m in v.modules}
     assert ranks == expected
     metrics = read_manifest(_dir(math_run, "extract"), "extract").metrics
