@@ -52,7 +52,7 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
         if state.is_failed():
             return Failed(message=state.message)  # later stages would only fail on the missing input
         results.append(state.result())
-    create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=f"{cfg.task} / {cfg.profile}")
+    create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=f"{cfg.task} / {cfg.profile} / {cfg.method}")
     return results
 
 

@@ -10,13 +10,13 @@ from pathlib import Path
 from schemas import read_manifest, stage_dir
 
 
-def _accuracy_rows(run_dir: Path) -> list[tuple[str, dict]]:
+def _accuracy_rows(run_dir: Path, base: str) -> list[tuple[str, dict]]:
     evaluate = read_manifest(stage_dir(run_dir, "evaluate"), "evaluate", verify=False).metrics
     rows = [(name, m) for name, m in evaluate.get("baselines", {}).items()]
-    rows.append((f"pruned + {evaluate['subnet_name']} subnet", evaluate))
+    rows.append((f"{base} + {evaluate['subnet_name']} subnet", evaluate))
     extract = read_manifest(stage_dir(run_dir, "extract"), "extract", verify=False).metrics
     if "accuracy" in extract:
-        rows.append(("pruned + extracted (searched) subnet", extract))
+        rows.append((f"{base} + extracted ({extract['subnet_name']}) subnet", extract))
     return rows
 
 
@@ -28,13 +28,18 @@ def run_report(run_dir: Path) -> str:
     extract = read_manifest(stage_dir(run_dir, "extract"), "extract", verify=False).metrics
     shared = prune.config["shared"]
     model = shared["model"]["gguf_file"] or shared["model"]["name_or_path"]
+    pc = prune.config["prune"]
+    pruning = (f"{pc['method'].capitalize()} {pc['sparsity']:.0%} {pc['structure']}: WikiText-2 perplexity "
+               f"{prune.metrics['ppl_dense']:.2f} → {prune.metrics['ppl_pruned']:.2f}" if pc["sparsity"] else
+               f"dense base (no pruning), WikiText-2 perplexity {prune.metrics['ppl_dense']:.2f}")
+    narrowed = (f" on the base narrowed to MLP widths {sorted(set(extract['mlp_widths']))} ({extract['base_params']:,} "
+                f"of {prune.metrics['params']:,} base parameters)" if "mlp_widths" in extract else "")
     lines = [f"### {shared['task']} on {model} ({run_dir.name})", "",
-             f"Wanda {prune.config['prune']['sparsity']:.0%} {prune.config['prune']['structure']}: WikiText-2 perplexity "
-             f"{prune.metrics['ppl_dense']:.2f} → {prune.metrics['ppl_pruned']:.2f}; super-adapter {train.metrics['steps']} steps "
-             f"on {train.metrics['train_records']} records, final loss {train.metrics['final_loss']:.3f}; search: "
-             f"{search['evaluations']} subnets; extracted adapter {extract['adapter_params']:,} parameters, "
-             f"max |Δlogit| vs super-network {extract['max_abs_logit_diff']:.1e}.", ""]
-    rows = _accuracy_rows(run_dir)
+             f"{pruning}; super-adapter {train.metrics['steps']} steps on {train.metrics['train_records']} records, final "
+             f"loss {train.metrics['final_loss']:.3f}; search: {search['evaluations']} subnets on {search['cost']}; "
+             f"extracted adapter {extract['adapter_params']:,} parameters{narrowed}, max |Δlogit| vs super-network "
+             f"{extract['max_abs_logit_diff']:.1e}.", ""]
+    rows = _accuracy_rows(run_dir, "pruned" if pc["sparsity"] else "dense")
     tasks = list(rows[-1][1]["accuracy"])
     lines.append("| model | " + " | ".join(tasks) + " | average | average (strict) |")
     lines.append("|---" * (len(tasks) + 3) + "|")

@@ -310,6 +310,9 @@ def load_yaml(path: Path) -> dict:
         raise NlsflowError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise NlsflowError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    train = data.get("train")
+    if isinstance(train, dict) and isinstance(train.get("search_space_file"), str):  # relative to the file naming it
+        train["search_space_file"] = str((path.parent / train["search_space_file"]).resolve())
     return data
 
 

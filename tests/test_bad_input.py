@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, TINY_CONFIGS, tiny_config, tiny_overrides
-from schemas import read_manifest, stage_dir
+from schemas import NlsflowError, read_manifest, stage_dir
 from stages._common import run_stage
 
 
@@ -91,3 +91,30 @@ def test_failed_rerun_keeps_the_previous_complete_stage(math_run, tmp_path):
         run_stage("benchmark", crashes, tiny_config(run), force=True)
     read_manifest(stage_dir(run, "benchmark"), "benchmark")  # still complete and verified
     assert not _leftovers(run)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.sparsity_preserving=true", "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [172, 86]}]"],
+     "train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined"),
+    (["train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [86, 172]}]"],
+     "group 'w': choices [86, 172] must be positive and strictly descending"),
+    (["search.rule=max_accuracy_within_budget"], "search.cost_budget goes with search.rule=max_accuracy_within_budget"),
+    (["search.cost_budget=0.5"], "search.cost_budget goes with"),
+], ids=["lonas+shears", "ascending widths", "rule without budget", "budget without rule"])
+def test_impossible_method_settings(tmp_path, overrides, message):
+    with pytest.raises(NlsflowError) as error:
+        tiny_config(tmp_path, *overrides)
+    assert message in str(error.value) and "\n" not in str(error.value) and len(str(error.value)) < 400
+
+
+def test_width_choices_must_start_at_the_module_size(tmp_path):
+    from stages import prune, train
+    from stages._common import run_stage
+
+    cfg = tiny_config(tmp_path, "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]",
+                      "train.groups=[{name: all, modules: [q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj], choices: [8, 4]}]",
+                      "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [128, 64]}]", "train.max_steps=1")
+    run_stage("prune", prune.run, cfg)
+    with pytest.raises(NlsflowError, match=r"width group 'w': choices \[128, 64\] start at 128, but .*gate_proj has 172 "
+                                           r"outputs; the first choice must be the full size"):
+        run_stage("train", train.run, cfg)

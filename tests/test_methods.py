@@ -1,11 +1,17 @@
 """Method variants on the tiny profile: Shears' sparsity-preserving merge, and a seed NNCF search-space file."""
 from __future__ import annotations
 
-import pytest
+import json
 
-from conftest import REPO, tiny_config
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import REPO, TINY_CONFIGS, tiny_config, tiny_overrides
+from nlsflow.models import load_causal_lm
+from nlsflow.sparse_merge import zero_counts
 from schemas import NlsflowError, read_manifest, read_table, stage_dir
-from stages import evaluate, extract, prune, search, train
+from stages import benchmark, evaluate, extract, prune, search, train
 from stages._common import run_stage
 
 pytestmark = pytest.mark.slow
@@ -13,15 +19,60 @@ SHEARS_TEMPLATE = REPO / "tests" / "fixtures" / "nncf" / "shears_llama_template.
 LONAS = REPO / "tests" / "fixtures" / "nncf" / "lonas_llama_7b_commonsense_2layers.json"
 
 
-def test_sparsity_preserving_training_merges_with_the_pruned_sparsity(tmp_path):
-    cfg = tiny_config(tmp_path, "train.sparsity_preserving=true", "train.max_steps=20", "search.num_evals=4")
-    for module in (prune, train, evaluate, search, extract):
+def method_config(run_dir, method: str, *overrides: str):
+    """What `make pipeline TASK=math PROFILE=tiny METHOD=<method>` loads, with overrides."""
+    from schemas import load_config
+
+    profiles = REPO / "configs" / "profiles"
+    files = [*TINY_CONFIGS, REPO / "configs" / "methods" / f"{method}.yaml"]
+    files += [f for f in (profiles / f"tiny.{method}.yaml", profiles / f"tiny.{method}.math.yaml") if f.is_file()]
+    return load_config(files, tiny_overrides(run_dir, "train.max_steps=20", "search.num_evals=4", *overrides))
+
+
+def run_all(cfg, modules=(prune, train, evaluate, search, extract)):
+    for module in modules:
         run_stage(module.__name__.rsplit(".", 1)[-1], module.run, cfg)
+
+
+def test_shears_merges_with_the_pruned_sparsity_in_every_layer(tmp_path):
+    cfg = method_config(tmp_path, "shears")
+    assert cfg.method == "shears" and cfg.train.sparsity_preserving and cfg.prune.sparsity == 0.5
+    run_all(cfg)
     metrics = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics
     pruned = read_table(stage_dir(tmp_path, "prune") / "sparsity.parquet", "sparsity").to_pylist()
+    merged = load_causal_lm(str(stage_dir(tmp_path, "extract") / "merged"), "float32", torch.device("cpu"))
+    assert zero_counts(merged) == {r["layer"]: r["zeros"] for r in pruned}
     assert metrics["merged_sparsity"] == pytest.approx(sum(r["zeros"] for r in pruned) /
                                                        sum(r["in_features"] * r["out_features"] for r in pruned))
     assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
+
+
+def test_lonas_extracts_a_smaller_model_with_the_supernet_logits(tmp_path):
+    cfg = method_config(tmp_path, "lonas")
+    assert cfg.method == "lonas" and cfg.prune.sparsity == 0 and cfg.train.width_groups[0].choices[0] == 172
+    run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
+    extract_dir = stage_dir(tmp_path, "extract")
+    metrics = read_manifest(extract_dir, "extract").metrics
+    chosen = metrics["subnet"]
+    assert metrics["mlp_widths"] == [chosen[f"layers.{i}.gate_up_width"] for i in range(2)]
+    assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
+    dense_params = read_manifest(stage_dir(tmp_path, "prune"), "prune").metrics["params"]
+    assert metrics["merged_params"] == dense_params - 3 * 64 * sum(172 - w for w in metrics["mlp_widths"]) < dense_params
+    results = read_manifest(stage_dir(tmp_path, "benchmark"), "benchmark").metrics["results"]
+    assert results["extracted_merged"]["params"] == metrics["merged_params"]
+    assert results["extracted_merged"]["macs_per_token"] < results["dense"]["macs_per_token"]
+
+    # a given subnet with a different width in every layer: a per-layer folder that stock transformers loads
+    subnet = {**chosen, "layers.0.gate_up_width": 150, "layers.1.gate_up_width": 108}
+    run_stage("extract", extract.run, method_config(tmp_path, "lonas", f"extract.subnet={json.dumps(subnet)}"))
+    metrics = read_manifest(extract_dir, "extract").metrics
+    assert metrics["subnet_name"] == "given" and metrics["mlp_widths"] == [150, 108]
+    assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
+    stock = AutoModelForCausalLM.from_pretrained(extract_dir / "merged", trust_remote_code=True)
+    assert [layer.mlp.up_proj.out_features for layer in stock.model.layers] == [150, 108]
+    with pytest.raises(NlsflowError, match=r"extract.subnet: subnet variable 'layers.0.gate_up_width'=151 is not one of"):
+        run_stage("extract", extract.run, method_config(tmp_path, "lonas", "extract.subnet=" + json.dumps(
+            {**subnet, "layers.0.gate_up_width": 151})))
 
 
 def test_seed_nncf_file_fills_the_groups_and_search_defaults(tmp_path):

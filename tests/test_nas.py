@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
+
 from nlsflow.elastic import Variable, heuristic_subnet, maximal_subnet, minimal_subnet
 from nlsflow.nas import Evaluation, SubnetEvaluator, choose, nsga2_search
 
@@ -51,3 +53,14 @@ def test_choose_lowest_cost_within_delta_else_most_accurate():
     assert choose(evals, ref_acc=0.50, acc_delta=0.01).eval_id == 3  # cost 80 ties: the more accurate
     assert choose(evals, ref_acc=0.50, acc_delta=0.06).eval_id == 2
     assert choose(evals, ref_acc=0.90, acc_delta=0.01).eval_id == 0
+
+
+def test_choose_alternative_rules():
+    evals = [Evaluation(0, {"a": 8}, 0.50, 100, 0.0), Evaluation(1, {"a": 6}, 0.52, 90, 0.0),
+             Evaluation(2, {"a": 4}, 0.45, 60, 0.0), Evaluation(3, {"a": 2}, 0.52, 70, 0.0)]
+    assert choose(evals, 0.5, 0.01, rule="max_accuracy").eval_id == 3  # 0.52 twice: the cheaper
+    assert choose(evals, 0.5, 0.01, rule="max_accuracy_within_budget", max_cost=65).eval_id == 2
+    assert choose(evals, 0.5, 0.01, rule="max_accuracy_within_budget", max_cost=95).eval_id == 3
+    assert choose(evals, 0.5, 0.01, rule="max_accuracy_within_budget", max_cost=10).eval_id == 2  # none fits: cheapest
+    with pytest.raises(ValueError, match="unknown rule"):
+        choose(evals, 0.5, 0.01, rule="knee")
