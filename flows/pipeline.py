@@ -1,5 +1,6 @@
 """The nlsflow pipeline: prune -> train -> evaluate -> search -> extract -> benchmark, one Prefect task per stage.
 
+    python -m flows.pipeline --task math --profile tiny --method shears run_dir=runs/math-tiny-shears
     python -m flows.pipeline --config configs/tasks/math.yaml --config configs/profiles/tiny.yaml run_dir=runs/math-tiny
 
 A stage whose manifest already matches its config and its inputs' digests is skipped, so a re-run resumes.
@@ -7,21 +8,39 @@ A stage whose manifest already matches its config and its inputs' digests is ski
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.states import Failed
 
-from flows.runners import get_runner
-from flows.summary import render_summary, summary_markdown
-from schemas import STAGES, NlsflowError, is_up_to_date, load_config, read_manifest, stage_dir
+from flows.runners import StageInterrupted, get_runner
+from flows.summary import accuracy_table, pareto_table, render_summary, summary_markdown
+from schemas import STAGES, NlsflowError, is_up_to_date, load_config, read_manifest, read_table, stage_dir
 from schemas.config import dump_config
+from schemas.layers import config_files
 from schemas.io import atomic_write_text
 
 
-@task(task_run_name="{stage}")
+PROGRESS = re.compile(r"^(train|search):\s+(\d+)%\|")  # the stages' tqdm bars, as streamed by the runner
+
+
+def _interrupted(task, task_run, state) -> bool:
+    """Retry a stage only when its process was killed or its engine failed (StageInterrupted), not on a real error."""
+    try:
+        state.result()
+    except StageInterrupted:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+# Resume is by content: a stage is skipped when its manifest matches its config and its inputs' digests
+# (schemas.manifest.is_up_to_date), so Prefect's own result cache stays off: it could not see a deleted run folder.
+@task(task_run_name="{stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=_interrupted, cache_policy=None)
 def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = False) -> dict:
     """Run one stage through the runner unless it is up to date; return its status, time and metrics."""
     logger = get_run_logger()
@@ -30,8 +49,17 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
         logger.info("%s is up to date: skipped", stage)
         status = "skipped"
     else:
+        progress = {}
+
+        def log(line: str) -> None:
+            logger.info(line)
+            if (match := PROGRESS.match(line)) and match[1] == stage:
+                if stage not in progress:
+                    progress[stage] = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"{stage} progress")
+                update_progress_artifact(progress[stage], float(match[2]))
+
         try:
-            get_runner(runner_name).run(stage, config_file, logger.info, force=force)
+            get_runner(runner_name).run(stage, config_file, log, force=force)
         except NlsflowError as e:  # the stage already said why: fail the task with that line, no traceback
             return Failed(message=str(e))
         status = "ran"
@@ -52,19 +80,30 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
         if state.is_failed():
             return Failed(message=state.message)  # later stages would only fail on the missing input
         results.append(state.result())
-    create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=f"{cfg.task} / {cfg.profile} / {cfg.method}")
+    about = f"{cfg.task} / {cfg.profile} / {cfg.method}"
+    create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=about)
+    create_table_artifact(accuracy_table(results), key="nlsflow-accuracy", description=f"accuracy per test set, {about}")
+    evaluations = read_table(stage_dir(cfg.run_dir, "search") / "evaluations.parquet", "evaluations").to_pylist()
+    create_table_artifact(pareto_table(evaluations), key="nlsflow-pareto-front",
+                          description=f"search: Pareto-optimal subnets (accuracy vs cost), {about}")
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", action="append", required=True, help="YAML file(s), merged in order")
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
+    parser.add_argument("--task", help="with --profile and --method: the files schemas/layers.py names, before any --config")
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--method", default="shears")
     parser.add_argument("--runner", default="local", help="where stages run: local (default)")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")
     args = parser.parse_args(argv)
     try:
-        state = pipeline(args.config, args.overrides, args.runner, args.force, return_state=True)
+        files = [*(config_files(args.task, args.profile, args.method) if args.task else []), *args.config]
+        if not files:
+            parser.error("give --task (with --profile, --method) or --config")
+        state = pipeline([str(f) for f in files], args.overrides, args.runner, args.force, return_state=True)
     except NlsflowError as e:  # a config error, before any stage ran
         print(f"error: {e}", file=sys.stderr)
         return 2

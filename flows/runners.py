@@ -19,11 +19,18 @@ def stage_command(stage: str, config_file: Path, force: bool) -> list[str]:
     return ["-m", f"stages.{stage}", "--config", str(config_file), *(["--force"] if force else [])]
 
 
+class StageInterrupted(RuntimeError):
+    """The stage's process was killed (a signal, the OOM killer) or its engine failed: worth a retry."""
+
+
 class StageRunner(Protocol):
     name: str
 
     def run(self, stage: str, config_file: Path, log: Callable[[str], None], force: bool = False) -> None:
-        """Run the stage to completion, streaming its output lines to `log`; raise NlsflowError on failure."""
+        """Run the stage to completion, streaming its output lines to `log`.
+
+        Raise NlsflowError when the stage failed (it says why), StageInterrupted when it was killed.
+        """
 
 
 class LocalRunner:
@@ -41,7 +48,9 @@ class LocalRunner:
                 if line.strip():
                     tail.append(line)
                     log(line)
-        if proc.wait() != 0:
+        if proc.wait() < 0:
+            raise StageInterrupted(f"stage '{stage}' was killed by signal {-proc.returncode}")
+        if proc.returncode != 0:
             errors = [l for l in tail if l.startswith("error:")] or list(tail)[-1:] or ["no output"]
             raise NlsflowError(f"stage '{stage}' failed (exit {proc.returncode}): {errors[-1].removeprefix('error: ')}")
 

@@ -75,3 +75,24 @@ def summary_markdown(results: list[dict]) -> str:
               for r in results]
     lines += [""] + [f"- **{name}**: {value}" for name, value in _extras(results)]
     return "\n".join(lines)
+
+
+def accuracy_table(results: list[dict]) -> list[dict]:
+    """One row per scored model (baselines, heuristic subnet, extracted): accuracy per test set and averages."""
+    by_stage = {r["stage"]: r["metrics"] for r in results}
+    ev = by_stage.get("evaluate")
+    if ev is None:
+        return []
+    scored = {**ev.get("baselines", {}), f"{ev['subnet_name']} subnet": ev}
+    if "accuracy" in by_stage.get("extract", {}):
+        scored["extracted"] = by_stage["extract"]
+    return [{"model": name, **{t: round(a, 4) for t, a in m["accuracy"].items()},
+             "average": round(m["average_accuracy"], 4), "average_strict": round(m["average_accuracy_strict"], 4)}
+            for name, m in scored.items()]
+
+
+def pareto_table(evaluations: list[dict]) -> list[dict]:
+    """The Pareto-optimal rows of search/evaluations.parquet, cheapest first."""
+    front = sorted((e for e in evaluations if e["pareto"]), key=lambda e: (e["macs"], -e["accuracy"]))
+    return [{"eval_id": e["eval_id"], "accuracy": round(e["accuracy"], 4), "params": e["params"], "macs": e["macs"],
+             "label": e["label"], "config": e["config"]} for e in front]

@@ -9,6 +9,7 @@ import pytest
 from conftest import REPO
 from schemas import Manifest, NlsflowError, load_config, read_manifest, read_table, write_manifest, write_table
 from schemas.config import STAGE_INPUTS, STAGE_SECTIONS, STAGES, dump_config
+from schemas.layers import config_files
 from schemas.manifest import list_outputs
 
 TASKS = sorted(p for p in (REPO / "configs" / "tasks").glob("*.yaml"))
@@ -18,15 +19,16 @@ PROFILES = sorted(p for p in (REPO / "configs" / "profiles").glob("*.yaml") if "
 METHODS = sorted((REPO / "configs" / "methods").glob("*.yaml"))
 
 
-def layered(task, profile, method=None) -> list:
-    """What `make pipeline` merges: task, profile, profile.task, method, profile.method, profile.method.task."""
-    def optional(*parts):
-        path = profile.with_name(".".join(parts) + ".yaml")
-        return [path] if path.is_file() else []
-    files = [task, profile, *optional(profile.stem, task.stem)]
-    if method is not None:
-        files += [method, *optional(profile.stem, method.stem), *optional(profile.stem, method.stem, task.stem)]
-    return files
+def layered(task, profile, method) -> list:
+    return config_files(task.stem, profile.stem, method.stem)
+
+
+def test_layers_name_the_files_in_order():
+    names = [f"{p.parent.name}/{p.name}" for p in config_files("commonsense", "llama7b", "lonas")]
+    assert names == ["tasks/commonsense.yaml", "profiles/llama7b.yaml", "profiles/llama7b.commonsense.yaml",
+                     "methods/lonas.yaml", "profiles/llama7b.lonas.yaml", "profiles/llama7b.lonas.commonsense.yaml"]
+    with pytest.raises(NlsflowError, match=r"unknown method 'nola'.*choose from \['lonas', 'shears'\]"):
+        config_files("math", "tiny", "nola")
 
 
 def test_every_profile_file_is_shipped_for_a_known_profile_task_and_method():
@@ -132,3 +134,16 @@ def test_table_round_trip_and_checks(tmp_path):
     with pytest.raises(NlsflowError, match="not a readable Parquet"):
         read_table(tmp_path / "junk.parquet", "sparsity")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.parquet", "s.parquet"]  # no temp files left behind
+
+
+@pytest.mark.parametrize("target, expected", [
+    ("pipeline", "-m flows.pipeline --runner local --task commonsense --profile tiny --method lonas run_dir=runs/commonsense-tiny-lonas"),
+    ("stage-search", "-m stages.search --config configs/tasks/commonsense.yaml --config configs/profiles/tiny.yaml "
+                     "--config configs/methods/lonas.yaml --config configs/profiles/tiny.lonas.yaml run_dir=runs/commonsense-tiny-lonas"),
+])
+def test_make_targets_pass_the_layered_configs(target, expected):
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "-o", "venv", "-o", ".venv/.installed", target, "TASK=commonsense", "METHOD=lonas"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert expected in out

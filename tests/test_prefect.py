@@ -1,0 +1,137 @@
+"""Prefect for real: retries on a killed stage only, and a Prefect server on loopback that a pipeline run and the
+served deployment report to, read back through its REST API."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import DATA_ROOT, REPO, TINY_CONFIGS, needs_data, tiny_overrides
+from flows import runners
+from flows.runners import LocalRunner, StageInterrupted
+from schemas import STAGES, NlsflowError, stage_dir
+
+pytestmark = [pytest.mark.slow, needs_data]
+
+
+class FlakyRunner(LocalRunner):
+    """Fails each stage's first attempt the way `fail_with` says, then runs it for real."""
+
+    calls: list[str] = []
+    fail_with: type[Exception] = StageInterrupted
+
+    def run(self, stage, config_file, log, force=False):
+        FlakyRunner.calls.append(stage)
+        if FlakyRunner.calls.count(stage) == 1:
+            raise FlakyRunner.fail_with(f"stage '{stage}' was killed by signal 9")
+        super().run(stage, config_file, log, force)
+
+
+@pytest.mark.parametrize("fail_with, calls, completed", [(StageInterrupted, 2, True), (NlsflowError, 1, False)],
+                         ids=["killed: retried", "stage error: not retried"])
+def test_only_interrupted_stages_are_retried(math_run, tmp_path, monkeypatch, fail_with, calls, completed):
+    from flows.pipeline import pipeline
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(math_run.run_dir, run_dir)
+    shutil.rmtree(stage_dir(run_dir, "benchmark"))  # the only stage left to run
+    monkeypatch.setitem(runners.RUNNERS, "flaky", FlakyRunner)
+    monkeypatch.setattr(FlakyRunner, "calls", [])
+    monkeypatch.setattr(FlakyRunner, "fail_with", fail_with)
+    state = pipeline([str(p) for p in TINY_CONFIGS], tiny_overrides(run_dir), "flaky", return_state=True)
+    assert FlakyRunner.calls == ["benchmark"] * calls
+    assert state.is_completed() == completed and stage_dir(run_dir, "benchmark").is_dir() == completed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if result := predicate():
+                return result
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture
+def prefect_server(tmp_path):
+    """`prefect server start` on a free loopback port with its own home; yields the API URL; stopped afterwards."""
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_API_URL": api}
+    env.pop("PREFECT_API_URL", None)
+    log = open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait(lambda: server.poll() is None and httpx.get(f"{api}/health", timeout=5).status_code == 200, 180,
+              f"the Prefect server (log: {tmp_path / 'server.log'})")
+        yield api
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+
+
+def _post(api: str, path: str, body: dict | None = None):
+    response = httpx.post(f"{api}{path}", json=body or {}, timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2"]
+
+
+def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_path):
+    api, run_dir = prefect_server, tmp_path / "run"
+    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client-home")}
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--task", "math", "--profile", "tiny", "--method", "shears",
+                           f"run_dir={run_dir}", *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+    (flow_run,) = _post(api, "/flow_runs/filter")
+    assert flow_run["state"]["type"] == "COMPLETED"
+    task_runs = _post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    assert sorted(t["name"] for t in task_runs) == sorted(STAGES) and {t["state"]["type"] for t in task_runs} == {"COMPLETED"}
+    artifacts = {a["key"]: a for a in _post(api, "/artifacts/filter") if a["key"]}
+    assert {"nlsflow-summary", "nlsflow-accuracy", "nlsflow-pareto-front", "train-progress"} <= set(artifacts)
+    assert artifacts["nlsflow-summary"]["type"] == "markdown" and "chosen subnet" in artifacts["nlsflow-summary"]["data"]
+    assert artifacts["train-progress"]["type"] == "progress" and artifacts["train-progress"]["data"] == 100
+    assert '"model": "heuristic subnet"' in artifacts["nlsflow-accuracy"]["data"]
+    assert '"label"' in artifacts["nlsflow-pareto-front"]["data"]
+
+    # the served deployment: a run started through the API with the UI's parameters; the run folder is finished,
+    # so every stage is skipped by its content digests
+    mtimes = {s: (stage_dir(run_dir, s) / "manifest.json").stat().st_mtime_ns for s in STAGES}
+    worker = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deployment = _wait(lambda: httpx.get(f"{api}/deployments/name/nlsflow/nlsflow", timeout=5).json().get("id"), 120,
+                           "the nlsflow deployment")
+        parameters = {"task": "math", "profile": "tiny", "method": "shears", "run_dir": str(run_dir), "overrides": TINY}
+        run = _post(api, f"/deployments/{deployment}/create_flow_run", {"parameters": parameters})
+        final = _wait(lambda: (r := httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json())["state"]["type"] in
+                      ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, 300, "the deployment's flow run")
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert final["state"]["type"] == "COMPLETED", final["state"]
+    assert {s: (stage_dir(run_dir, s) / "manifest.json").stat().st_mtime_ns for s in STAGES} == mtimes
