@@ -150,3 +150,48 @@ def save_narrowed(model: nn.Module, sizes: list[int], out_dir: Path, **save_kwar
 def is_per_layer(folder: Path | str) -> bool:
     config = Path(folder) / "config.json"
     return config.is_file() and json.loads(config.read_text()).get("model_type") == per_layer_llama.PerLayerLlamaConfig.model_type
+
+
+def _mlps(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
+    """(consumer, its producers) of every decoder-layer MLP, e.g. (down_proj, [gate_proj, up_proj])."""
+    modules = dict(model.named_modules())
+    found = []
+    for name, module in modules.items():
+        parent, _, suffix = name.rpartition(".")
+        if suffix in CONSUMERS.values() and isinstance(module, nn.Linear) and re.search(r"(?:^|\.)layers\.\d+\.", name):
+            producers = [modules[f"{parent}.{s}"] for s, c in CONSUMERS.items() if c == suffix and f"{parent}.{s}" in modules]
+            if producers:
+                found.append((module, producers))
+    return found
+
+
+@torch.no_grad()
+def reorder_mlp_channels(model: nn.Module, calib_input_ids: torch.Tensor) -> int:
+    """Sort every MLP's channels by importance, most important first, so that a width-w subnet keeps the best w.
+
+    Importance of channel j = mean |h_j| over the calibration tokens × ‖W_consumer[:, j]‖₂, with h the consumer's
+    input (act(gate x) ⊙ up x in a Llama), as Wanda scores weights. The permutation (producer rows, consumer
+    columns) leaves the model's function unchanged; it is stored in the weights. Returns the number of MLPs.
+    """
+    mlps = _mlps(model)
+    sums = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c, _ in mlps]
+    def accumulate(i):
+        def hook(module, args):  # returns None: the input passes unchanged
+            sums[i].add_(args[0].abs().flatten(0, -2).sum(0).double())
+        return hook
+
+    hooks = [c.register_forward_pre_hook(accumulate(i)) for i, (c, _) in enumerate(mlps)]
+    try:
+        for row in calib_input_ids:
+            model(row[None].to(model.device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for (consumer, producers), total in zip(mlps, sums):
+        order = torch.argsort(total * consumer.weight.float().norm(dim=0).double(), descending=True, stable=True)
+        consumer.weight.copy_(consumer.weight[:, order])
+        for producer in producers:
+            producer.weight.copy_(producer.weight[order])
+            if producer.bias is not None:
+                producer.bias.copy_(producer.bias[order])
+    return len(mlps)

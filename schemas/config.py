@@ -77,6 +77,8 @@ class PruneConfig(Strict):
     structure: str = Field("unstructured", description="'unstructured' or 'N:M' (e.g. '2:4')")
     targets: list[str] | None = Field(None, description="linear-module suffixes to prune (default: all in decoder layers)")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="calibration data")
+    reorder_mlp_channels: bool = Field(False, description="sort MLP channels by calibration importance (function-"
+                                       "preserving), so that elastic width (LoNAS) keeps the most important channels")
     perplexity_seqlen: int = Field(2048, gt=0, description="window for WikiText-2 test perplexity")
     perplexity_max_windows: int | None = Field(None, gt=0, description="cap on perplexity windows (None: whole test set)")
 
@@ -257,7 +259,18 @@ class PipelineConfig(Strict):
 
 
 class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's base-60 numbers, so `structure: 2:4` stays the string '2:4' (not 124)."""
+    """SafeLoader without YAML 1.1's base-60 numbers, so `structure: 2:4` stays the string '2:4' (not 124), and
+    with duplicate keys refused (YAML forbids them; PyYAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {

@@ -9,6 +9,7 @@ import logging
 from nlsflow.data import calibration_batch, calibration_documents, generate_prompt, load_train_records, wikitext2
 from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
 from nlsflow.pruning import perplexity, prune_model, sparsity_table
+from nlsflow.width import reorder_mlp_channels
 from schemas import write_table
 from stages._common import StageContext, main
 
@@ -34,16 +35,20 @@ def run(ctx: StageContext) -> dict:
     if pc.perplexity_max_windows:
         test_ids = test_ids[:, : pc.perplexity_max_windows * pc.perplexity_seqlen]
     ppl_dense = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
-    if pc.sparsity == 0:  # LoNAS: no pruning, the base is passed on dense
-        layers, ppl_pruned = sparsity_table(model, pc.targets), ppl_dense
-    else:
+    calib = None
+    if pc.sparsity > 0 or pc.reorder_mlp_channels:
         cc = pc.calibration
         documents = calibration_documents(root, cc.source, train_names=cfg.data.train_sets,
                                           contamination=cfg.data.contamination, download=download)
         calib = calibration_batch(tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed).to(device)
+    if pc.sparsity == 0:  # LoNAS: no pruning, the base is passed on dense
+        layers, ppl_pruned = sparsity_table(model, pc.targets), ppl_dense
+    else:
         layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
                              structure=pc.n_m or "unstructured", targets=pc.targets)
         ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
+    if pc.reorder_mlp_channels:  # after pruning: the permutation moves each weight's zeros with it
+        log.info("reordered the channels of %d MLPs by calibration importance", reorder_mlp_channels(model, calib))
     log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
 
     model.save_pretrained(ctx.out_dir / "model")

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from nlsflow.elastic import ElasticGroup, activate, active_subnet, adapter_parameters, extract_sub_adapter, linear_macs_per_token
 from nlsflow.models import load_causal_lm
 from nlsflow.supernet import make_supernet
-from nlsflow.width import WidthGroup, is_per_layer, make_width_elastic, narrow_model, save_narrowed
+from nlsflow.width import WidthGroup, is_per_layer, make_width_elastic, narrow_model, reorder_mlp_channels, save_narrowed
 from schemas import NlsflowError
 
 WIDTHS = (64, 48, 32)
@@ -130,3 +130,24 @@ def test_shared_width_group_is_one_variable(tmp_path):
     assert [(v.name, len(v.modules), len(v.consumers)) for v in space] == [("w", 4, 2)]
     activate(model, space, {"w": 32})
     assert model.model.layers[1].mlp.down_proj.active_in == 32
+
+
+def test_reordering_keeps_the_function_and_puts_important_channels_first():
+    model = tiny_llama(2)
+    with torch.no_grad():  # make channel 40 of layer 0 dominant: it must move to the front
+        model.model.layers[0].mlp.down_proj.weight[:, 40] *= 50
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    before = out(model)
+    gate = model.model.layers[0].mlp.gate_proj.weight[40].clone()
+    assert reorder_mlp_channels(model, calib) == 2
+    assert torch.allclose(out(model), before, atol=1e-5)
+    assert torch.equal(model.model.layers[0].mlp.gate_proj.weight[0], gate)
+
+
+def test_duplicate_yaml_keys_are_an_error(tmp_path):
+    from schemas.config import load_yaml
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("prune:\n  sparsity: 0\nprune:\n  method: wanda\n")
+    with pytest.raises(NlsflowError, match="duplicate key 'prune'"):
+        load_yaml(path)
