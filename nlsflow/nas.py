@@ -157,6 +157,8 @@ def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float, rule
         if max_cost is None:
             raise ValueError("rule max_accuracy_within_budget needs max_cost")
         within = [e for e in evaluations if e.cost <= max_cost]
+        if not within:
+            log.warning("no evaluated subnet costs <= %s; choosing the cheapest", max_cost)
         return max(within, key=lambda e: (e.accuracy, -e.cost)) if within else min(evaluations, key=lambda e: (e.cost, -e.accuracy))
     if rule != "min_cost_within_delta":
         raise ValueError(f"unknown rule {rule!r}; use one of {CHOICE_RULES}")

@@ -27,8 +27,9 @@ from nlsflow import per_layer_llama
 from nlsflow.elastic import ElasticLinear, Subnet, Variable
 from schemas import NlsflowError
 
-# Output module -> the module that reads its channels, per architecture family (Llama/Mistral/Qwen, Mixtral, OPT).
-CONSUMERS = {"gate_proj": "down_proj", "up_proj": "down_proj", "w1": "w2", "w3": "w2", "fc1": "fc2"}
+# Output module -> the module that reads its channels: the Llama-family MLP (Llama, Mistral, Qwen2, SmolLM), whose
+# width is `config.intermediate_size`.
+CONSUMERS = {"gate_proj": "down_proj", "up_proj": "down_proj"}
 PEFT_PREFIX = "base_model.model."
 
 
@@ -177,7 +178,7 @@ def reorder_mlp_channels(model: nn.Module, calib_input_ids: torch.Tensor) -> int
     sums = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c, _ in mlps]
     def accumulate(i):
         def hook(module, args):  # returns None: the input passes unchanged
-            sums[i].add_(args[0].abs().flatten(0, -2).sum(0).double())
+            sums[i].add_(args[0].flatten(0, -2).double().abs().sum(0))
         return hook
 
     hooks = [c.register_forward_pre_hook(accumulate(i)) for i, (c, _) in enumerate(mlps)]

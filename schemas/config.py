@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,6 +149,11 @@ class TrainConfig(Strict):
         if self.width_groups and self.sparsity_preserving:
             raise ValueError("train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; "
                              "drop one of them")
+        owners: dict[str, str] = {}
+        for g in self.width_groups:
+            for m in g.modules:
+                if owners.setdefault(m, g.name) != g.name:
+                    raise ValueError(f"module {m!r} is in width groups '{owners[m]}' and '{g.name}'; list it in one")
         names = [g.name for g in (*self.groups, *self.width_groups)]
         if len(set(names)) != len(names):
             raise ValueError(f"group names {names} must be unique across train.groups and train.width_groups")
@@ -263,9 +269,12 @@ class _Yaml12Loader(yaml.SafeLoader):
     with duplicate keys refused (YAML forbids them; PyYAML would silently keep the last)."""
 
     def construct_mapping(self, node, deep=False):
+        self.flatten_mapping(node)  # resolve `<<` merge keys first; a key they bring in may be overridden
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                break  # the base class reports unhashable keys
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
                                                         key_node.start_mark)
@@ -351,6 +360,8 @@ def _expand_search_space_file(tree: dict) -> None:
     train = tree.get("train") or {}
     if not train.get("search_space_file"):
         return
+    # from a YAML file it is already absolute (load_yaml); from the command line, relative to the working directory
+    train["search_space_file"] = str(Path(train["search_space_file"]).expanduser().resolve())
     from nlsflow.search_space import add_fixed_groups, load_search_space  # heavy imports, only when used
 
     try:

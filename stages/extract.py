@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> dict:
 
     adapter_dir, sizes = ctx.out_dir / "adapter", []
     if any(v.kind == "width" for v in space):  # LoNAS: the sub-adapter belongs to the base without the cut channels
-        narrow = load_causal_lm(str(base_dir), cfg.dtype, device)
+        narrow = load_causal_lm(str(base_dir), cfg.dtype, torch.device("cpu"))  # slicing only: keep the GPU free
         sizes = narrow_model(narrow, space, subnet)
         base_dir = ctx.out_dir / "base"
         save_narrowed(narrow, sizes, base_dir)

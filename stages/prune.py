@@ -41,14 +41,14 @@ def run(ctx: StageContext) -> dict:
         documents = calibration_documents(root, cc.source, train_names=cfg.data.train_sets,
                                           contamination=cfg.data.contamination, download=download)
         calib = calibration_batch(tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed).to(device)
+    if pc.reorder_mlp_channels:  # before pruning, so that N:M groups are formed in the new channel order
+        log.info("reordered the channels of %d MLPs by calibration importance", reorder_mlp_channels(model, calib))
     if pc.sparsity == 0:  # LoNAS: no pruning, the base is passed on dense
         layers, ppl_pruned = sparsity_table(model, pc.targets), ppl_dense
     else:
         layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
                              structure=pc.n_m or "unstructured", targets=pc.targets)
         ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
-    if pc.reorder_mlp_channels:  # after pruning: the permutation moves each weight's zeros with it
-        log.info("reordered the channels of %d MLPs by calibration importance", reorder_mlp_channels(model, calib))
     log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
 
     model.save_pretrained(ctx.out_dir / "model")

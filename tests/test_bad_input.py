@@ -118,3 +118,20 @@ def test_width_choices_must_start_at_the_module_size(tmp_path):
     with pytest.raises(NlsflowError, match=r"width group 'w': choices \[128, 64\] start at 128, but .*gate_proj has 172 "
                                            r"outputs; the first choice must be the full size"):
         run_stage("train", train.run, cfg)
+
+
+def test_yaml_merge_keys_still_load_and_overlapping_width_groups_are_refused(tmp_path):
+    from schemas.config import yaml_load
+
+    assert yaml_load("a: &x {b: 1}\nc: {<<: *x, d: 2}\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
+    with pytest.raises(NlsflowError, match="module 'up_proj' is in width groups 'a' and 'b'; list it in one"):
+        tiny_config(tmp_path, "train.width_groups=[{name: a, modules: [gate_proj, up_proj], choices: [172, 86]}, "
+                              "{name: b, modules: [up_proj], choices: [172, 86]}]")
+
+
+def test_relative_search_space_file_on_the_command_line_is_made_absolute(tmp_path, monkeypatch):
+    (tmp_path / "space.yaml").write_text("groups:\n  - {name: all, modules: [q_proj, k_proj, v_proj, up_proj, down_proj], "
+                                         "choices: [8, 4]}\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path / "run", "train.search_space_file=space.yaml")
+    assert cfg.train.search_space_file == str(tmp_path / "space.yaml")

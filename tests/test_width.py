@@ -121,7 +121,7 @@ def test_width_group_errors():
     with pytest.raises(NlsflowError, match=r"'q_proj' has no known consumer"):
         make_width_elastic(tiny_llama(1), [WidthGroup("w", ("q_proj",), (32, 16))])
     with pytest.raises(NlsflowError, match=r"matches no module"):
-        make_width_elastic(tiny_llama(1), [WidthGroup("w", ("fc1",), (64, 32))])
+        make_width_elastic(nn.Sequential(nn.Linear(4, 4)), [WidthGroup("w", ("gate_proj", "up_proj"), (64, 32))])
 
 
 def test_shared_width_group_is_one_variable(tmp_path):
