@@ -21,6 +21,8 @@ def key_metric(stage: str, m: dict) -> str:
                 f" (heuristic {m['heuristic_accuracy']:.4f} at {m['heuristic_cost']:,})")
     if stage == "extract":
         text = f"max |Δlogit| {m['max_abs_logit_diff']:.2e}, adapter params {m['adapter_params']:,}"
+        if "mlp_widths" in m:  # LoNAS: the channels are cut out of the base
+            return text + f", MLP widths {min(m['mlp_widths'])}-{max(m['mlp_widths'])}, base params {m['base_params']:,}"
         return text + (f", merged sparsity {m['merged_sparsity']:.3f}" if "merged_sparsity" in m else "")
     if stage == "benchmark":
         return ", ".join(f"{name} {r['tokens_per_s']:.1f} tok/s" for name, r in m["results"].items())
