@@ -170,9 +170,8 @@ def _pairs(peft_model, space: Sequence[Variable]):
                 yield (v, *_elastic(modules[name], name))
 
 
-def _width_linears(peft_model, v: Variable):
+def _width_linears(modules: dict[str, nn.Module], v: Variable):
     """Yield (ElasticLinear, "out" | "in") for every base weight and LoRA factor a width variable narrows."""
-    modules = dict(peft_model.named_modules())
     for names, side, lora in ((v.modules, "out", "lora_B"), (v.consumers, "in", "lora_A")):
         for name in names:
             module = modules[name]
@@ -187,17 +186,19 @@ def activate(peft_model, space: Sequence[Variable], subnet: Subnet) -> None:
     validate_subnet(space, subnet)
     for v, a, b in _pairs(peft_model, space):
         a.active_out = b.active_in = subnet[v.name]
+    modules = dict(peft_model.named_modules())
     for v in space:
         if v.kind == "width":
-            for linear, side in _width_linears(peft_model, v):
+            for linear, side in _width_linears(modules, v):
                 setattr(linear, f"active_{side}", subnet[v.name])
 
 
 def active_subnet(peft_model, space: Sequence[Variable]) -> Subnet:
     subnet = {v.name: a.active_out or a.out_features for v, a, _ in _pairs(peft_model, space)}
+    modules = dict(peft_model.named_modules())
     for v in space:
         if v.kind == "width":
-            linear, _ = next(_width_linears(peft_model, v))
+            linear, _ = next(_width_linears(modules, v))
             subnet[v.name] = linear.active_out or linear.out_features
     return {v.name: subnet[v.name] for v in space}
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -27,12 +28,8 @@ def make_supernet(peft_model, groups: list[ElasticGroup], width_groups: list[Wid
     return resolve_space(peft_model, groups) + make_width_elastic(peft_model, width_groups)
 
 
-def _rows(groups) -> list[dict]:
-    return [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer} for g in groups]
-
-
 def save_search_space(path: Path, groups: list[ElasticGroup], width_groups: list[WidthGroup], space: list[Variable]) -> None:
-    doc = {"groups": _rows(groups), "width_groups": _rows(width_groups),
+    doc = {"groups": [asdict(g) for g in groups], "width_groups": [asdict(g) for g in width_groups],
            "variables": [{"name": v.name, "kind": v.kind, "modules": list(v.modules), "consumers": list(v.consumers),
                           "choices": list(v.choices)} for v in space],
            "subnets": {name: fn(space) for name, fn in NAMED_SUBNETS.items()}}

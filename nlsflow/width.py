@@ -24,7 +24,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from nlsflow import per_layer_llama
-from nlsflow.elastic import ElasticLinear, Subnet, Variable
+from nlsflow.elastic import ElasticGroup, ElasticLinear, Subnet, Variable
 from schemas import NlsflowError
 
 # Output module -> the module that reads its channels: the Llama-family MLP (Llama, Mistral, Qwen2, SmolLM), whose
@@ -34,13 +34,9 @@ PEFT_PREFIX = "base_model.model."
 
 
 @dataclass(frozen=True)
-class WidthGroup:
-    """Base-model modules whose output width shrinks together (LoNAS' elastic MLP), e.g. gate_proj + up_proj."""
-
-    name: str
-    modules: tuple[str, ...]  # module-name suffixes
-    choices: tuple[int, ...]  # strictly descending; choices[0] is the module's full output size
-    per_layer: bool = True
+class WidthGroup(ElasticGroup):
+    """Base-model modules whose output width shrinks together (LoNAS' elastic MLP), e.g. gate_proj + up_proj;
+    choices[0] is the modules' full output size."""
 
 
 def _base(module: nn.Module) -> nn.Linear:

@@ -79,7 +79,8 @@ def run(ctx: StageContext) -> dict:
     plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
     return {"evaluations": len(evaluations), "resumed_from_cache": evaluate.resumed,
             "pareto_size": sum(e.pareto for e in evaluations), "val_samples": len(validation),
-            "ref_acc": ref_acc, "rule": sc.rule, "max_cost": max_cost, "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
+            "ref_acc": ref_acc, "rule": sc.rule, "max_cost": max_cost,
+            "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
             "cost": sc.cost, "heuristic_accuracy": heuristic.accuracy, "heuristic_cost": heuristic.cost}
 
 
