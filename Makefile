@@ -12,6 +12,8 @@ PYTHON ?= python3
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export PREFECT_LOGGING_LEVEL ?= INFO
+# PEFT writes target_modules from a set; a fixed hash seed keeps adapter_config.json identical run to run.
+export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
 .PHONY: pipeline test venv clean-runs ui worker $(STAGE_TARGETS)

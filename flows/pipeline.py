@@ -41,7 +41,7 @@ def _interrupted(task, task_run, state) -> bool:
 # Resume is by content: a stage is skipped when its manifest matches its config and its inputs' digests
 # (schemas.manifest.is_up_to_date), so Prefect's own result cache stays off: it could not see a deleted run folder.
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=_interrupted, cache_policy=None)
-def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = False) -> dict:
+def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = False, runner_options: dict | None = None) -> dict:
     """Run one stage through the runner unless it is up to date; return its status, time and metrics."""
     logger = get_run_logger()
     cfg = load_config([config_file])
@@ -59,7 +59,7 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
                 update_progress_artifact(progress[stage], float(match[2]))
 
         try:
-            get_runner(runner_name).run(stage, config_file, log, force=force)
+            get_runner(runner_name, runner_options).run(stage, config_file, log, force=force)
         except NlsflowError as e:  # the stage already said why: fail the task with that line, no traceback
             return Failed(message=str(e))
         status = "ran"
@@ -69,14 +69,19 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
 
 @flow(name="nlsflow-pipeline", log_prints=True)
 def pipeline(config_files: list[str], overrides: list[str] | None = None, runner: str = "local",
-             force: bool = False) -> list[dict]:
-    """Resolve the config once, write it to <run_dir>/config.yaml, and run the six stages in order."""
+             force: bool = False, runner_options: dict | None = None) -> list[dict]:
+    """Resolve the config once, write it to <run_dir>/config.yaml, and run the six stages in order.
+
+    `runner` is local (subprocesses) or docker (a container per stage; `runner_options` gives its image, gpus,
+    mounts, env, network: see flows/docker_runner.py).
+    """
     cfg = load_config([Path(p) for p in config_files], overrides or [])
+    get_runner(runner, runner_options)  # an unknown runner or a bad option fails here, before any stage
     config_file = Path(cfg.run_dir) / "config.yaml"
     atomic_write_text(config_file, dump_config(cfg))
     results = []
     for stage in STAGES:
-        state = run_stage(stage, config_file, runner, force, return_state=True)
+        state = run_stage(stage, config_file, runner, force, runner_options, return_state=True)
         if state.is_failed():
             return Failed(message=state.message)  # later stages would only fail on the missing input
         results.append(state.result())
@@ -95,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", help="with --profile and --method: the files schemas/layers.py names, before any --config")
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--method", default="shears")
-    parser.add_argument("--runner", default="local", help="where stages run: local (default)")
+    parser.add_argument("--runner", default="local", choices=["local", "docker"],
+                        help="where stages run: local subprocesses (default) or a container per stage")
+    parser.add_argument("--gpus", help="docker: GPUs per stage container: all, a count, device=0,1, or none (default)")
+    parser.add_argument("--image", help="docker: image name with {stage}, default nlsflow-{stage}:cpu (:cuda with --gpus)")
+    parser.add_argument("--mount", action="append", default=[], help="docker: extra /host[:/container][:ro] mount")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")
     args = parser.parse_args(argv)
@@ -103,7 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         files = [*(config_files(args.task, args.profile, args.method) if args.task else []), *args.config]
         if not files:
             parser.error("give --task (with --profile, --method) or --config")
-        state = pipeline([str(f) for f in files], args.overrides, args.runner, args.force, return_state=True)
+        options = {k: v for k, v in {"gpus": args.gpus, "image": args.image, "mounts": args.mount}.items() if v}
+        if options and args.runner != "docker":
+            parser.error("--gpus, --image and --mount apply to --runner docker only")
+        state = pipeline([str(f) for f in files], args.overrides, args.runner, args.force, options, return_state=True)
     except NlsflowError as e:  # a config error, before any stage ran
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Hashable
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +53,9 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    root: str = Field("../shared/data", validate_default=True, description="root of the LLM-Adapters / GSM8K / WikiText-2 files")
+    root: str = Field(default_factory=lambda: os.environ.get("NLSFLOW_DATA_ROOT", "../shared/data"), validate_default=True,
+                      description="root of the LLM-Adapters / GSM8K / WikiText-2 files (default $NLSFLOW_DATA_ROOT "
+                                  "or ../shared/data)")
     train_sets: list[str] = Field(description="registered training sets, e.g. [gsm8k_train, mawps_train] or [math_10k]")
     contamination: Literal["refuse", "drop"] = Field("refuse", description="training questions found in a test set: "
                                                      "refuse to train, or drop them and report")

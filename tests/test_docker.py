@@ -1,0 +1,223 @@
+"""RUNNER=docker: option parsing and the missing-engine error everywhere; with an engine (tests/docker_engine.py),
+the whole tiny pipeline in containers through the flow, compared with the in-process run, and the failure paths."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from contextlib import ExitStack
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from conftest import REPO, TINY_CONFIGS, needs_data, tiny_config, tiny_overrides
+from docker_engine import NoEngine, docker_engine, root_image
+from flows.docker_runner import LABEL, DockerRunner, device_requests, parse_mount, stage_mounts
+from flows.runners import StageInterrupted, get_runner
+from schemas import STAGES, NlsflowError, read_manifest, stage_dir
+from schemas.config import dump_config
+from schemas.io import atomic_write_text
+
+MEASURED = {"seconds", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_memory_mb"}  # timings, not results
+
+
+def test_gpu_requests_follow_docker_run():
+    assert device_requests("none") == []
+    assert device_requests("all")[0]["Count"] == -1
+    assert device_requests("2")[0]["Count"] == 2
+    assert device_requests("device=0,3")[0]["DeviceIDs"] == ["0", "3"]
+    for bad in ("0", "some", "device=", "-1"):
+        with pytest.raises(NlsflowError, match="GPUS|gpus=.*all, a count"):
+            device_requests(bad)
+
+
+def test_mount_specs():
+    assert parse_mount("/srv/data:ro") == {"Target": "/srv/data", "Source": "/srv/data", "Type": "bind", "ReadOnly": True}
+    assert parse_mount("/srv/runs:/runs")["Target"] == "/runs"
+    assert parse_mount("nlsflow-artifacts:/runs")["Type"] == "volume"
+    for bad in ("relative/path", "vol", "/a:/b:/c", ":/x"):
+        with pytest.raises(NlsflowError, match="is not /host/path"):
+            parse_mount(bad)
+
+
+def test_unknown_runner_options_are_one_line():
+    with pytest.raises(NlsflowError, match="does not take these options"):
+        get_runner("local", {"gpus": "all"})
+    with pytest.raises(NlsflowError, match="unknown runner 'k8s'"):
+        get_runner("k8s")
+
+
+@needs_data
+def test_stage_mounts_cover_what_a_stage_touches(tmp_path):
+    config_file = tmp_path / "run" / "config.yaml"
+    cfg = tiny_config(tmp_path / "run")
+    atomic_write_text(config_file, dump_config(cfg))
+    mounts = {m["Target"]: m["ReadOnly"] for m in stage_mounts(config_file)}
+    assert mounts[cfg.run_dir] is False and mounts[os.environ["NLSFLOW_CACHE"]] is False
+    assert mounts[cfg.data.root] is True
+    shared = stage_mounts(config_file, [parse_mount(f"artifacts:{tmp_path}")])  # a volume replaces what it covers
+    assert [m["Target"] for m in shared if m["Target"].startswith(str(tmp_path))] == [str(tmp_path)]
+
+
+@needs_data
+def test_missing_engine_names_the_local_runner(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    config_file = tmp_path / "run" / "config.yaml"
+    atomic_write_text(config_file, dump_config(tiny_config(tmp_path / "run")))
+    with pytest.raises(NlsflowError, match="no Docker engine at unix://.*RUNNER=local") as err:
+        DockerRunner().run("prune", config_file, print)
+    assert "\n" not in str(err.value)
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--runner", "docker", "--task", "math",
+                           *tiny_overrides(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert "no Docker engine" in done.stderr and "RUNNER=local" in done.stderr
+
+
+def test_compose_file_is_valid():
+    compose = shutil.which("docker-compose")
+    if not compose:
+        pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
+    env = {**os.environ, "DATA_ROOT": "/srv/nlsflow/data"}
+    done = subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    services = yaml.safe_load(done.stdout)["services"]
+    assert {"prefect-server", "worker", *STAGES} <= set(services)
+    for stage in STAGES:
+        assert services[stage]["image"] == f"nlsflow-{stage}:cuda"
+        devices = services[stage]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == "all"
+        assert "artifacts:/runs" in json.dumps(services[stage]["volumes"])
+    worker = services["worker"]
+    assert "/var/run/docker.sock" in json.dumps(worker["volumes"]) and worker["environment"]["NLSFLOW_RUNNER"] == "docker"
+    assert worker["environment"]["NLSFLOW_DOCKER_MOUNTS"] == "nlsflow-artifacts:/runs,/srv/nlsflow/data:/data:ro"
+    env.pop("DATA_ROOT")
+    done = subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode != 0 and "set DATA_ROOT" in done.stderr
+
+
+# ---- with an engine ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine():
+    """DOCKER_HOST pointing at an engine that has the `mounted` stage images; options for the runner."""
+    from flows.images import build_images, interpreter_prefix
+
+    scratch = Path(tempfile.mkdtemp(prefix="nlsflow-engine-"))  # short: a unix socket path has ~100 characters
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+        stack.callback(_restore_env, "DOCKER_HOST", os.environ.get("DOCKER_HOST"))
+        try:
+            os.environ["DOCKER_HOST"] = host = stack.enter_context(docker_engine(scratch / "engine"))
+            import docker
+
+            client = docker.DockerClient(base_url=host)
+            build_images("mounted", base=root_image(client, scratch), log=lambda line: None)
+        except NoEngine as e:
+            pytest.skip(f"no Docker engine for the container tests: {e}")
+        yield client, {"image": "nlsflow-{stage}:mounted", "mounts": [f"{REPO}:ro", f"{interpreter_prefix()}:ro"]}
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+def _leftover_containers(client) -> list:
+    return client.containers.list(all=True, filters={"label": LABEL})
+
+
+def _config_file(run_dir: Path) -> Path:
+    config_file = run_dir / "config.yaml"
+    atomic_write_text(config_file, dump_config(tiny_config(run_dir)))
+    return config_file
+
+
+def _same_content(a: Path, b: Path, a_root: str, b_root: str) -> bool:
+    """Equal apart from the run folder's path, JSON list order (sets) and measured timings."""
+    if a.suffix == ".parquet":
+        ta, tb = pq.read_table(a), pq.read_table(b)
+        keep = [c for c in ta.column_names if c not in MEASURED]
+        return ta.column_names == tb.column_names and ta.select(keep).equals(tb.select(keep))
+    text_a, text_b = a.read_text().replace(a_root, "<run>"), b.read_text().replace(b_root, "<run>")
+    if a.suffix == ".json":
+        def canonical(o):
+            if isinstance(o, dict):
+                return {k: canonical(v) for k, v in o.items()}
+            return sorted((canonical(v) for v in o), key=json.dumps) if isinstance(o, list) else o
+        return canonical(json.loads(text_a)) == canonical(json.loads(text_b))
+    return text_a == text_b
+
+
+@pytest.mark.slow
+@needs_data
+def test_pipeline_in_containers_matches_the_local_run(engine, math_run, tmp_path):
+    from flows.pipeline import pipeline
+
+    client, options = engine
+    run_dir = tmp_path / "in-containers"
+    state = pipeline([str(p) for p in TINY_CONFIGS], tiny_overrides(run_dir), "docker", runner_options=options,
+                     return_state=True)
+    assert state.is_completed(), state.message
+    assert [r["status"] for r in state.result()] == ["ran"] * len(STAGES)
+    assert _leftover_containers(client) == []
+    for stage in STAGES:
+        ours, local = (read_manifest(stage_dir(d, stage), stage) for d in (run_dir, math_run.run_dir))
+        assert ours.config == local.config and ours.inputs.keys() == local.inputs.keys()
+        assert [o.path for o in ours.outputs] == [o.path for o in local.outputs], stage
+        for o, l in zip(ours.outputs, local.outputs):
+            if o.sha256 != l.sha256:  # only measured timings or the run folder's path may differ
+                assert _same_content(stage_dir(run_dir, stage) / o.path, stage_dir(math_run.run_dir, stage) / l.path,
+                                     str(run_dir), str(math_run.run_dir)), f"{stage}/{o.path}"
+    bitwise = {o.path for o in read_manifest(stage_dir(run_dir, "prune"), "prune").outputs}
+    assert any(p.endswith(".safetensors") for p in bitwise)
+
+
+@pytest.mark.slow
+@needs_data
+def test_stage_output_streams_and_errors_are_the_stage_s(engine, tmp_path):
+    client, options = engine
+    lines = []
+    with pytest.raises(NlsflowError, match=r"stage 'evaluate' failed \(exit 2\): .*run the 'prune' stage first") as err:
+        DockerRunner(**options).run("evaluate", _config_file(tmp_path / "run"), lines.append)
+    assert "\n" not in str(err.value) and any(l.startswith("error:") for l in lines)
+    assert _leftover_containers(client) == []
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_killed_container_is_interrupted_and_removed(engine, tmp_path):
+    client, options = engine
+
+    def kill_on_first_line(line, done=threading.Event()):
+        if not done.is_set():
+            done.set()
+            for c in _leftover_containers(client):
+                c.kill()
+
+    with pytest.raises(StageInterrupted, match="killed"):
+        DockerRunner(**options).run("prune", _config_file(tmp_path / "run"), kill_on_first_line)
+    assert _leftover_containers(client) == []
+
+
+@pytest.mark.slow
+@needs_data
+def test_bad_image_or_gpu_request_leaves_no_container(engine, tmp_path):
+    client, options = engine
+    config_file = _config_file(tmp_path / "run")
+    with pytest.raises(NlsflowError, match="image nlsflow-prune:absent is not on the engine; build it with `make images`"):
+        DockerRunner(**{**options, "image": "nlsflow-{stage}:absent"}).run("prune", config_file, print)
+    if "nvidia" in client.info().get("Runtimes", {}):
+        pytest.skip("this engine has the NVIDIA runtime: a GPU request would start")
+    with pytest.raises(NlsflowError, match="container could not start: .*GPUS=none"):
+        DockerRunner(**{**options, "gpus": "all"}).run("prune", config_file, print)
+    assert _leftover_containers(client) == []
