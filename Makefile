@@ -4,6 +4,9 @@ PROFILE ?= tiny
 METHOD ?= shears
 RUN_DIR ?= runs/$(TASK)-$(PROFILE)-$(METHOD)
 RUNNER ?= local
+GPUS ?=
+IMAGE ?=
+FLAVOR ?= cpu
 ARGS ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +19,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
-.PHONY: pipeline test venv clean-runs ui worker $(STAGE_TARGETS)
+.PHONY: pipeline test venv clean-runs ui worker images $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -35,7 +38,8 @@ $(VENV)/.installed: pyproject.toml
 CONFIGS = $(shell $(PY) -m schemas.layers $(TASK) $(PROFILE) $(METHOD))
 
 pipeline: venv
-	$(PY) -m flows.pipeline --runner $(RUNNER) --task $(TASK) --profile $(PROFILE) --method $(METHOD) run_dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m flows.pipeline --runner $(RUNNER) --task $(TASK) --profile $(PROFILE) --method $(METHOD) run_dir=$(RUN_DIR) \
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 $(STAGE_TARGETS): stage-%: venv
@@ -52,6 +56,13 @@ ui: venv
 # Serve the `nlsflow` deployment to the server `make ui` started: runs started from the UI execute here.
 worker: venv
 	PREFECT_API_URL=$${PREFECT_API_URL:-http://$(UI_HOST):$(UI_PORT)/api} $(PY) -m flows.serve
+
+# Stage images for RUNNER=docker and docker-compose.yml: nlsflow-base:$(FLAVOR) and nlsflow-<stage>:$(FLAVOR).
+# FLAVOR=cpu|cuda|mounted; BASE_IMAGE overrides the base; IMAGE_ARGS passes e.g. --build-arg PIP_INDEX_URL=...
+BASE_IMAGE ?=
+IMAGE_ARGS ?=
+images: venv
+	$(PY) -m flows.images --flavor $(FLAVOR) $(if $(BASE_IMAGE),--base $(BASE_IMAGE)) $(IMAGE_ARGS)
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)

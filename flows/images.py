@@ -31,16 +31,17 @@ def interpreter_prefix() -> Path:
     return Path(sys.base_prefix).resolve()
 
 
-def build_images(flavor: str = "cpu", base: str | None = None, stages=STAGES, log=print) -> list[str]:
-    """Build nlsflow-<stage>:<flavor> for each stage; return the tags."""
+def build_images(flavor: str = "cpu", base: str | None = None, build_args: dict | None = None,
+                 network: str | None = None, log=print) -> list[str]:
+    """Build nlsflow-base:<flavor> (what the Prefect server and worker run) and nlsflow-<stage>:<flavor>; return the tags."""
     if flavor not in FLAVORS:
         raise NlsflowError(f"unknown image flavor {flavor!r}; choose from {sorted(FLAVORS)}")
     if flavor == "mounted" and not base:
         raise NlsflowError("--flavor mounted needs --base: a local image with a root file system (no Python needed)")
     client = connect()
-    args = FLAVORS[flavor] | ({"BASE": base} if base else {})
+    args = FLAVORS[flavor] | ({"BASE": base} if base else {}) | dict(build_args or {})
     tags = []
-    for stage in stages:
+    for stage in STAGES if flavor == "mounted" else ("base", *STAGES):
         tag = f"nlsflow-{stage}:{flavor}"
         log(f"building {tag}")
         if flavor == "mounted":
@@ -49,7 +50,7 @@ def build_images(flavor: str = "cpu", base: str | None = None, stages=STAGES, lo
         else:
             build = dict(path=str(REPO_ROOT), dockerfile="docker/Dockerfile", target=stage, buildargs=args)
         try:
-            for item in client.api.build(tag=tag, rm=True, decode=True, **build):
+            for item in client.api.build(tag=tag, rm=True, decode=True, network_mode=network, **build):
                 if line := item.get("stream", "").rstrip():
                     log(line)
                 if "error" in item:
@@ -64,9 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.images", description=__doc__.splitlines()[0])
     parser.add_argument("--flavor", default="cpu", choices=sorted(FLAVORS))
     parser.add_argument("--base", help="the base image (defaults per flavor; required for mounted)")
+    parser.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="e.g. TORCH_INDEX=..., PIP_FIND_LINKS=http://host/wheels/ (a local wheelhouse)")
+    parser.add_argument("--network", help="network for RUN steps, e.g. host where the engine has no bridge")
     args = parser.parse_args(argv)
+    if bad := [a for a in args.build_arg if "=" not in a]:
+        parser.error(f"--build-arg {bad[0]!r} is not KEY=VALUE")
     try:
-        build_images(args.flavor, args.base)
+        build_images(args.flavor, args.base, dict(a.split("=", 1) for a in args.build_arg), args.network)
     except NlsflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
