@@ -19,7 +19,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
-.PHONY: pipeline test venv clean-runs ui worker images $(STAGE_TARGETS)
+.PHONY: pipeline compare test venv clean-runs ui worker images $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ CONFIGS = $(shell $(PY) -m schemas.layers $(TASK) $(PROFILE) $(METHOD))
 pipeline: venv
 	$(PY) -m flows.pipeline --runner $(RUNNER) --task $(TASK) --profile $(PROFILE) --method $(METHOD) run_dir=$(RUN_DIR) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
+
+# Every method on the same task and profile, one table: `make compare TASK=math PROFILE=tiny` (METHODS=a,b to pick).
+METHODS ?= shears,lonas,nola
+compare: venv
+	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 $(STAGE_TARGETS): stage-%: venv

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -147,6 +148,16 @@ def read_nola(folder: Path) -> tuple[NolaSpec, dict, dict[str, torch.Tensor]]:
         lo, hi = stored[f"{key}.range"]
         coefficients[key] = lo + stored[f"{key}.codes"].float() * (hi - lo) / (2**spec.bits - 1)
     return spec, doc, coefficients
+
+
+def is_nola(folder: Path) -> bool:
+    return (Path(folder) / CONFIG_FILE).is_file()
+
+
+def nola_lora_config(folder: Path) -> LoraConfig:
+    """The LoRA config (rank, alpha, targets) the NOLA adapter's factors have."""
+    _, doc, _ = read_nola(folder)
+    return LoraConfig.from_peft_type(**doc["lora_config"])
 
 
 def load_nola(peft_model, folder: Path, adapter_name: str = "default") -> NolaSpec:

@@ -6,10 +6,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 
 from nlsflow.elastic import ElasticGroup, Variable, heuristic_subnet, make_elastic, maximal_subnet, minimal_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer
+from nlsflow.nola import is_nola, load_nola, materialize, nola_lora_config
 from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.width import WidthGroup, make_width_elastic
 from schemas.io import atomic_write_text
@@ -49,8 +50,14 @@ def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dt
     """The pruned base with the super-adapter attached and made elastic: (peft_model, tokenizer, space)."""
     tokenizer = load_tokenizer(str(base_dir))
     base = load_causal_lm(str(base_dir), dtype, device)
-    model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
-    space = make_supernet(model, *load_search_space_groups(search_space_file))
+    if is_nola(adapter_dir):  # rebuilt from the seed, then materialized: from here on it is a plain LoRA super-adapter
+        model = get_peft_model(base, nola_lora_config(adapter_dir)).to(device).eval()
+        space = make_supernet(model, *load_search_space_groups(search_space_file))
+        load_nola(model, adapter_dir)
+        materialize(model)
+    else:
+        model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+        space = make_supernet(model, *load_search_space_groups(search_space_file))
     if sparsity_preserving:  # the adapter's delta only where the base weight is non-zero, as it was trained
         make_sparsity_preserving(model)
     return model, tokenizer, space

@@ -116,6 +116,14 @@ class GroupConfig(Strict):
     per_layer: bool = Field(True, description="one choice per decoder layer (NNCF '{*}') or one shared")
 
 
+class NolaConfig(Strict):
+    num_basis_a: int = Field(1024, gt=0, description="random basis matrices each LoRA A is a combination of")
+    num_basis_b: int = Field(1024, gt=0, description="random basis matrices each LoRA B is a combination of")
+    seed: int = Field(0, description="seed of the bases (regenerated, never stored)")
+    bits: int | None = Field(None, ge=1, le=8, description="quantize the coefficients to 2**bits levels (NOLA's "
+                             "quantized variant, trained with a straight-through estimator); null: float")
+
+
 class TrainConfig(Strict):
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description="LoRA targets")
     rank: int = Field(32, gt=0, description="super-adapter (maximum) rank")
@@ -129,6 +137,9 @@ class TrainConfig(Strict):
                                           "YAML search space; fills `groups` (and `search` defaults) when the config loads")
     sparsity_preserving: bool = Field(False, description="mask the adapter's delta by the base's zeros (SQFT-style), so "
                                       "the merged model keeps the pruned base's sparsity exactly")
+    adapter: Literal["lora", "nola"] = Field("lora", description="lora: trained factors; nola: factors are combinations "
+                                             "of seeded random bases and only the coefficients train (train.nola)")
+    nola: NolaConfig = Field(default_factory=NolaConfig, description="NOLA settings (with adapter: nola)")
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (HF Trainer default 1.0; None: off)")
@@ -149,6 +160,9 @@ class TrainConfig(Strict):
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
         if not self.groups:
             raise ValueError("train.groups is empty: list the elastic groups or set train.search_space_file")
+        if self.adapter == "nola" and (self.width_groups or self.sparsity_preserving):
+            raise ValueError("train.adapter=nola cannot be combined with train.width_groups or train.sparsity_preserving "
+                             "yet; drop those or use adapter: lora")
         if self.width_groups and self.sparsity_preserving:
             raise ValueError("train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; "
                              "drop one of them")
@@ -238,7 +252,7 @@ class BenchmarkConfig(Strict):
 class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
-    method: Literal["shears", "lonas"] = Field("shears", description="configs/methods/<method>.yaml, a label for humans: "
+    method: Literal["shears", "lonas", "nola"] = Field("shears", description="configs/methods/<method>.yaml, a label for humans: "
                                               "what the method does is in the prune and train settings")
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
     data: DataConfig

@@ -3,6 +3,8 @@
 Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code),
 with `extract.merge` `extract/merged/` (HF folder), and with `extract.evaluate` `extract/predictions.parquet`
 (the extracted model on the test sets). The max |logit difference| and accuracies go into the manifest.
+A NOLA super-adapter is materialized first, so `extract/adapter/` is stock LoRA; `extract/nola/` keeps its
+compact form (coefficients, seed, shapes, and the subnet's ranks in subnet.json).
 With elastic base width (LoNAS) the inactive MLP channels are cut out: `extract/base/` is the narrowed base the
 adapter belongs to, and `extract/merged/` is narrowed too (a stock HF folder when every layer has one width,
 else `per_layer_llama` with its code in the folder).
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import torch
 from peft import PeftModel
@@ -19,6 +22,7 @@ from nlsflow.data import generate_prompt
 from nlsflow.elastic import activate, extract_sub_adapter, validate_subnet
 from nlsflow.evaluation import evaluate_test_sets
 from nlsflow.models import DTYPES, load_causal_lm, resolve_device
+from nlsflow.nola import is_nola
 from nlsflow.pruning import sparsity_table
 from nlsflow.sparse_merge import make_sparsity_preserving, masked_merge, require_sparsity
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
@@ -85,6 +89,11 @@ def run(ctx: StageContext) -> dict:
                "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n)}
     if sizes:
         metrics["mlp_widths"] = sizes
+    metrics["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.suffix != ".md")
+    if is_nola(train_dir / "adapter"):  # NOLA's compact form: the coefficients, and the ranks to slice the factors to
+        shutil.copytree(train_dir / "adapter", ctx.out_dir / "nola")
+        (ctx.out_dir / "nola" / "subnet.json").write_text(json.dumps(subnet, indent=2))
+        metrics["nola_bytes"] = sum(f.stat().st_size for f in (ctx.out_dir / "nola").iterdir())
     if xc.merge:
         merged = masked_merge(sub) if sparse else sub.merge_and_unload()
         merged_diff = (logits(merged, batch) - expected).abs().max().item()

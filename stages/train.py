@@ -1,6 +1,7 @@
 """Stage 2, train: an elastic-rank LoRA super-adapter on the frozen pruned base; every step trains a random subnet.
 
-Writes `train/adapter/` (PEFT format), `train/search_space.json`, `train/training_log.parquet` and
+Writes `train/adapter/` (PEFT format; with train.adapter=nola NOLA's coefficients, seed and shapes),
+`train/search_space.json`, `train/training_log.parquet` and
 `train/validation.parquet` (the held-out slice the search stage scores subnets on).
 """
 from __future__ import annotations
@@ -12,12 +13,14 @@ import random
 
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
 from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
 from nlsflow.elastic import activate, random_subnet
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
+from nlsflow.nola import NolaSpec, make_nola, save_nola
 from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.supernet import groups_from_config, make_supernet, save_search_space
 from nlsflow.width import WidthGroup
@@ -50,6 +53,9 @@ def run(ctx: StageContext) -> dict:
     space = make_supernet(model, groups, width_groups)
     if tc.sparsity_preserving:  # the adapter's delta is masked by the base's zeros: merging keeps the sparsity
         log.info("sparsity-preserving LoRA: %d LoRA layers have a sparse base", make_sparsity_preserving(model))
+    if tc.adapter == "nola":  # the factors become seeded random-basis combinations: only coefficients train
+        nola = NolaSpec(**tc.nola.model_dump())
+        log.info("NOLA: %d coefficients replace the LoRA factors", make_nola(model, nola))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
@@ -75,8 +81,9 @@ def run(ctx: StageContext) -> dict:
         loss_sum = 0.0
         for i in range(0, tc.batch_size, tc.micro_batch_size):
             batch = collate([examples[j] for j in batch_ids[i : i + tc.micro_batch_size]]).to(device)
-            loss = model(**batch).loss * tc.micro_batch_size / tc.batch_size
-            loss.backward()
+            with parametrize.cached():  # NOLA: each factor is recombined once per forward, not at every access
+                loss = model(**batch).loss * tc.micro_batch_size / tc.batch_size
+                loss.backward()
             loss_sum += loss.item()
         if tc.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
@@ -90,12 +97,17 @@ def run(ctx: StageContext) -> dict:
                              "learning_rate": learning_rate, "active_config": json.dumps(subnet)})
             recent = []
 
-    model.save_pretrained(ctx.out_dir / "adapter")
+    if tc.adapter == "nola":
+        save_nola(model, nola, ctx.out_dir / "adapter")
+    else:
+        model.save_pretrained(ctx.out_dir / "adapter")
+    adapter_bytes = sum(f.stat().st_size for f in (ctx.out_dir / "adapter").iterdir() if f.suffix != ".md")
     save_search_space(ctx.out_dir / "search_space.json", groups, width_groups, space)
     write_table(ctx.out_dir / "training_log.parquet", "training_log", log_rows)
     write_table(ctx.out_dir / "validation.parquet", "records",
                 [{k: r[k] for k in ("source", "instruction", "input", "output", "answer")} for r in val_records])
     return {"steps": total_steps, "final_loss": log_rows[-1]["loss"], "trainable_params": trainable,
+            "adapter": tc.adapter, "adapter_bytes": adapter_bytes,
             "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space),
             "width_variables": sum(v.kind == "width" for v in space),
             "train_sets": cfg.data.train_sets, "contamination": contamination}

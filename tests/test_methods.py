@@ -114,3 +114,45 @@ def test_commonsense_task_runs_end_to_end(tmp_path):
     sources = {r["source"] for r in read_table(stage_dir(tmp_path, "train") / "validation.parquet", "records").to_pylist()}
     assert sources <= {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"}
     assert read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics["max_abs_logit_diff"] <= 1e-4
+
+
+def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(tmp_path):
+    from peft import PeftModel, get_peft_model
+
+    from nlsflow.elastic import activate, make_elastic, resolve_space
+    from nlsflow.nola import CONFIG_FILE, WEIGHTS_FILE, load_nola, materialize, nola_lora_config
+    from nlsflow.supernet import load_search_space_groups
+
+    cfg = method_config(tmp_path, "nola")
+    assert cfg.method == "nola" and cfg.train.adapter == "nola" and cfg.prune.sparsity == 0
+    run_all(cfg)
+    trained = read_manifest(stage_dir(tmp_path, "train"), "train").metrics
+    lora_layers = 2 * len(cfg.train.target_modules)
+    assert trained["trainable_params"] == lora_layers * (cfg.train.nola.num_basis_a + cfg.train.nola.num_basis_b)
+    adapter = stage_dir(tmp_path, "train") / "adapter"
+    assert sorted(p.name for p in adapter.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert trained["adapter_bytes"] < 4 * trained["trainable_params"] + 16384  # coefficients + a header, no basis
+
+    extracted = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics
+    assert extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
+    nola_dir = stage_dir(tmp_path, "extract") / "nola"
+    assert json.loads((nola_dir / "subnet.json").read_text()) == extracted["subnet"]
+
+    # The compact form rebuilds the same sub-adapter as the stock one in extract/adapter/.
+    base_dir = stage_dir(tmp_path, "prune") / "model"
+    tokens = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])
+    stock = PeftModel.from_pretrained(load_causal_lm(str(base_dir), "float32", torch.device("cpu")),
+                                      str(stage_dir(tmp_path, "extract") / "adapter")).eval()
+    rebuilt = get_peft_model(load_causal_lm(str(base_dir), "float32", torch.device("cpu")), nola_lora_config(nola_dir))
+    make_elastic(rebuilt)
+    space = resolve_space(rebuilt, load_search_space_groups(stage_dir(tmp_path, "train") / "search_space.json")[0])
+    load_nola(rebuilt, nola_dir)
+    materialize(rebuilt)
+    activate(rebuilt.eval(), space, extracted["subnet"])
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(input_ids=tokens).logits, stock(input_ids=tokens).logits, atol=1e-5)
+
+
+def test_nola_refuses_what_it_cannot_do_yet(tmp_path):
+    with pytest.raises(NlsflowError, match="adapter=nola cannot be combined"):
+        method_config(tmp_path, "nola", "train.sparsity_preserving=true")

@@ -1,0 +1,102 @@
+"""`make compare TASK=math PROFILE=tiny`: every method on the same model and task, run and measured in one go.
+
+Runs (or resumes, by content digests; ARGS=--force re-runs all) runs/<task>-<profile>-<method> for each method
+through the pipeline flow, then tabulates per method what a user weighs: trainable parameters, adapter bytes on
+disk (as trained, and the deployable sub-adapter), total and non-zero parameters and MACs per token of the
+deployable model, accuracy of the extracted model, and training time. Writes <runs>/compare-<task>-<profile>
+.parquet and .md, and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from flows.pipeline import pipeline
+from schemas import NlsflowError, read_manifest, stage_dir, write_table
+from schemas.io import atomic_write_text
+from schemas.layers import config_files
+
+METHODS = ("shears", "lonas", "nola")
+COLUMNS = {  # column -> header
+    "method": "method", "trainable_params": "trainable params", "train_adapter_bytes": "adapter bytes (trained)",
+    "adapter_bytes": "adapter bytes (extracted)", "params": "params", "nonzero_params": "non-zero params",
+    "macs_per_token": "MACs/token", "accuracy": "accuracy", "accuracy_strict": "accuracy (strict)",
+    "train_seconds": "train time (s)",
+}
+
+
+def method_row(run_dir: Path, method: str) -> dict:
+    """The comparison row of one finished run."""
+    train, extract, bench = (read_manifest(stage_dir(run_dir, s), s).metrics for s in ("train", "extract", "benchmark"))
+    deployed = bench["results"].get("extracted_merged") or bench["results"]["extracted_adapter"]
+    return {"method": method, "trainable_params": train["trainable_params"],
+            "train_adapter_bytes": train.get("adapter_bytes", 0),
+            "adapter_bytes": extract.get("nola_bytes") or extract["adapter_bytes"],
+            "params": deployed["params"], "nonzero_params": deployed["nonzero_params"],
+            "macs_per_token": deployed["macs_per_token"], "accuracy": extract.get("average_accuracy", float("nan")),
+            "accuracy_strict": extract.get("average_accuracy_strict", float("nan")),
+            "train_seconds": read_manifest(stage_dir(run_dir, "train"), "train").duration_s}
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = [f"{r[c]:,}" if isinstance(r[c], int) else f"{r[c]:.4f}" if c.startswith("accuracy")
+                 else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(task: str, profile: str, methods=METHODS, runs: Path = Path("runs"), overrides=(), runner: str = "local",
+            force: bool = False) -> list[dict]:
+    rows = []
+    for method in methods:
+        run_dir = runs / f"{task}-{profile}-{method}"
+        files = [str(f) for f in config_files(task, profile, method)]
+        state = pipeline(files, [f"run_dir={run_dir}", *overrides], runner, force, return_state=True)
+        if state.is_failed():
+            raise NlsflowError(f"{method}: {state.message}")
+        rows.append(method_row(run_dir, method))
+    name = runs / f"compare-{task}-{profile}"
+    write_table(name.with_suffix(".parquet"), "comparison", rows)
+    atomic_write_text(name.with_suffix(".md"), markdown(rows))
+    return rows
+
+
+def render(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for header in COLUMNS.values():
+        table.add_column(header, justify="left" if header == "method" else "right")
+    for line in markdown(rows).splitlines()[2:]:
+        table.add_row(*[c.strip() for c in line.strip("|").split("|")])
+    Console(width=200).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.compare", description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="math")
+    parser.add_argument("--profile", default="tiny")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    parser.add_argument("--runs", default="runs", help="folder of the runs and the comparison files")
+    parser.add_argument("--runner", default="local", choices=["local", "docker"])
+    parser.add_argument("--force", action="store_true", help="re-run every stage of every method")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
+    args = parser.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if unknown := sorted(set(methods) - set(METHODS)):
+        parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    try:
+        rows = compare(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.force)
+    except NlsflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    render(rows, f"{args.task} / {args.profile}: methods compared")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
