@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runner", default="local", choices=["local", "docker"])
     parser.add_argument("--force", action="store_true", help="re-run every stage of every method")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := sorted(set(methods) - set(METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")

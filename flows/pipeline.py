@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mount", action="append", default=[], help="docker: extra /host[:/container][:ro] mount")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     try:
         files = [*(config_files(args.task, args.profile, args.method) if args.task else []), *args.config]
         if not files:

@@ -94,7 +94,7 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", type=Path, required=True, help="YAML file(s), merged in order")
     parser.add_argument("--force", action="store_true", help="run even if the manifest is up to date")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. prune.sparsity=0.6")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not actionable here
     from transformers.utils import logging as hf_logging

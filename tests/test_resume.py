@@ -50,3 +50,21 @@ def test_runner_passes_force_to_the_stage():
 
     assert stage_command("search", "c.yaml", force=True)[-1] == "--force"
     assert "--force" not in stage_command("search", "c.yaml", force=False)
+
+
+def test_stage_cli_takes_overrides_before_and_after_flags(tmp_path):
+    """`make stage-train ARGS="--force train.learning_rate=1e-3"` puts an override after --force."""
+    from conftest import DATA_ROOT, TINY_CONFIGS
+    from schemas import NlsflowError
+    from stages._common import main
+
+    seen = {}
+
+    def stop(ctx):
+        seen["cfg"] = ctx.cfg
+        raise NlsflowError("stopped here")
+
+    argv = ["--config", str(TINY_CONFIGS[0]), "--config", str(TINY_CONFIGS[1]), f"run_dir={tmp_path}", "--force",
+            "prune.sparsity=0.25", f"data.root={DATA_ROOT}"]
+    assert main("prune", stop, argv) == 2
+    assert seen["cfg"].prune.sparsity == 0.25 and seen["cfg"].run_dir == str(tmp_path)
