@@ -116,22 +116,24 @@ def test_commonsense_task_runs_end_to_end(tmp_path):
     assert read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics["max_abs_logit_diff"] <= 1e-4
 
 
-def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(tmp_path):
+@pytest.mark.parametrize("bits", [None, 3])
+def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(tmp_path, bits):
     from peft import PeftModel, get_peft_model
 
     from nlsflow.elastic import activate, make_elastic, resolve_space
     from nlsflow.nola import CONFIG_FILE, WEIGHTS_FILE, load_nola, materialize, nola_lora_config
     from nlsflow.supernet import load_search_space_groups
 
-    cfg = method_config(tmp_path, "nola")
-    assert cfg.method == "nola" and cfg.train.adapter == "nola" and cfg.prune.sparsity == 0
+    cfg = method_config(tmp_path, "nola", *([f"train.nola.bits={bits}"] if bits else []))
+    assert cfg.method == "nola" and cfg.train.adapter == "nola" and cfg.prune.sparsity == 0 and cfg.train.nola.bits == bits
     run_all(cfg)
     trained = read_manifest(stage_dir(tmp_path, "train"), "train").metrics
     lora_layers = 2 * len(cfg.train.target_modules)
     assert trained["trainable_params"] == lora_layers * (cfg.train.nola.num_basis_a + cfg.train.nola.num_basis_b)
     adapter = stage_dir(tmp_path, "train") / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
-    assert trained["adapter_bytes"] < 4 * trained["trainable_params"] + 16384  # coefficients + a header, no basis
+    bytes_per_coefficient = 1 if bits else 4  # quantized: one-byte level indices
+    assert trained["adapter_bytes"] < bytes_per_coefficient * trained["trainable_params"] + 16384  # + headers, no basis
 
     extracted = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics
     assert extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
