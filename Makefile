@@ -44,7 +44,8 @@ pipeline: venv
 # Every method on the same task and profile, one table: `make compare TASK=math PROFILE=tiny` (METHODS=a,b to pick).
 METHODS ?= shears,lonas,nola
 compare: venv
-	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) $(ARGS)
+	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) \
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 $(STAGE_TARGETS): stage-%: venv

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.pipeline import pipeline
+from flows.runners import RUNNERS
 from schemas import NlsflowError, read_manifest, stage_dir, write_table
 from schemas.io import atomic_write_text
 from schemas.layers import config_files
@@ -23,7 +24,7 @@ from schemas.layers import config_files
 METHODS = ("shears", "lonas", "nola")
 COLUMNS = {  # column -> header
     "method": "method", "trainable_params": "trainable params", "train_adapter_bytes": "adapter bytes (trained)",
-    "adapter_bytes": "adapter bytes (extracted)", "params": "params", "nonzero_params": "non-zero params",
+    "adapter_bytes": "adapter bytes (extracted, stock)", "compact_bytes": "NOLA compact bytes", "params": "params", "nonzero_params": "non-zero params",
     "macs_per_token": "MACs/token", "accuracy": "accuracy", "accuracy_strict": "accuracy (strict)",
     "train_seconds": "train time (s)",
 }
@@ -31,33 +32,36 @@ COLUMNS = {  # column -> header
 
 def method_row(run_dir: Path, method: str) -> dict:
     """The comparison row of one finished run."""
-    train, extract, bench = (read_manifest(stage_dir(run_dir, s), s).metrics for s in ("train", "extract", "benchmark"))
-    deployed = bench["results"].get("extracted_merged") or bench["results"]["extracted_adapter"]
-    return {"method": method, "trainable_params": train["trainable_params"],
-            "train_adapter_bytes": train.get("adapter_bytes", 0),
-            "adapter_bytes": extract.get("nola_bytes") or extract["adapter_bytes"],
-            "params": deployed["params"], "nonzero_params": deployed["nonzero_params"],
-            "macs_per_token": deployed["macs_per_token"], "accuracy": extract.get("average_accuracy", float("nan")),
-            "accuracy_strict": extract.get("average_accuracy_strict", float("nan")),
-            "train_seconds": read_manifest(stage_dir(run_dir, "train"), "train").duration_s}
+    train, extract, bench = (read_manifest(stage_dir(run_dir, s), s) for s in ("train", "extract", "benchmark"))
+    try:
+        deployed = bench.metrics["results"].get("extracted_merged") or bench.metrics["results"]["extracted_adapter"]
+        return {"method": method, "trainable_params": train.metrics["trainable_params"],
+                "train_adapter_bytes": train.metrics["adapter_bytes"], "adapter_bytes": extract.metrics["adapter_bytes"],
+                "compact_bytes": extract.metrics.get("nola_bytes"), "params": deployed["params"],
+                "nonzero_params": deployed["nonzero_params"], "macs_per_token": deployed["macs_per_token"],
+                "accuracy": extract.metrics["average_accuracy"], "accuracy_strict": extract.metrics["average_accuracy_strict"],
+                "train_seconds": train.duration_s}
+    except KeyError as e:
+        raise NlsflowError(f"{run_dir} lacks the metric {e} (made by an older nlsflow, or extract.evaluate=false); "
+                           "re-run it with --force") from None
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = [f"{r[c]:,}" if isinstance(r[c], int) else f"{r[c]:.4f}" if c.startswith("accuracy")
+        cells = ["–" if r[c] is None else f"{r[c]:,}" if isinstance(r[c], int) else f"{r[c]:.4f}" if c.startswith("accuracy")
                  else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def compare(task: str, profile: str, methods=METHODS, runs: Path = Path("runs"), overrides=(), runner: str = "local",
-            force: bool = False) -> list[dict]:
+            force: bool = False, runner_options: dict | None = None) -> list[dict]:
     rows = []
     for method in methods:
         run_dir = runs / f"{task}-{profile}-{method}"
         files = [str(f) for f in config_files(task, profile, method)]
-        state = pipeline(files, [f"run_dir={run_dir}", *overrides], runner, force, return_state=True)
+        state = pipeline(files, [f"run_dir={run_dir}", *overrides], runner, force, runner_options, return_state=True)
         if state.is_failed():
             raise NlsflowError(f"{method}: {state.message}")
         rows.append(method_row(run_dir, method))
@@ -82,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     parser.add_argument("--runs", default="runs", help="folder of the runs and the comparison files")
-    parser.add_argument("--runner", default="local", choices=["local", "docker"])
+    parser.add_argument("--runner", default="local", choices=sorted(RUNNERS))
+    parser.add_argument("--gpus", help="docker: GPUs per stage container (all, a count, device=0,1, none)")
+    parser.add_argument("--image", help="docker: image name with {stage}")
     parser.add_argument("--force", action="store_true", help="re-run every stage of every method")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(methods) - set(METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     try:
-        rows = compare(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.force)
+        options = {k: v for k, v in {"gpus": args.gpus, "image": args.image}.items() if v}
+        rows = compare(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.force, options)
     except NlsflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -64,19 +64,29 @@ def connect() -> docker.DockerClient:
     return client
 
 
-def stage_mounts(config_file: Path, given: Sequence[Mount] = ()) -> list[Mount]:
+def stage_mounts(config_file: Path, given: Sequence[Mount] = (), only_given: bool = False) -> list[Mount]:
     """The host paths a stage of this config reads (read-only) or writes, at the same paths in the container,
-    then the `given` mounts, which replace those under their targets (a shared volume at /runs, say)."""
+    then the `given` mounts, which replace those under their targets (a shared volume at /runs, say).
+
+    `only_given` (a worker that runs in a container itself, whose paths mean nothing to the host): mount nothing
+    but the given mounts, and refuse a run folder or cache outside them; other paths must be in the image.
+    """
     cfg = load_config([config_file])
     writable = {Path(cfg.run_dir), cache_root(cfg.model.cache_dir)}
-    readable = {Path(cfg.data.root), Path(config_file).resolve().parent}
+    readable = {Path(config_file).resolve().parent}
+    (writable if cfg.data.download else readable).add(Path(cfg.data.root))  # missing files are fetched into it
     for path in (cfg.model.name_or_path, cfg.train.search_space_file):
         if path and Path(path).is_absolute() and Path(path).exists():
             readable.add(Path(path))
+    covered = [Path(m["Target"]) for m in given]
+    if only_given:
+        if stray := [str(p) for p in sorted(writable) if not any(p.is_relative_to(c) for c in covered)]:
+            raise NlsflowError(f"{', '.join(stray)} not under the given mounts {[str(c) for c in covered]}: put run_dir, "
+                               "the model cache and data.root there (NLSFLOW_DOCKER_MOUNTS)")
+        return list(given)
     for path in writable:
         path.mkdir(parents=True, exist_ok=True)
     readable = {p for p in readable if p.exists() and not any(p.is_relative_to(w) for w in writable)}
-    covered = [Path(m["Target"]) for m in given]
     own = [p for p in sorted(writable | readable) if not any(p.is_relative_to(c) for c in covered)]
     return [Mount(target=str(p), source=str(p), type="bind", read_only=p in readable) for p in own] + list(given)
 
@@ -84,8 +94,9 @@ def stage_mounts(config_file: Path, given: Sequence[Mount] = ()) -> list[Mount]:
 class DockerRunner:
     """Runs `<image> --config <run_dir>/config.yaml [--force]` in a fresh container per stage attempt.
 
-    `mounts` default to NLSFLOW_DOCKER_MOUNTS (comma-separated), which is how a worker inside compose passes the
-    shared volume on; `network` is the engine's default unless given.
+    `image` defaults to NLSFLOW_IMAGE, else nlsflow-{stage}:cpu (:cuda when GPUs are asked for). `mounts` default
+    to NLSFLOW_DOCKER_MOUNTS (comma-separated); with NLSFLOW_DOCKER_ONLY_GIVEN_MOUNTS=1 (a worker inside compose)
+    they are the only mounts. `network` is the engine's default unless given.
     """
 
     name = "docker"
@@ -94,9 +105,10 @@ class DockerRunner:
                  env: dict[str, str] | None = None, network: str | None = None):
         self.requests = device_requests(gpus)
         self.gpus = gpus
-        self.image = image or ("nlsflow-{stage}:cpu" if not self.requests else "nlsflow-{stage}:cuda")
+        self.image = image or os.environ.get("NLSFLOW_IMAGE") or f"nlsflow-{{stage}}:{'cuda' if self.requests else 'cpu'}"
         mounts = mounts or [m for m in os.environ.get("NLSFLOW_DOCKER_MOUNTS", "").split(",") if m.strip()]
         self.mounts = [parse_mount(m) for m in mounts]
+        self.only_given = os.environ.get("NLSFLOW_DOCKER_ONLY_GIVEN_MOUNTS", "") not in ("", "0", "false")
         self.env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)} | dict(env or {})
         self.network = network
 
@@ -108,8 +120,8 @@ class DockerRunner:
         container, started = None, False
         try:
             container = client.containers.create(
-                image, stage_args(config_file, force), mounts=stage_mounts(config_file, self.mounts),
-                environment=STAGE_ENV | self.env | {"NLSFLOW_CACHE": cache},
+                image, stage_args(config_file, force), mounts=stage_mounts(config_file, self.mounts, self.only_given),
+                environment=STAGE_ENV | {"HF_HOME": f"{cache}/hf"} | self.env | {"NLSFLOW_CACHE": cache},
                 device_requests=self.requests or None, user=f"{os.getuid()}:{os.getgid()}", network_mode=self.network,
                 labels={LABEL: stage, "nlsflow.config": str(config_file)})
             container.start()
@@ -131,7 +143,7 @@ class DockerRunner:
         finally:
             if container is not None:
                 try:
-                    container.remove(force=True)
+                    container.remove(force=True, v=True)  # with the anonymous volumes an image declares
                 except (APIError, RequestException):
                     pass
         if code > 128 or oom_killed:

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.states import Failed
 
-from flows.runners import StageInterrupted, get_runner
+from flows.runners import RUNNERS, StageInterrupted, get_runner
 from flows.summary import accuracy_table, pareto_table, render_summary, summary_markdown
 from schemas import STAGES, NlsflowError, is_up_to_date, load_config, read_manifest, read_table, stage_dir
 from schemas.config import dump_config
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", help="with --profile and --method: the files schemas/layers.py names, before any --config")
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--method", default="shears")
-    parser.add_argument("--runner", default="local", choices=["local", "docker"],
+    parser.add_argument("--runner", default="local", choices=sorted(RUNNERS),
                         help="where stages run: local subprocesses (default) or a container per stage")
     parser.add_argument("--gpus", help="docker: GPUs per stage container: all, a count, device=0,1, or none (default)")
     parser.add_argument("--image", help="docker: image name with {stage}, default nlsflow-{stage}:cpu (:cuda with --gpus)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import codecs
+import inspect
 import os
 import re
 import subprocess
@@ -91,10 +92,11 @@ class LocalRunner:
             raise out.failure(stage, proc.returncode)
 
 
-def _docker_runner(**options) -> StageRunner:
+def _docker_runner(image: str | None = None, gpus: str = "none", mounts=(), env: dict | None = None,
+                   network: str | None = None) -> StageRunner:
     from flows.docker_runner import DockerRunner  # the Docker SDK is only imported when containers are asked for
 
-    return DockerRunner(**options)
+    return DockerRunner(image, gpus, mounts, env, network)
 
 
 RUNNERS: dict[str, Callable[..., StageRunner]] = {"local": LocalRunner, "docker": _docker_runner}
@@ -103,7 +105,9 @@ RUNNERS: dict[str, Callable[..., StageRunner]] = {"local": LocalRunner, "docker"
 def get_runner(name: str, options: dict | None = None) -> StageRunner:
     if name not in RUNNERS:
         raise NlsflowError(f"unknown runner {name!r}; choose from {sorted(RUNNERS)}")
+    factory = RUNNERS[name]
     try:
-        return RUNNERS[name](**(options or {}))
+        inspect.signature(factory).bind(**(options or {}))
     except TypeError as e:
         raise NlsflowError(f"runner {name!r} does not take these options: {sorted(options or {})} ({e})") from None
+    return factory(**(options or {}))

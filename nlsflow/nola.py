@@ -50,10 +50,15 @@ def random_basis(count: int, shape: tuple[int, int], seed: int, fan_in: int) -> 
     return torch.randn(count, *shape, generator=g) / fan_in**0.5
 
 
-def quantize(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Uniform quantization to 2**bits levels spanning [min, max]; the gradient passes straight through."""
+def level_grid(values: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lowest level, step) of 2**bits uniform levels spanning the values' [min, max]."""
     lo, hi = values.min().detach(), values.max().detach()
-    step = (hi - lo).clamp_min(1e-12) / (2**bits - 1)
+    return lo, (hi - lo).clamp_min(1e-12) / (2**bits - 1)
+
+
+def quantize(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each value to its nearest level; the gradient passes straight through (identity)."""
+    lo, step = level_grid(values, bits)
     levels = lo + torch.round((values - lo) / step) * step
     return values + (levels - values).detach()
 
@@ -82,6 +87,12 @@ def _factors(peft_model, adapter_name: str = "default"):
             yield name, "B", layer.lora_B[adapter_name]
 
 
+def basis_floats(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
+    """How many numbers the bases of every factor hold (they live in memory for the whole run)."""
+    return sum((spec.num_basis_a if f == "A" else spec.num_basis_b) * l.weight.numel()
+               for _, f, l in _factors(peft_model, adapter_name))
+
+
 def make_nola(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
     """Reparametrize every LoRA factor in place; freeze the LoRA weights; return the number of coefficients.
 
@@ -91,10 +102,9 @@ def make_nola(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
     for name, factor, linear in _factors(peft_model, adapter_name):
         if parametrize.is_parametrized(linear, "weight"):
             raise NlsflowError(f"{name}.lora_{factor} is already parametrized: call make_nola once per model")
-        out_f, in_f = linear.weight.shape
+        out_f, in_f = linear.weight.shape  # A: (r, in), B: (out, r)
         k = spec.num_basis_a if factor == "A" else spec.num_basis_b
-        rank = out_f if factor == "A" else in_f
-        basis = random_basis(k, (out_f, in_f), basis_seed(spec.seed, name, factor), fan_in=in_f if factor == "A" else rank)
+        basis = random_basis(k, (out_f, in_f), basis_seed(spec.seed, name, factor), fan_in=in_f)
         coefficients = torch.randn(k, generator=torch.Generator().manual_seed(basis_seed(spec.seed, name, "init"))) / k**0.5 \
             if factor == "A" else torch.zeros(k)
         dev, dtype = linear.weight.device, linear.weight.dtype
@@ -124,10 +134,9 @@ def save_nola(peft_model, spec: NolaSpec, out_dir: Path, adapter_name: str = "de
         if spec.bits:  # store level indices (one byte each) and each tensor's range, not floats
             codes = {}
             for key, c in state.items():
-                lo, hi = c.min(), c.max()
-                step = (hi - lo).clamp_min(1e-12) / (2**spec.bits - 1)
+                lo, step = level_grid(c, spec.bits)
                 codes[f"{key}.codes"] = torch.round((c - lo) / step).to(torch.uint8)
-                codes[f"{key}.range"] = torch.stack([lo, hi])
+                codes[f"{key}.grid"] = torch.stack([lo, step])
             state = codes
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "nola"})
     return sum(p.stat().st_size for p in Path(out_dir).iterdir())
@@ -145,8 +154,8 @@ def read_nola(folder: Path) -> tuple[NolaSpec, dict, dict[str, torch.Tensor]]:
         return spec, doc, stored
     coefficients = {}
     for key in doc["shapes"]:
-        lo, hi = stored[f"{key}.range"]
-        coefficients[key] = lo + stored[f"{key}.codes"].float() * (hi - lo) / (2**spec.bits - 1)
+        lo, step = stored[f"{key}.grid"]
+        coefficients[key] = lo + stored[f"{key}.codes"].float() * step
     return spec, doc, coefficients
 
 
@@ -163,18 +172,19 @@ def nola_lora_config(folder: Path) -> LoraConfig:
 def load_nola(peft_model, folder: Path, adapter_name: str = "default") -> NolaSpec:
     """Reparametrize a fresh PEFT LoRA model of the same config and load the saved coefficients into it."""
     spec, doc, coefficients = read_nola(folder)
+    shapes = {f"{n}.lora_{f}": list(l.weight.shape) for n, f, l in _factors(peft_model, adapter_name)}
+    if shapes != doc["shapes"]:  # checked before anything changes: a mismatch leaves the model as it was
+        key = next(k for k in sorted(shapes.keys() | doc["shapes"].keys()) if shapes.get(k) != doc["shapes"].get(k))
+        raise NlsflowError(f"NOLA adapter {folder} does not fit this model at {key}: was it trained on this base "
+                           "with the same target_modules and rank?")
     make_nola(peft_model, spec, adapter_name)
     for name, factor, linear in _factors(peft_model, adapter_name):
-        key = f"{name}.lora_{factor}"
-        if key not in coefficients or list(linear.weight.shape) != doc["shapes"][key]:
-            raise NlsflowError(f"NOLA adapter {folder} does not fit this model at {key}: was it trained on this base "
-                               "with the same target_modules and rank?")
-        linear.parametrizations.weight[0].coefficients.data.copy_(coefficients[key])
+        linear.parametrizations.weight[0].coefficients.data.copy_(coefficients[f"{name}.lora_{factor}"])
     return spec
 
 
 def materialize(peft_model, adapter_name: str = "default") -> None:
-    """Replace each factor's parametrization by its current value: a plain (trainable) LoRA weight."""
+    """Replace each factor's parametrization by its current value: a plain LoRA weight (frozen, as make_nola left it)."""
     for _, _, linear in _factors(peft_model, adapter_name):
         if parametrize.is_parametrized(linear, "weight"):
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)

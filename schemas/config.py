@@ -122,6 +122,8 @@ class NolaConfig(Strict):
     seed: int = Field(0, description="seed of the bases (regenerated, never stored)")
     bits: int | None = Field(None, ge=1, le=8, description="quantize the coefficients to 2**bits levels (NOLA's "
                              "quantized variant, trained with a straight-through estimator); null: float")
+    max_basis_gb: float = Field(16.0, gt=0, description="refuse to start when the bases would take more memory than "
+                                "this (they are regenerated and held for the whole run)")
 
 
 class TrainConfig(Strict):

@@ -31,7 +31,7 @@ TABLES: dict[str, pa.Schema] = {
                           ("macs_per_token", pa.int64()), ("prefill_ms", pa.float64()), ("decode_ms_per_token", pa.float64()),
                           ("tokens_per_s", pa.float64()), ("peak_memory_mb", pa.float64()), ("size_on_disk_mb", pa.float64())]),
     "comparison": pa.schema([("method", pa.string()), ("trainable_params", pa.int64()), ("train_adapter_bytes", pa.int64()),
-                             ("adapter_bytes", pa.int64()), ("params", pa.int64()), ("nonzero_params", pa.int64()),
+                             ("adapter_bytes", pa.int64()), ("compact_bytes", pa.int64()), ("params", pa.int64()), ("nonzero_params", pa.int64()),
                              ("macs_per_token", pa.int64()), ("accuracy", pa.float64()), ("accuracy_strict", pa.float64()),
                              ("train_seconds", pa.float64())]),
 }

@@ -20,7 +20,7 @@ from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
 from nlsflow.elastic import activate, random_subnet
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
-from nlsflow.nola import NolaSpec, make_nola, save_nola
+from nlsflow.nola import NolaSpec, basis_floats, make_nola, save_nola
 from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.supernet import groups_from_config, make_supernet, save_search_space
 from nlsflow.width import WidthGroup
@@ -54,7 +54,11 @@ def run(ctx: StageContext) -> dict:
     if tc.sparsity_preserving:  # the adapter's delta is masked by the base's zeros: merging keeps the sparsity
         log.info("sparsity-preserving LoRA: %d LoRA layers have a sparse base", make_sparsity_preserving(model))
     if tc.adapter == "nola":  # the factors become seeded random-basis combinations: only coefficients train
-        nola = NolaSpec(**tc.nola.model_dump())
+        nola = NolaSpec(**tc.nola.model_dump(exclude={"max_basis_gb"}))
+        basis_gb = basis_floats(model, nola) * next(model.parameters()).element_size() / 1e9
+        if basis_gb > tc.nola.max_basis_gb:
+            raise NlsflowError(f"NOLA bases would take {basis_gb:.1f} GB > train.nola.max_basis_gb={tc.nola.max_basis_gb:g}; "
+                               "lower train.nola.num_basis_a/num_basis_b, train.rank or train.target_modules")
         log.info("NOLA: %d coefficients replace the LoRA factors", make_nola(model, nola))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 

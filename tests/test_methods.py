@@ -153,6 +153,10 @@ def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(t
     activate(rebuilt.eval(), space, extracted["subnet"])
     with torch.no_grad():
         assert torch.allclose(rebuilt(input_ids=tokens).logits, stock(input_ids=tokens).logits, atol=1e-5)
+    if bits is None:  # bases too large for the budget: refused before they are made, the trained adapter kept
+        with pytest.raises(NlsflowError, match=r"NOLA bases would take .* GB > train.nola.max_basis_gb=1e-06"):
+            run_stage("train", train.run, method_config(tmp_path, "nola", "train.nola.max_basis_gb=1e-6"))
+        assert read_manifest(stage_dir(tmp_path, "train"), "train").metrics == trained
 
 
 def test_nola_refuses_what_it_cannot_do_yet(tmp_path):

@@ -11,6 +11,7 @@ from nlsflow.nola import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     NolaSpec,
+    basis_floats,
     coefficient_state,
     load_nola,
     make_nola,
@@ -71,6 +72,14 @@ def test_basis_comes_from_the_seed_and_only_coefficients_train():
     assert changed and all(n.endswith(".coefficients") for n in changed)
 
 
+def test_basis_size_is_known_before_it_is_made():
+    model = _lora()
+    per_layer = 16 * (8 * 64) * 3 + 12 * 8 * (64 + 32 + 128)  # A: r × hidden for q, v, up; B: out × r (v has 2 kv heads)
+    assert basis_floats(model, SPEC) == 2 * per_layer
+    make_nola(model, SPEC)
+    assert sum(b.numel() for b in _bases(model).values()) == 2 * per_layer
+
+
 def test_saved_adapter_is_coefficients_seed_and_shapes(tmp_path):
     model = _lora()
     count = make_nola(model, SPEC)
@@ -94,7 +103,12 @@ def test_quantized_coefficients_take_only_the_allowed_levels(tmp_path, bits):
     spec = NolaSpec(16, 12, seed=7, bits=bits)
     model = _lora()
     make_nola(model, spec)
+    before = coefficient_state(model)
     _train(model)
+    after = coefficient_state(model)
+    # rounding has no gradient: only the straight-through estimator lets every factor train, B from all zeros
+    assert all(not torch.equal(after[k], before[k]) for k in after)
+    assert all(len(c.unique()) > 1 for k, c in after.items() if k.endswith("lora_B"))
     for key, c in coefficient_state(model).items():
         lo, hi = c.min(), c.max()
         if hi == lo:
