@@ -17,9 +17,9 @@ from docker.errors import APIError, DockerException, ImageNotFound
 from docker.types import DeviceRequest, Mount
 from requests.exceptions import RequestException
 
-from flows.runners import STAGE_ENV, StageInterrupted, _stream, stage_args
+from flows.runners import STAGE_ENV, StageInterrupted, stage_args, stream_lines
 from nlsflow.models import cache_root
-from schemas import NlsflowError, load_config
+from schemas import NlsflowError, PipelineConfig, load_config
 
 PASSED_ENV = ("NLSFLOW_", "HF_", "TRANSFORMERS_", "TQDM_", "OMP_", "MKL_", "PYTORCH_", "PYTHONHASHSEED")  # host variables a stage sees
 LABEL = "nlsflow.stage"
@@ -64,14 +64,13 @@ def connect() -> docker.DockerClient:
     return client
 
 
-def stage_mounts(config_file: Path, given: Sequence[Mount] = (), only_given: bool = False) -> list[Mount]:
+def stage_mounts(config_file: Path, cfg: PipelineConfig, given: Sequence[Mount] = (), only_given: bool = False) -> list[Mount]:
     """The host paths a stage of this config reads (read-only) or writes, at the same paths in the container,
     then the `given` mounts, which replace those under their targets (a shared volume at /runs, say).
 
     `only_given` (a worker that runs in a container itself, whose paths mean nothing to the host): mount nothing
     but the given mounts, and refuse a run folder or cache outside them; other paths must be in the image.
     """
-    cfg = load_config([config_file])
     writable = {Path(cfg.run_dir), cache_root(cfg.model.cache_dir)}
     readable = {Path(config_file).resolve().parent}
     (writable if cfg.data.download else readable).add(Path(cfg.data.root))  # missing files are fetched into it
@@ -116,17 +115,18 @@ class DockerRunner:
         config_file = Path(config_file).resolve()
         client = connect()
         image = self.image.format(stage=stage)
-        cache = str(cache_root(load_config([config_file]).model.cache_dir))
+        cfg = load_config([config_file])
+        cache = str(cache_root(cfg.model.cache_dir))
         container, started = None, False
         try:
             container = client.containers.create(
-                image, stage_args(config_file, force), mounts=stage_mounts(config_file, self.mounts, self.only_given),
+                image, stage_args(config_file, force), mounts=stage_mounts(config_file, cfg, self.mounts, self.only_given),
                 environment=STAGE_ENV | {"HF_HOME": f"{cache}/hf"} | self.env | {"NLSFLOW_CACHE": cache},
                 device_requests=self.requests or None, user=f"{os.getuid()}:{os.getgid()}", network_mode=self.network,
                 labels={LABEL: stage, "nlsflow.config": str(config_file)})
             container.start()
             started = True
-            out = _stream(container.logs(stream=True, follow=True), log)
+            out = stream_lines(container.logs(stream=True, follow=True), log)
             code = container.wait().get("StatusCode", -1)
             container.reload()
             oom_killed = container.attrs["State"].get("OOMKilled", False)

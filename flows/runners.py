@@ -64,7 +64,7 @@ class OutputLines:
         return NlsflowError(f"stage '{stage}' failed (exit {exit_code}): {errors[-1].removeprefix('error: ')}")
 
 
-def _stream(chunks: Iterable[str | bytes], log: Callable[[str], None]) -> OutputLines:
+def stream_lines(chunks: Iterable[str | bytes], log: Callable[[str], None]) -> OutputLines:
     out = OutputLines(log)
     for chunk in chunks:
         out.feed(chunk)
@@ -85,7 +85,7 @@ class LocalRunner:
         env = STAGE_ENV | dict(os.environ)
         proc = subprocess.Popen([sys.executable, *stage_command(stage, Path(config_file).resolve(), force)], cwd=REPO_ROOT,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        out = _stream(proc.stdout, log)
+        out = stream_lines(proc.stdout, log)
         if proc.wait() < 0:
             raise StageInterrupted(f"stage '{stage}' was killed by signal {-proc.returncode}")
         if proc.returncode != 0:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from schemas import NlsflowError
-from schemas.io import atomic_dir
+from schemas.io import atomic_dir, folder_bytes
 
 CONFIG_FILE, WEIGHTS_FILE = "nola_config.json", "nola_coefficients.safetensors"
 
@@ -139,7 +139,7 @@ def save_nola(peft_model, spec: NolaSpec, out_dir: Path, adapter_name: str = "de
                 codes[f"{key}.grid"] = torch.stack([lo, step])
             state = codes
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "nola"})
-    return sum(p.stat().st_size for p in Path(out_dir).iterdir())
+    return folder_bytes(out_dir)
 
 
 def read_nola(folder: Path) -> tuple[NolaSpec, dict, dict[str, torch.Tensor]]:

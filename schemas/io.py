@@ -54,6 +54,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def folder_bytes(folder: Path) -> int:
+    """Bytes on disk of a folder's files (not its model card, README.md)."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.is_file() and f.name != "README.md")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

@@ -28,6 +28,7 @@ from nlsflow.sparse_merge import make_sparsity_preserving, masked_merge, require
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
 from nlsflow.width import narrow_model, save_narrowed
 from schemas import NlsflowError, read_table, write_table
+from schemas.io import folder_bytes
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -89,11 +90,11 @@ def run(ctx: StageContext) -> dict:
                "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n)}
     if sizes:
         metrics["mlp_widths"] = sizes
-    metrics["adapter_bytes"] = sum(f.stat().st_size for f in adapter_dir.iterdir() if f.suffix != ".md")
+    metrics["adapter_bytes"] = folder_bytes(adapter_dir)
     if is_nola(train_dir / "adapter"):  # NOLA's compact form: the coefficients, and the ranks to slice the factors to
         shutil.copytree(train_dir / "adapter", ctx.out_dir / "nola")
         (ctx.out_dir / "nola" / "subnet.json").write_text(json.dumps(subnet, indent=2))
-        metrics["nola_bytes"] = sum(f.stat().st_size for f in (ctx.out_dir / "nola").iterdir())
+        metrics["nola_bytes"] = folder_bytes(ctx.out_dir / "nola")
     if xc.merge:
         merged = masked_merge(sub) if sparse else sub.merge_and_unload()
         merged_diff = (logits(merged, batch) - expected).abs().max().item()

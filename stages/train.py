@@ -25,6 +25,7 @@ from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.supernet import groups_from_config, make_supernet, save_search_space
 from nlsflow.width import WidthGroup
 from schemas import NlsflowError, write_table
+from schemas.io import folder_bytes
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def run(ctx: StageContext) -> dict:
         save_nola(model, nola, ctx.out_dir / "adapter")
     else:
         model.save_pretrained(ctx.out_dir / "adapter")
-    adapter_bytes = sum(f.stat().st_size for f in (ctx.out_dir / "adapter").iterdir() if f.suffix != ".md")
+    adapter_bytes = folder_bytes(ctx.out_dir / "adapter")
     save_search_space(ctx.out_dir / "search_space.json", groups, width_groups, space)
     write_table(ctx.out_dir / "training_log.parquet", "training_log", log_rows)
     write_table(ctx.out_dir / "validation.parquet", "records",

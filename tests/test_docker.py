@@ -58,18 +58,18 @@ def test_stage_mounts_cover_what_a_stage_touches(tmp_path):
     config_file = tmp_path / "run" / "config.yaml"
     cfg = tiny_config(tmp_path / "run")
     atomic_write_text(config_file, dump_config(cfg))
-    mounts = {m["Target"]: m["ReadOnly"] for m in stage_mounts(config_file)}
+    mounts = {m["Target"]: m["ReadOnly"] for m in stage_mounts(config_file, cfg)}
     assert mounts[cfg.run_dir] is False and mounts[os.environ["NLSFLOW_CACHE"]] is False
     assert mounts[cfg.data.root] is False  # data.download may fetch missing files into it
-    atomic_write_text(config_file, dump_config(tiny_config(tmp_path / "run", "data.download=false")))
-    assert {m["Target"]: m["ReadOnly"] for m in stage_mounts(config_file)}[cfg.data.root] is True
-    shared = stage_mounts(config_file, [parse_mount(f"artifacts:{tmp_path}")])  # a volume replaces what it covers
+    cfg = tiny_config(tmp_path / "run", "data.download=false")
+    assert {m["Target"]: m["ReadOnly"] for m in stage_mounts(config_file, cfg)}[cfg.data.root] is True
+    shared = stage_mounts(config_file, cfg, [parse_mount(f"artifacts:{tmp_path}")])  # a volume replaces what it covers
     assert [m["Target"] for m in shared if m["Target"].startswith(str(tmp_path))] == [str(tmp_path)]
     # a worker in a container: the given mounts only, and the run folder, cache and data must lie under them
     with pytest.raises(NlsflowError, match=f"{os.environ['NLSFLOW_CACHE']}.* not under the given mounts"):
-        stage_mounts(config_file, [parse_mount(f"artifacts:{tmp_path}")], only_given=True)
+        stage_mounts(config_file, cfg, [parse_mount(f"artifacts:{tmp_path}")], only_given=True)
     given = [parse_mount(f"artifacts:{tmp_path}"), parse_mount(f"cache:{os.environ['NLSFLOW_CACHE']}")]
-    assert stage_mounts(config_file, given, only_given=True) == given
+    assert stage_mounts(config_file, cfg, given, only_given=True) == given
 
 
 @needs_data
