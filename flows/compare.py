@@ -21,7 +21,7 @@ from schemas import NlsflowError, read_manifest, stage_dir, write_table
 from schemas.io import atomic_write_text
 from schemas.layers import config_files
 
-METHODS = ("shears", "lonas", "nola")
+METHODS = ("shears", "lonas", "nola", "heterolora")
 COLUMNS = {  # column -> header
     "method": "method", "trainable_params": "trainable params", "train_adapter_bytes": "adapter bytes (trained)",
     "adapter_bytes": "adapter bytes (extracted, stock)", "compact_bytes": "NOLA compact bytes", "params": "params", "nonzero_params": "non-zero params",

@@ -93,7 +93,7 @@ def _check_choices(group: ElasticGroup, rank: int, module: str) -> None:
     ch = group.choices
     if not ch or min(ch) <= 0 or any(x <= y for x, y in zip(ch, ch[1:])):
         raise ValueError(f"group {group.name!r}: choices {ch} must be positive and strictly descending")
-    if ch[0] != rank:
+    if rank > ch[0]:  # a smaller r (HeteroLoRA's reallocated ranks) caps the module: its rank is min(choice, r)
         raise ValueError(f"group {group.name!r}: choices[0]={ch[0]} but {module} has r={rank}; start at {rank}")
 
 
@@ -219,7 +219,7 @@ def subnet_shapes(peft_model, space: Sequence[Variable], subnet: Subnet) -> dict
             n_in, n_out = width_in.get(name, base.in_features), width_out.get(name, base.out_features)
             shapes[f"{name}.base_layer"] = (n_in, n_out)
             for key, a in module.lora_A.items():
-                r = rank.get(name, a.out_features)
+                r = min(rank.get(name, a.out_features), a.out_features)
                 shapes[f"{name}.lora_A.{key}"], shapes[f"{name}.lora_B.{key}"] = (n_in, r), (r, n_out)
         elif isinstance(module, nn.Linear) and name not in shapes:
             shapes[name] = (width_in.get(name, module.in_features), width_out.get(name, module.out_features))
@@ -239,6 +239,12 @@ def linear_macs_per_token(peft_model, space: Sequence[Variable], subnet: Subnet)
     return sum(i * o for i, o in subnet_shapes(peft_model, space, subnet).values())
 
 
+def pattern_key(module_name: str) -> str:
+    r"""A PEFT rank_pattern/alpha_pattern key for exactly this module. PEFT matches keys with
+    re.match(rf"(.*\.)?({key})$", name): "^" + the escaped name relative to the base model matches no other."""
+    return "^" + re.escape(module_name.removeprefix("base_model.model."))
+
+
 def extract_sub_adapter(peft_model, space: Sequence[Variable], subnet: Subnet, out_dir: Path, adapter_name: str = "default",
                         base_model_name_or_path: str | None = None) -> None:
     """Write a stock PEFT adapter folder holding `subnet`'s slices of the super-adapter.
@@ -254,11 +260,9 @@ def extract_sub_adapter(peft_model, space: Sequence[Variable], subnet: Subnet, o
     if base_model_name_or_path:
         config.base_model_name_or_path = base_model_name_or_path
     for v in (v for v in space if v.kind == "rank"):
-        r = subnet[v.name]
         for name in v.modules:
-            # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", name): "^" + the escaped
-            # full name (relative to the base model) matches that one module and no other.
-            key = "^" + re.escape(name.removeprefix("base_model.model."))
+            r = min(subnet[v.name], modules[name].r[adapter_name])
+            key = pattern_key(name)
             config.rank_pattern[key] = r
             # PEFT's scaling alpha/r (alpha/sqrt(r) with rsLoRA) must equal the super-network's
             scaling = modules[name].scaling[adapter_name]

@@ -41,6 +41,7 @@ def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: s
     from peft import PeftModel
 
     from nlsflow.models import load_causal_lm, resolve_device
+    from nlsflow.shortcuts import load_shortcuts
 
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -48,6 +49,7 @@ def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: s
     model = load_causal_lm(model_dir, dtype, dev, revision)
     if adapter_dir:
         model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    shortcuts = load_shortcuts(model, adapter_dir or model_dir)  # HeteroLoRA's: with the adapter or merged folder
     vocab = model.config.vocab_size
     ids = torch.randint(4, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
     mask = torch.ones_like(ids)
@@ -57,12 +59,12 @@ def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: s
     prefill = [_timed(lambda: model(input_ids=ids, attention_mask=mask), dev) for _ in range(repeats)]
     total = [_timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **gen), dev) for _ in range(repeats)]
     prefill_s, total_s = statistics.median(prefill), statistics.median(total)
-    params = [p for p in model.parameters()]
+    params = [*model.parameters(), *(shortcuts.parameters() if shortcuts else [])]
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     folders = [Path(model_dir)] + ([Path(adapter_dir)] if adapter_dir else [])
     return {"params": sum(p.numel() for p in params), "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
-            "macs_per_token": model_linear_macs(model), "prefill_ms": prefill_s * 1e3,
+            "macs_per_token": model_linear_macs(model) + (model_linear_macs(shortcuts) if shortcuts else 0), "prefill_ms": prefill_s * 1e3,
             "decode_ms_per_token": max(total_s - prefill_s, 0.0) / new_tokens * 1e3,
             "tokens_per_s": batch_size * new_tokens / total_s,  # end to end: prefill + decode
             "peak_memory_mb": peak,

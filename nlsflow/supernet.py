@@ -11,6 +11,7 @@ from peft import PeftModel, get_peft_model
 from nlsflow.elastic import ElasticGroup, Variable, heuristic_subnet, make_elastic, maximal_subnet, minimal_subnet, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer
 from nlsflow.nola import is_nola, load_nola, materialize, nola_lora_config
+from nlsflow.shortcuts import load_shortcuts
 from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.width import WidthGroup, make_width_elastic
 from schemas.io import atomic_write_text
@@ -60,4 +61,5 @@ def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dt
         space = make_supernet(model, *load_search_space_groups(search_space_file))
     if sparsity_preserving:  # the adapter's delta only where the base weight is non-zero, as it was trained
         make_sparsity_preserving(model)
+    load_shortcuts(model, adapter_dir)  # HeteroLoRA's shortcut modules, when the adapter has any
     return model, tokenizer, space

@@ -126,6 +126,25 @@ class NolaConfig(Strict):
                                 "this (they are regenerated and held for the whole run)")
 
 
+class HeteroLoraConfig(Strict):
+    mode: Literal["off", "static", "dynamic"] = Field("off", description="static: choose the modules once before "
+                                                      "training; dynamic: re-choose every realloc_every of an epoch")
+    proxy: Literal["constant", "snip", "synflow", "grad_norm", "alpha_test"] = Field("grad_norm", description="saliency proxy")
+    batches: int = Field(8, gt=0, description="training micro-batches each scoring uses (the seed's imp-limit-test-batches)")
+    select: Literal["top_fraction", "rank_budget"] = Field("top_fraction", description="top_fraction: enable the top "
+                                                           "turn_on_percentile; rank_budget (static): ranks from the "
+                                                           "groups' choices, proportional to the scores, under rank_budget")
+    turn_on_percentile: float = Field(0.25, gt=0, le=1, description="fraction of the modules enabled")
+    rank_budget: float = Field(0.5, gt=0, le=1, description="rank_budget: parameters allowed, as a fraction of every "
+                               "candidate at full rank")
+    realloc_every: float = Field(0.2, gt=0, description="dynamic: epochs between re-selections (the seed's realloc-N)")
+    ranking: Literal["combined", "separate"] = Field("combined", description="rank LoRA and shortcut modules together, "
+                                                     "or enable the top fraction of each")
+    shortcuts: bool = Field(True, description="add a low-rank shortcut across every decoder layer as a candidate")
+    shortcut_rank: int = Field(8, gt=0, description="rank of the shortcut modules (fixed, not elastic)")
+    probe_std: float = Field(0.01, gt=0, description="std of the random B a still-zero module is scored with")
+
+
 class TrainConfig(Strict):
     target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description="LoRA targets")
     rank: int = Field(32, gt=0, description="super-adapter (maximum) rank")
@@ -142,6 +161,8 @@ class TrainConfig(Strict):
     adapter: Literal["lora", "nola"] = Field("lora", description="lora: trained factors; nola: factors are combinations "
                                              "of seeded random bases and only the coefficients train (train.nola)")
     nola: NolaConfig = Field(default_factory=NolaConfig, description="NOLA settings (with adapter: nola)")
+    heterolora: HeteroLoraConfig = Field(default_factory=HeteroLoraConfig, description="HeteroLoRA: which LoRA and "
+                                         "shortcut modules train, chosen by a saliency proxy (mode: off by default)")
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (HF Trainer default 1.0; None: off)")
@@ -165,6 +186,11 @@ class TrainConfig(Strict):
         if self.adapter == "nola" and (self.width_groups or self.sparsity_preserving):
             raise ValueError("train.adapter=nola cannot be combined with train.width_groups or train.sparsity_preserving "
                              "yet; drop those or use adapter: lora")
+        hetero = self.heterolora
+        if hetero.mode != "off" and self.adapter == "nola":
+            raise ValueError("train.heterolora cannot be combined with train.adapter=nola yet; set train.heterolora.mode=off")
+        if hetero.mode == "dynamic" and hetero.select == "rank_budget":
+            raise ValueError("train.heterolora.select=rank_budget is static only; use mode=static or select=top_fraction")
         if self.width_groups and self.sparsity_preserving:
             raise ValueError("train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; "
                              "drop one of them")
@@ -254,7 +280,7 @@ class BenchmarkConfig(Strict):
 class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
-    method: Literal["shears", "lonas", "nola"] = Field("shears", description="configs/methods/<method>.yaml, a label for humans: "
+    method: Literal["shears", "lonas", "nola", "heterolora"] = Field("shears", description="configs/methods/<method>.yaml, a label for humans: "
                                               "what the method does is in the prune and train settings")
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
     data: DataConfig

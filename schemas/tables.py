@@ -17,6 +17,8 @@ TABLES: dict[str, pa.Schema] = {
                            ("zeros", pa.int64()), ("sparsity", pa.float64())]),
     "training_log": pa.schema([("step", pa.int64()), ("epoch", pa.float64()), ("loss", pa.float64()),
                                ("learning_rate", pa.float64()), ("active_config", pa.string())]),
+    "heterolora_log": pa.schema([("step", pa.int64()), ("epoch", pa.float64()), ("enabled", pa.int64()),
+                                 ("turned_on", pa.string()), ("turned_off", pa.string()), ("scores", pa.string())]),
     "records": pa.schema([("source", pa.string()), ("instruction", pa.string()), ("input", pa.string()),
                           ("output", pa.string()), ("answer", pa.string())]),
     "predictions": pa.schema([("model", pa.string()), ("task", pa.string()), ("index", pa.int64()), ("prompt", pa.string()),

@@ -23,6 +23,7 @@ from nlsflow.elastic import activate, extract_sub_adapter, validate_subnet
 from nlsflow.evaluation import evaluate_test_sets
 from nlsflow.models import DTYPES, load_causal_lm, resolve_device
 from nlsflow.nola import is_nola
+from nlsflow.shortcuts import copy_shortcuts, has_shortcuts, load_shortcuts
 from nlsflow.pruning import sparsity_table
 from nlsflow.sparse_merge import make_sparsity_preserving, masked_merge, require_sparsity
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
@@ -40,6 +41,14 @@ CHECK_DTYPE = "float32"  # the equivalence check runs in float32 whatever the ru
 def logits(model, batch) -> torch.Tensor:
     out = model(**batch).logits.float()
     return out[batch["attention_mask"].bool()]  # compare real tokens only
+
+
+def load_extracted(base_dir, adapter_dir, dtype: str, device, sparse: bool):
+    """The extracted adapter on its base with stock PEFT, plus its mask (Shears) and shortcuts (HeteroLoRA)."""
+    sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), dtype, device), str(adapter_dir)).eval()
+    if sparse:  # a stock adapter reproduces the masked super-network only with the mask: deploy extract/merged/
+        make_sparsity_preserving(sub)
+    return sub, load_shortcuts(sub, adapter_dir)
 
 
 def run(ctx: StageContext) -> dict:
@@ -76,18 +85,21 @@ def run(ctx: StageContext) -> dict:
         del narrow
     extract_sub_adapter(model, space, subnet, adapter_dir,
                         base_model_name_or_path=str(ctx.input_dir("extract") / "base") if sizes else None)
+    with_shortcuts = has_shortcuts(train_dir / "adapter")  # HeteroLoRA: not mergeable, they travel as files
+    if with_shortcuts:
+        copy_shortcuts(train_dir / "adapter", adapter_dir)
     del model
-    sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), CHECK_DTYPE, device), str(adapter_dir)).eval()
-    if sparse:  # a stock adapter reproduces the masked super-network only with the mask: deploy extract/merged/
-        make_sparsity_preserving(sub)
+    sub, shortcut_modules = load_extracted(base_dir, adapter_dir, CHECK_DTYPE, device, sparse)
     diff = (logits(sub, batch) - expected).abs().max().item()
     log.info("extracted adapter vs super-network subnet: max |Δlogit| = %.3g", diff)
     if diff > xc.tolerance:
         raise NlsflowError(f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
                            f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}")
     metrics = {"subnet_name": subnet_name, "subnet": subnet, "max_abs_logit_diff": diff, "check_dtype": CHECK_DTYPE,
-               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n),
-               "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n)}
+               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n)
+               + sum(p.numel() for p in (shortcut_modules.parameters() if shortcut_modules else [])),
+               "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n),
+               "shortcuts": with_shortcuts}
     if sizes:
         metrics["mlp_widths"] = sizes
     metrics["adapter_bytes"] = folder_bytes(adapter_dir)
@@ -110,11 +122,11 @@ def run(ctx: StageContext) -> dict:
         metrics["merged_params"] = sum(p.numel() for p in merged.parameters())
         save_narrowed(merged.to(DTYPES[cfg.dtype]), sizes, ctx.out_dir / "merged")
         tokenizer.save_pretrained(ctx.out_dir / "merged")
+        if with_shortcuts:
+            copy_shortcuts(adapter_dir, ctx.out_dir / "merged")
         del merged
     if xc.evaluate:  # the deployable model, loaded with stock PEFT, on the test sets
-        sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), cfg.dtype, device), str(adapter_dir)).eval()
-        if sparse:
-            make_sparsity_preserving(sub)
+        sub, _ = load_extracted(base_dir, adapter_dir, cfg.dtype, device, sparse)
         rows, scores = evaluate_test_sets(sub, tokenizer, ctx.data_root, ctx.cfg.evaluate, "extracted")
         write_table(ctx.out_dir / "predictions.parquet", "predictions", rows)
         metrics.update(scores)

@@ -3,6 +3,9 @@
 Writes `train/adapter/` (PEFT format; with train.adapter=nola NOLA's coefficients, seed and shapes),
 `train/search_space.json`, `train/training_log.parquet` and
 `train/validation.parquet` (the held-out slice the search stage scores subnets on).
+With train.heterolora a saliency proxy chooses which LoRA and shortcut modules train, once before training (static)
+or every realloc_every of an epoch (dynamic); `train/heterolora.json` is the chosen configuration with its scores,
+`train/heterolora_log.parquet` the history, and the adapter holds the enabled modules only.
 """
 from __future__ import annotations
 
@@ -18,14 +21,16 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
 from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
-from nlsflow.elastic import activate, random_subnet
+from nlsflow import heterolora as hetero
+from nlsflow.elastic import activate, maximal_subnet, pattern_key, random_subnet
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from nlsflow.nola import NolaSpec, basis_floats, make_nola, save_nola
+from nlsflow.shortcuts import attach_shortcuts, decoder_layers
 from nlsflow.sparse_merge import make_sparsity_preserving
 from nlsflow.supernet import groups_from_config, make_supernet, save_search_space
 from nlsflow.width import WidthGroup
 from schemas import NlsflowError, write_table
-from schemas.io import folder_bytes
+from schemas.io import atomic_write_text, folder_bytes
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -47,10 +52,34 @@ def run(ctx: StageContext) -> dict:
                            f"train.batch_size={tc.batch_size}; lower train.batch_size or train.val_size")
     examples = [tokenize_for_training(tokenizer, r, tc.cutoff_len, tc.train_on_inputs) for r in train_records]
 
+    collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
+
+    def scoring_batches(step: int) -> list[dict]:  # HeteroLoRA's proxies: a fresh, seeded draw each time
+        ids = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + step)).tolist()
+        size = tc.micro_batch_size
+        return [collate([examples[j] for j in ids[i * size : (i + 1) * size]]).to(device)
+                for i in range(min(hc.batches, len(ids) // size))]
+
     lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     groups, width_groups = groups_from_config(tc.groups), groups_from_config(tc.width_groups, WidthGroup)
+    hc, shortcuts, choice = tc.heterolora, None, None
+    if hc.mode != "off" and hc.shortcuts:  # a candidate shortcut across every decoder layer
+        shortcuts = attach_shortcuts(model, list(range(len(decoder_layers(model)))), hc.shortcut_rank, tc.alpha)
+    if hc.mode == "static":  # choose once on the full candidate set, then build only what was chosen
+        cands = hetero.candidates(model, shortcuts)
+        choice = hetero.choose(model, cands, scoring_batches(0), hc, hetero.candidate_rank_choices(cands, groups), cfg.seed)
+        log.info("HeteroLoRA (static, %s): %d of %d modules on", hc.proxy, len(choice.enabled), len(cands))
+        lora_modules, shortcut_layers = choice.lora_modules(cands), choice.shortcut_layers(cands)
+        if shortcuts is not None:
+            shortcuts.detach()
+        lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=lora_modules,
+                          rank_pattern={pattern_key(n): choice.ranks[n] for n in lora_modules if choice.ranks[n] != tc.rank},
+                          task_type="CAUSAL_LM")
+        model = get_peft_model(model.unload(), lora)
+        groups = hetero.groups_with_modules(groups, lora_modules)
+        shortcuts = attach_shortcuts(model, shortcut_layers, hc.shortcut_rank, tc.alpha) if shortcut_layers else None
     space = make_supernet(model, groups, width_groups)
     if tc.sparsity_preserving:  # the adapter's delta is masked by the base's zeros: merging keeps the sparsity
         log.info("sparsity-preserving LoRA: %d LoRA layers have a sparse base", make_sparsity_preserving(model))
@@ -61,23 +90,37 @@ def run(ctx: StageContext) -> dict:
             raise NlsflowError(f"NOLA bases would take {basis_gb:.1f} GB > train.nola.max_basis_gb={tc.nola.max_basis_gb:g}; "
                                "lower train.nola.num_basis_a/num_basis_b, train.rank or train.target_modules")
         log.info("NOLA: %d coefficients replace the LoRA factors", make_nola(model, nola))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    cands = hetero.candidates(model, shortcuts) if hc.mode != "off" else []
+    choices = hetero.candidate_rank_choices(cands, groups)
+    extra = list(shortcuts.parameters()) if shortcuts is not None else []  # outside the model's module tree
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) + sum(p.numel() for p in extra)
 
     steps_per_epoch = math.ceil(len(examples) / tc.batch_size)
     total_steps = math.ceil(steps_per_epoch * tc.epochs)
     if tc.max_steps is not None:
         total_steps = min(total_steps, tc.max_steps)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + extra
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, total_steps)
-    collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
     rng = random.Random(cfg.seed)
     order_rng = torch.Generator().manual_seed(cfg.seed)
 
+    realloc_interval = max(1, round(hc.realloc_every * steps_per_epoch))
     model.train()
-    log_rows, recent = [], []
+    log_rows, recent, hetero_rows = [], [], []
     order: list[int] = []
     for step in tqdm(range(1, total_steps + 1), desc="train", unit="step"):
+        if hc.mode == "dynamic" and (step - 1) % realloc_interval == 0:  # re-score every candidate, re-select
+            activate(model, space, maximal_subnet(space))
+            before = hetero.enabled_names(cands) if step > 1 else set()
+            choice = hetero.choose(model, cands, scoring_batches(step), hc, choices, cfg.seed + step)
+            hetero.set_enabled(cands, choice.enabled)
+            on, off = sorted(choice.enabled - before), sorted(before - choice.enabled)
+            log.info("HeteroLoRA step %d (epoch %.2f): %d of %d modules on; turned on %s; turned off %s",
+                     step, (step - 1) / steps_per_epoch, len(choice.enabled), len(cands), on, off)
+            hetero_rows.append({"step": step, "epoch": (step - 1) / steps_per_epoch, "enabled": len(choice.enabled),
+                                "turned_on": json.dumps(on), "turned_off": json.dumps(off),
+                                "scores": json.dumps(choice.scores)})
         subnet = random_subnet(space, rng)  # the super-network trains one sampled subnet per optimizer step
         activate(model, space, subnet)
         if len(order) < tc.batch_size:  # a new epoch: reshuffle (the remainder of the last one is dropped)
@@ -102,7 +145,20 @@ def run(ctx: StageContext) -> dict:
                              "learning_rate": learning_rate, "active_config": json.dumps(subnet)})
             recent = []
 
-    if tc.adapter == "nola":
+    hetero_metrics = {}
+    if hc.mode != "off":  # the adapter and search space hold the enabled modules only
+        lora_modules, shortcut_layers = choice.lora_modules(cands), choice.shortcut_layers(cands)
+        hetero.save_adapter(model, lora_modules, shortcuts, shortcut_layers, ctx.out_dir / "adapter")
+        groups, space = hetero.groups_with_modules(groups, lora_modules), hetero.space_with_modules(space, lora_modules)
+        atomic_write_text(ctx.out_dir / "heterolora.json", json.dumps(
+            {**hc.model_dump(), "enabled": sorted(choice.enabled), "ranks": choice.ranks, "scores": choice.scores}, indent=2))
+        if hetero_rows:
+            write_table(ctx.out_dir / "heterolora_log.parquet", "heterolora_log", hetero_rows)
+        trainable = sum(c.A.numel() + c.B.numel() for c in cands if c.name in choice.enabled)
+        hetero_metrics = {"heterolora_enabled": len(choice.enabled), "heterolora_candidates": len(choice.scores),
+                          "heterolora_reallocations": len(hetero_rows), "enabled_lora_modules": len(lora_modules),
+                          "enabled_shortcuts": len(shortcut_layers)}
+    elif tc.adapter == "nola":
         save_nola(model, nola, ctx.out_dir / "adapter")
     else:
         model.save_pretrained(ctx.out_dir / "adapter")
@@ -115,7 +171,7 @@ def run(ctx: StageContext) -> dict:
             "adapter": tc.adapter, "adapter_bytes": adapter_bytes,
             "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space),
             "width_variables": sum(v.kind == "width" for v in space),
-            "train_sets": cfg.data.train_sets, "contamination": contamination}
+            "train_sets": cfg.data.train_sets, "contamination": contamination, **hetero_metrics}
 
 
 if __name__ == "__main__":
