@@ -93,8 +93,8 @@ def _check_choices(group: ElasticGroup, rank: int, module: str) -> None:
     ch = group.choices
     if not ch or min(ch) <= 0 or any(x <= y for x, y in zip(ch, ch[1:])):
         raise ValueError(f"group {group.name!r}: choices {ch} must be positive and strictly descending")
-    if rank > ch[0]:  # a smaller r (HeteroLoRA's reallocated ranks) caps the module: its rank is min(choice, r)
-        raise ValueError(f"group {group.name!r}: choices[0]={ch[0]} but {module} has r={rank}; start at {rank}")
+    if rank not in ch:  # an r below choices[0] (HeteroLoRA's reallocated ranks) caps the module at min(choice, r)
+        raise ValueError(f"group {group.name!r}: {module} has r={rank}, not one of the choices {ch}; start at {rank}")
 
 
 def resolve_space(peft_model, groups: Sequence[ElasticGroup], adapter_name="default") -> list[Variable]:

@@ -95,7 +95,7 @@ def test_shared_group_is_one_variable():
         (GROUPS[:2], "down_proj.*target_modules"),
         ([ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 4, 6))] + GROUPS[1:], "'qkv'.*descending"),
         ([ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 4, 0))] + GROUPS[1:], "'qkv'.*positive"),
-        ([ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (16, 8))] + GROUPS[1:], "'qkv'.*r=8"),
+        ([ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (16, 12))] + GROUPS[1:], "'qkv'.*r=8, not one of"),
     ],
 )
 def test_resolve_space_errors(groups, match):

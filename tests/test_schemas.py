@@ -27,7 +27,7 @@ def test_layers_name_the_files_in_order():
     names = [f"{p.parent.name}/{p.name}" for p in config_files("commonsense", "llama7b", "lonas")]
     assert names == ["tasks/commonsense.yaml", "profiles/llama7b.yaml", "profiles/llama7b.commonsense.yaml",
                      "methods/lonas.yaml", "profiles/llama7b.lonas.yaml", "profiles/llama7b.lonas.commonsense.yaml"]
-    with pytest.raises(NlsflowError, match=r"unknown method 'lora'.*choose from \['lonas', 'nola', 'shears'\]"):
+    with pytest.raises(NlsflowError, match=r"unknown method 'lora'.*choose from \['heterolora', 'lonas', 'nola', 'shears'\]"):
         config_files("math", "tiny", "lora")
 
 
