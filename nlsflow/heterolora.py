@@ -14,6 +14,8 @@ Switching a module off sets its scaling to 0 and freezes its factors; nothing el
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import math
 import random
 from contextlib import contextmanager
@@ -29,6 +31,7 @@ from torch import nn
 from nlsflow.shortcuts import Shortcut, Shortcuts, save_shortcuts
 from schemas.io import atomic_dir
 
+log = logging.getLogger(__name__)
 PROXIES = ("constant", "snip", "synflow", "grad_norm", "alpha_test")
 ADAPTER = "default"
 
@@ -283,3 +286,29 @@ def save_adapter(peft_model, lora_modules: list[str], shortcuts: Shortcuts | Non
         save_file(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         if shortcuts is not None and shortcut_layers:
             save_shortcuts(shortcuts, tmp, shortcut_layers)
+
+
+class Reselection:
+    """Dynamic mode: every `interval` steps re-score all candidates at the maximal subnet and switch on the chosen
+    ones; the log line and `rows` (the heterolora_log table) say what changed."""
+
+    def __init__(self, model, cands: list[Candidate], settings, choices: dict[str, tuple[int, ...]], steps_per_epoch: int,
+                 batches, seed: int):
+        self.model, self.cands, self.settings, self.choices, self.batches, self.seed = model, cands, settings, choices, batches, seed
+        self.steps_per_epoch = steps_per_epoch
+        self.interval = max(1, round(settings.realloc_every * steps_per_epoch))
+        self.rows: list[dict] = []
+        self.choice: Choice | None = None
+
+    def due(self, step: int) -> bool:
+        return (step - 1) % self.interval == 0
+
+    def __call__(self, step: int) -> None:
+        before = enabled_names(self.cands) if self.choice else set()
+        self.choice = choose(self.model, self.cands, self.batches(step), self.settings, self.choices, self.seed + step)
+        set_enabled(self.cands, self.choice.enabled)
+        on, off, epoch = sorted(self.choice.enabled - before), sorted(before - self.choice.enabled), (step - 1) / self.steps_per_epoch
+        log.info("HeteroLoRA step %d (epoch %.2f): %d of %d modules on; turned on %s; turned off %s",
+                 step, epoch, len(self.choice.enabled), len(self.cands), on, off)
+        self.rows.append({"step": step, "epoch": epoch, "enabled": len(self.choice.enabled), "turned_on": json.dumps(on),
+                          "turned_off": json.dumps(off), "scores": json.dumps(self.choice.scores)})

@@ -105,22 +105,15 @@ def run(ctx: StageContext) -> dict:
     rng = random.Random(cfg.seed)
     order_rng = torch.Generator().manual_seed(cfg.seed)
 
-    realloc_interval = max(1, round(hc.realloc_every * steps_per_epoch))
+    reselect = (hetero.Reselection(model, cands, hc, choices, steps_per_epoch, scoring_batches, cfg.seed)
+                if hc.mode == "dynamic" else None)
     model.train()
-    log_rows, recent, hetero_rows = [], [], []
+    log_rows, recent = [], []
     order: list[int] = []
     for step in tqdm(range(1, total_steps + 1), desc="train", unit="step"):
-        if hc.mode == "dynamic" and (step - 1) % realloc_interval == 0:  # re-score every candidate, re-select
+        if reselect and reselect.due(step):  # HeteroLoRA dynamic: every realloc_every of an epoch, at the maximal subnet
             activate(model, space, maximal_subnet(space))
-            before = hetero.enabled_names(cands) if step > 1 else set()
-            choice = hetero.choose(model, cands, scoring_batches(step), hc, choices, cfg.seed + step)
-            hetero.set_enabled(cands, choice.enabled)
-            on, off = sorted(choice.enabled - before), sorted(before - choice.enabled)
-            log.info("HeteroLoRA step %d (epoch %.2f): %d of %d modules on; turned on %s; turned off %s",
-                     step, (step - 1) / steps_per_epoch, len(choice.enabled), len(cands), on, off)
-            hetero_rows.append({"step": step, "epoch": (step - 1) / steps_per_epoch, "enabled": len(choice.enabled),
-                                "turned_on": json.dumps(on), "turned_off": json.dumps(off),
-                                "scores": json.dumps(choice.scores)})
+            reselect(step)
         subnet = random_subnet(space, rng)  # the super-network trains one sampled subnet per optimizer step
         activate(model, space, subnet)
         if len(order) < tc.batch_size:  # a new epoch: reshuffle (the remainder of the last one is dropped)
@@ -147,6 +140,7 @@ def run(ctx: StageContext) -> dict:
 
     hetero_metrics = {}
     if hc.mode != "off":  # the adapter and search space hold the enabled modules only
+        choice, hetero_rows = (reselect.choice, reselect.rows) if reselect else (choice, [])
         lora_modules, shortcut_layers = choice.lora_modules(cands), choice.shortcut_layers(cands)
         hetero.save_adapter(model, lora_modules, shortcuts, shortcut_layers, ctx.out_dir / "adapter")
         groups, space = hetero.groups_with_modules(groups, lora_modules), hetero.space_with_modules(space, lora_modules)
