@@ -7,8 +7,9 @@ each on a few training batches with every candidate switched on:
 - synflow: sum |w * dR/dw| with the factors replaced by |w| and R the sum of the logits (data-driven SynFlow);
 - grad_norm: the norm of dL/dw over the module's factors;
 - alpha_test: the loss increase when the module alone is switched off (its alpha set to 0).
-A module whose B is still all zeros (untrained LoRA starts that way) would score 0 under snip, synflow and
-alpha_test, so it is scored with a seeded random B of std `probe_std`, put back afterwards.
+A module whose B is still all zeros (untrained LoRA starts that way) is scored with a seeded random B of std
+`probe_std`, put back afterwards: so every proxy scores it by what it would do once trained (with B = 0, snip,
+synflow and alpha_test give 0, and grad_norm sees B's gradient only).
 Switching a module off sets its scaling to 0 and freezes its factors; nothing else changes.
 """
 from __future__ import annotations
@@ -237,19 +238,22 @@ def choose(model, cands: list[Candidate], batches: list[dict], settings, rank_ch
         per_rank = {c.name: c.params_per_rank for c in cands}
         budget = int(settings.rank_budget * sum(rank_choices[c.name][0] * c.params_per_rank for c in cands))
         ranks = {n: r for n, r in allocate_ranks(scores, rank_choices, per_rank, budget).items() if r > 0}
-        return _with_a_lora_module(Choice(set(ranks), ranks, scores), cands, rank_choices, seed)
+        return _with_a_lora_module(Choice(set(ranks), ranks, scores), cands, rank_choices, seed, lowest=True)
     enabled = select_top(scores, {c.name: c.kind for c in cands}, settings.turn_on_percentile,
                          settings.ranking == "combined", seed)
     choice = Choice(enabled, {c.name: c.rank for c in cands if c.name in enabled}, scores)
     return _with_a_lora_module(choice, cands, rank_choices, seed)
 
 
-def _with_a_lora_module(choice: Choice, cands: list[Candidate], choices: dict[str, tuple[int, ...]], seed: int) -> Choice:
-    """A PEFT adapter needs one LoRA module at least: the best-scored one, when only shortcuts were selected."""
+def _with_a_lora_module(choice: Choice, cands: list[Candidate], choices: dict[str, tuple[int, ...]], seed: int,
+                        lowest: bool = False) -> Choice:
+    """A PEFT adapter needs one LoRA module at least: the best-scored one when only shortcuts were selected (at its
+    lowest rank choice under a budget)."""
     if choice.lora_modules(cands):
         return choice
     best = next(n for n in ranking(choice.scores, seed) if n.split(".")[0] != "shortcut")
-    return Choice(choice.enabled | {best}, {**choice.ranks, best: choices[best][0]}, choice.scores)
+    rank = choices[best][-1] if lowest else choices[best][0]
+    return Choice(choice.enabled | {best}, {**choice.ranks, best: rank}, choice.scores)
 
 
 def candidate_rank_choices(cands: list[Candidate], groups) -> dict[str, tuple[int, ...]]:

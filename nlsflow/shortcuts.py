@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from weakref import WeakKeyDictionary
 
 import torch
 from safetensors.torch import load_file, save
@@ -48,6 +50,9 @@ class Shortcuts(nn.ModuleDict):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        for attached in _ATTACHED.values():
+            if self in attached:
+                attached.remove(self)
 
 
 def decoder_layers(model) -> nn.ModuleList:
@@ -59,27 +64,48 @@ def decoder_layers(model) -> nn.ModuleList:
     return found[0]
 
 
+_ATTACHED: WeakKeyDictionary = WeakKeyDictionary()  # decoder-layer list -> the Shortcuts hooked on it
+
+
 def _apply(shortcut: Shortcut):
     def hook(module, args, kwargs, output):
         if not shortcut.enabled:
             return output
         hidden = args[0] if args else kwargs["hidden_states"]
-        if isinstance(output, tuple):  # older transformers return (hidden_states, ...)
-            return (output[0] + shortcut(hidden), *output[1:])
-        return output + shortcut(hidden)
+        out = output[0] if isinstance(output, tuple) else output  # older transformers return (hidden_states, ...)
+        out = out + shortcut(hidden.to(shortcut.A.weight.dtype)).to(out.dtype)  # float32 factors, as PEFT's LoRA
+        return (out, *output[1:]) if isinstance(output, tuple) else out
     return hook
 
 
 def attach_shortcuts(model, layers: list[int], rank: int, alpha: float) -> Shortcuts:
-    """Add a shortcut across each listed decoder layer, on the model's device and dtype."""
+    """Add a float32 shortcut across each listed decoder layer, on the model's device."""
     blocks = decoder_layers(model)
-    weight = next(model.parameters())
-    hidden = model.config.hidden_size
+    if bad := [i for i in layers if not 0 <= i < len(blocks)]:
+        raise NlsflowError(f"shortcut layers {bad} are outside this model's {len(blocks)} decoder layers; "
+                           "use the base model the shortcuts were trained on")
+    device, hidden = next(model.parameters()).device, model.config.hidden_size
     shortcuts = Shortcuts(rank, alpha)
     for i in layers:
-        shortcuts[str(i)] = Shortcut(hidden, rank, alpha).to(weight.device, weight.dtype)
+        shortcuts[str(i)] = Shortcut(hidden, rank, alpha).to(device)
         shortcuts.handles.append(blocks[i].register_forward_hook(_apply(shortcuts[str(i)]), with_kwargs=True))
+    _ATTACHED.setdefault(blocks, []).append(shortcuts)
     return shortcuts
+
+
+@contextmanager
+def shortcuts_off(model):
+    """Switch off every shortcut attached to `model` for the block (e.g. to score the base alone)."""
+    found = [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)]
+    shortcuts = [s for blocks in found for group in _ATTACHED.get(blocks, []) for s in group.values()]
+    before = [s.enabled for s in shortcuts]
+    for s in shortcuts:
+        s.enabled = False
+    try:
+        yield
+    finally:
+        for s, on in zip(shortcuts, before):
+            s.enabled = on
 
 
 def save_shortcuts(shortcuts: Shortcuts, out_dir: Path, layers: list[int] | None = None) -> None:
@@ -100,14 +126,16 @@ def load_shortcuts(model, folder: Path) -> Shortcuts | None:
     folder = Path(folder)
     if not has_shortcuts(folder):
         return None
-    config = json.loads((folder / CONFIG_FILE).read_text())
     try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        rank, alpha, layers = int(config["rank"]), float(config["alpha"]), [int(i) for i in config["layers"]]
         state = load_file(folder / WEIGHTS_FILE)
-    except Exception as e:  # missing or corrupt file
-        raise NlsflowError(f"{folder / WEIGHTS_FILE} cannot be read ({e}); re-run the stage that wrote {folder}") from None
-    shortcuts = attach_shortcuts(model, config["layers"], config["rank"], config["alpha"])
+    except Exception as e:  # missing, corrupt or incomplete files
+        raise NlsflowError(f"the shortcuts in {folder} cannot be read ({type(e).__name__}: {e}); re-run the stage that "
+                           "wrote them") from None
+    shortcuts = attach_shortcuts(model, layers, rank, alpha)
     try:
-        shortcuts.load_state_dict({f"{i}.{f}.weight": state[f"{i}.{f}"] for i in map(str, config["layers"]) for f in "AB"})
+        shortcuts.load_state_dict({f"{i}.{f}.weight": state[f"{i}.{f}"] for i in map(str, layers) for f in "AB"})
     except (KeyError, RuntimeError) as e:
         shortcuts.detach()
         raise NlsflowError(f"{folder / WEIGHTS_FILE} does not fit this model ({str(e).splitlines()[0]}); "

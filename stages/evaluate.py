@@ -11,6 +11,7 @@ from nlsflow.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
 from nlsflow.elastic import activate
 from nlsflow.evaluation import evaluate_test_sets
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
+from nlsflow.shortcuts import shortcuts_off
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
 from schemas import write_table
 from stages._common import StageContext, main
@@ -31,7 +32,7 @@ def run(ctx: StageContext) -> dict:
 
     baselines = {}
     if "pruned" in ec.baselines:
-        with model.disable_adapter():  # the pruned base alone
+        with model.disable_adapter(), shortcuts_off(model):  # the pruned base alone (no LoRA, no HeteroLoRA shortcuts)
             pruned_rows, baselines["pruned"] = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, "pruned")
         rows += pruned_rows
     if "dense" in ec.baselines:

@@ -90,14 +90,14 @@ def run(ctx: StageContext) -> dict:
         copy_shortcuts(train_dir / "adapter", adapter_dir)
     del model
     sub, shortcut_modules = load_extracted(base_dir, adapter_dir, CHECK_DTYPE, device, sparse)
+    shortcut_params = sum(p.numel() for p in shortcut_modules.parameters()) if shortcut_modules else 0
     diff = (logits(sub, batch) - expected).abs().max().item()
     log.info("extracted adapter vs super-network subnet: max |Δlogit| = %.3g", diff)
     if diff > xc.tolerance:
         raise NlsflowError(f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
                            f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}")
     metrics = {"subnet_name": subnet_name, "subnet": subnet, "max_abs_logit_diff": diff, "check_dtype": CHECK_DTYPE,
-               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n)
-               + sum(p.numel() for p in (shortcut_modules.parameters() if shortcut_modules else [])),
+               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n) + shortcut_params,
                "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n),
                "shortcuts": with_shortcuts}
     if sizes:
@@ -119,7 +119,7 @@ def run(ctx: StageContext) -> dict:
         metrics["merged_max_abs_logit_diff"] = merged_diff
         layers = sparsity_table(merged)
         metrics["merged_sparsity"] = sum(l.zeros for l in layers) / sum(l.in_features * l.out_features for l in layers)
-        metrics["merged_params"] = sum(p.numel() for p in merged.parameters())
+        metrics["merged_params"] = sum(p.numel() for p in merged.parameters()) + shortcut_params
         save_narrowed(merged.to(DTYPES[cfg.dtype]), sizes, ctx.out_dir / "merged")
         tokenizer.save_pretrained(ctx.out_dir / "merged")
         if with_shortcuts:

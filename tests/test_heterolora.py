@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from nlsflow import heterolora as hetero
 from nlsflow.models import load_causal_lm
-from nlsflow.shortcuts import CONFIG_FILE, WEIGHTS_FILE, attach_shortcuts, load_shortcuts, save_shortcuts
+from nlsflow.shortcuts import CONFIG_FILE, WEIGHTS_FILE, attach_shortcuts, load_shortcuts, save_shortcuts, shortcuts_off
 from schemas import NlsflowError, read_manifest, read_table, stage_dir
 from stages import benchmark, evaluate, extract, prune, search, train
 from test_methods import method_config, run_all
@@ -30,6 +30,10 @@ def _model(shortcut_layers=(0, 1)):
     return model, shortcuts, hetero.candidates(model, shortcuts)
 
 
+def _scaling(c: hetero.Candidate) -> float:
+    return c.module.scaling["default"] if c.kind == "lora" else c.module.scaling
+
+
 def _logits(model) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=TOKENS).logits
@@ -38,7 +42,7 @@ def _logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("proxy", hetero.PROXIES)
 def test_each_proxy_gives_finite_scores_ranked_the_same_for_a_seed(proxy):
     model, _, cands = _model()
-    zero_b = {c.name: c.B.detach().clone() for c in cands}
+    state = {c.name: (c.A.detach().clone(), c.B.detach().clone(), _scaling(c)) for c in cands}
     scores = hetero.score(model, cands, BATCHES, proxy, probe_std=0.05, seed=3)
     assert list(scores) == [c.name for c in cands] and len(cands) == 2 * 3 + 2
     assert all(math.isfinite(s) for s in scores.values())
@@ -49,9 +53,12 @@ def test_each_proxy_gives_finite_scores_ranked_the_same_for_a_seed(proxy):
         assert set(scores.values()) == {1.0} and hetero.ranking(scores, 3) != hetero.ranking(scores, 4)
     else:  # untrained B is probed with random values: the scores tell the modules apart
         assert len({round(s, 12) for s in scores.values()}) == len(scores)
-    # nothing is left changed: B back at zero, every module on and trainable, the model in train mode
-    assert all(torch.equal(c.B, zero_b[c.name]) for c in cands)
-    assert hetero.enabled_names(cands) == {c.name for c in cands} and model.training
+    # nothing is left changed: the factors (B back at zero), the scalings, the switches, the model's mode
+    for c in cands:
+        a, b, scaling = state[c.name]
+        assert torch.equal(c.A, a) and torch.equal(c.B, b) and _scaling(c) == scaling == c.scaling
+        assert c.A.requires_grad and c.B.requires_grad
+    assert model.training
 
 
 def test_switching_off_removes_a_module_and_its_gradients():
@@ -98,6 +105,9 @@ def test_shortcuts_round_trip_and_refuse_another_model(tmp_path):
         torch.nn.init.normal_(s.B.weight, std=0.1)
     with_shortcuts = _logits(model)
     assert not torch.allclose(before, with_shortcuts)  # they carry a signal across the layer
+    with shortcuts_off(model):  # e.g. the evaluate stage's pruned baseline
+        assert torch.allclose(_logits(model), before)
+    assert torch.allclose(_logits(model), with_shortcuts)
     save_shortcuts(shortcuts, tmp_path, layers=[1])
     assert json.loads((tmp_path / CONFIG_FILE).read_text()) == {"rank": 4, "alpha": 8, "layers": [1]}
     shortcuts.detach()
@@ -110,6 +120,15 @@ def test_shortcuts_round_trip_and_refuse_another_model(tmp_path):
                           LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(NlsflowError, match="does not fit this model"):
         load_shortcuts(wide, tmp_path)
+    shallow = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                          num_hidden_layers=1, num_attention_heads=4)),
+                             LoraConfig(r=4, target_modules=["q_proj"]))
+    with pytest.raises(NlsflowError, match=r"shortcut layers \[1\] are outside this model's 1 decoder layers"):
+        load_shortcuts(shallow, tmp_path)
+    (tmp_path / CONFIG_FILE).write_text('{"rank": 4}')
+    with pytest.raises(NlsflowError, match="shortcuts in .* cannot be read .*KeyError"):
+        load_shortcuts(model, tmp_path)
+    (tmp_path / CONFIG_FILE).write_text('{"rank": 4, "alpha": 8, "layers": [1]}')
     (tmp_path / WEIGHTS_FILE).write_bytes(b"not safetensors")
     with pytest.raises(NlsflowError, match="cannot be read"):
         load_shortcuts(model, tmp_path)
@@ -120,7 +139,7 @@ def test_dynamic_mode_changes_the_enabled_set_and_logs_when(tmp_path, caplog):
     cfg = method_config(tmp_path, "heterolora", "train.max_steps=60", "train.heterolora.realloc_every=0.1")
     assert cfg.method == "heterolora" and cfg.train.heterolora.mode == "dynamic" and cfg.prune.sparsity == 0
     with caplog.at_level(logging.INFO):
-        run_all(cfg, (prune, train))
+        run_all(cfg)
     train_dir = stage_dir(tmp_path, "train")
     log = read_table(train_dir / "heterolora_log.parquet", "heterolora_log").to_pylist()
     assert [r["step"] for r in log] == [1, 21, 41]  # 200 steps an epoch: every 20 steps
@@ -135,6 +154,8 @@ def test_dynamic_mode_changes_the_enabled_set_and_logs_when(tmp_path, caplog):
     assert sorted(adapter["target_modules"]) == sorted(lora)
     metrics = read_manifest(train_dir, "train").metrics
     assert metrics["heterolora_reallocations"] == len(log) and metrics["heterolora_enabled"] == len(chosen["enabled"])
+    extracted = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics  # the adapter as saved searches and extracts
+    assert extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
 
 
 @pytest.mark.slow
@@ -164,7 +185,7 @@ def test_static_rank_budget_with_shortcuts_extracts_with_the_supernet_logits(tmp
 @pytest.mark.slow
 def test_static_shortcuts_travel_with_the_extracted_adapter_and_merged_model(tmp_path):
     cfg = method_config(tmp_path, "heterolora", "train.heterolora.mode=static", "train.heterolora.ranking=separate",
-                        "train.heterolora.proxy=synflow", "train.heterolora.shortcut_rank=2")
+                        "train.heterolora.proxy=synflow", "train.heterolora.shortcut_rank=2", "evaluate.baselines=[pruned]")
     run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
     train_dir, extract_dir = stage_dir(tmp_path, "train"), stage_dir(tmp_path, "extract")
     chosen = json.loads((train_dir / "heterolora.json").read_text())
