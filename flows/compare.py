@@ -56,14 +56,16 @@ def markdown(rows: list[dict]) -> str:
 
 
 def compare(task: str, profile: str, methods=METHODS, runs: Path = Path("runs"), overrides=(), runner: str = "local",
-            force: bool = False, runner_options: dict | None = None) -> list[dict]:
+            force: bool = False, runner_options: dict | None = None, existing: bool = False) -> list[dict]:
+    """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing."""
     rows = []
     for method in methods:
         run_dir = runs / f"{task}-{profile}-{method}"
-        files = [str(f) for f in config_files(task, profile, method)]
-        state = pipeline(files, [f"run_dir={run_dir}", *overrides], runner, force, runner_options, return_state=True)
-        if state.is_failed():
-            raise NlsflowError(f"{method}: {state.message}")
+        if not existing:
+            files = [str(f) for f in config_files(task, profile, method)]
+            state = pipeline(files, [f"run_dir={run_dir}", *overrides], runner, force, runner_options, return_state=True)
+            if state.is_failed():
+                raise NlsflowError(f"{method}: {state.message}")
         rows.append(method_row(run_dir, method))
     name = runs / f"compare-{task}-{profile}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", help="docker: GPUs per stage container (all, a count, device=0,1, none)")
     parser.add_argument("--image", help="docker: image name with {stage}")
     parser.add_argument("--force", action="store_true", help="re-run every stage of every method")
+    parser.add_argument("--existing", action="store_true", help="tabulate the runs as they are (each made by `make "
+                        "pipeline ... METHOD=<method>`, maybe at other times); run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     try:
         options = {k: v for k, v in {"gpus": args.gpus, "image": args.image}.items() if v}
-        rows = compare(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.force, options)
+        rows = compare(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.force, options,
+                       args.existing)
     except NlsflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

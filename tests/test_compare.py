@@ -5,7 +5,7 @@ import pytest
 
 from conftest import DATA_ROOT, needs_data
 from flows.compare import COLUMNS, compare, markdown
-from schemas import read_manifest, read_table, stage_dir
+from schemas import NlsflowError, read_manifest, read_table, stage_dir
 
 pytestmark = [pytest.mark.slow, needs_data]
 
@@ -23,5 +23,8 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     shears, nola = rows
     assert nola["trainable_params"] < shears["trainable_params"] and nola["train_adapter_bytes"] < shears["train_adapter_bytes"]
     assert nola["nonzero_params"] > shears["nonzero_params"]  # NOLA keeps the dense base, Shears prunes half
+    assert compare("math", "tiny", ("shears", "nola"), tmp_path, existing=True) == rows  # tabulated, nothing run
+    with pytest.raises(NlsflowError, match="math-tiny-lonas/train/manifest.json: run the 'train' stage first"):
+        compare("math", "tiny", ("lonas",), tmp_path, existing=True)
     text = (tmp_path / "compare-math-tiny.md").read_text()
     assert text == markdown(rows) and text.count("\n") == 4 and "| nola |" in text
