@@ -55,9 +55,13 @@ class Shortcuts(nn.ModuleDict):
                 attached.remove(self)
 
 
+def _layer_lists(model) -> list[nn.ModuleList]:
+    return [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)]
+
+
 def decoder_layers(model) -> nn.ModuleList:
     """The model's decoder layers: the one ModuleList named `layers` (Llama, Mistral, Qwen, per_layer_llama)."""
-    found = [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)]
+    found = _layer_lists(model)
     if len(found) != 1:
         raise NlsflowError(f"shortcuts need one decoder-layer list named 'layers'; {type(model).__name__} has {len(found)}; "
                            "set train.heterolora.shortcuts=false for this model")
@@ -96,8 +100,7 @@ def attach_shortcuts(model, layers: list[int], rank: int, alpha: float) -> Short
 @contextmanager
 def shortcuts_off(model):
     """Switch off every shortcut attached to `model` for the block (e.g. to score the base alone)."""
-    found = [m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)]
-    shortcuts = [s for blocks in found for group in _ATTACHED.get(blocks, []) for s in group.values()]
+    shortcuts = [s for blocks in _layer_lists(model) for group in _ATTACHED.get(blocks, []) for s in group.values()]
     before = [s.enabled for s in shortcuts]
     for s in shortcuts:
         s.enabled = False
