@@ -19,7 +19,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
-.PHONY: pipeline compare test venv clean-runs ui worker images $(STAGE_TARGETS)
+.PHONY: pipeline compare bench test venv clean-runs ui worker images $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -46,6 +46,11 @@ METHODS ?= shears,lonas,nola,heterolora
 compare: venv
 	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
+
+# This project against what a user would pick instead, each pair measured alternately in one run:
+# `make bench PROFILE=tiny` (ARGS="--repeats 5", "--only training,wanda", "--out DIR" or key=value overrides).
+bench: venv
+	$(PY) -m nlsflow.bench --profile $(PROFILE) $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 $(STAGE_TARGETS): stage-%: venv

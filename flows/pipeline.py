@@ -91,6 +91,10 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
     evaluations = read_table(stage_dir(cfg.run_dir, "search") / "evaluations.parquet", "evaluations").to_pylist()
     create_table_artifact(pareto_table(evaluations), key="nlsflow-pareto-front",
                           description=f"search: Pareto-optimal subnets (accuracy vs cost), {about}")
+    benchmark = stage_dir(cfg.run_dir, "benchmark")
+    plots = ", ".join(str(benchmark / f) for f in ("throughput_vs_macs.png", "accuracy_vs_macs.png"))
+    create_markdown_artifact((benchmark / "results.md").read_text() + f"\nPlots: {plots}\n", key="nlsflow-benchmark",
+                             description=f"benchmark: every variant, {about}")
     return results
 
 

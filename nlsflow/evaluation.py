@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
 from nlsflow.data import EVAL_DATASETS, load_eval_records
+from nlsflow.elastic import Subnet, activate
 from nlsflow.generation import evaluate_dataset
 
 log = logging.getLogger(__name__)
@@ -14,10 +16,25 @@ def accuracy(rows: list[dict], key: str = "correct") -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
-def evaluate_test_sets(model, tokenizer, data_root: Path, eval_cfg, model_name: str) -> tuple[list[dict], dict]:
+def subnet_accuracy(model, tokenizer, space, records: list[dict], subnet: Subnet, *, max_new_tokens: int,
+                    num_beams: int, batch_size: int, progress: bool = True) -> float:
+    """Validation accuracy of `subnet`, as the search stage scores it: per source set, batched generation."""
+    activate(model, space, subnet)
+    by_source = defaultdict(list)
+    for record in records:
+        by_source[record["source"]].append(record)
+    correct = 0
+    for source, rows in by_source.items():
+        scored = evaluate_dataset(model, tokenizer, EVAL_DATASETS[source], rows, max_new_tokens=max_new_tokens,
+                                  num_beams=num_beams, batch_size=batch_size, progress=progress)
+        correct += sum(r["correct"] for r in scored)
+    return correct / len(records)
+
+
+def evaluate_test_sets(model, tokenizer, data_root: Path, eval_cfg, model_name: str, decoder=None) -> tuple[list[dict], dict]:
     """Generate and score every test set of `eval_cfg`; rows are tagged with `model_name`.
 
-    Returns the prediction rows and {"accuracy": {task: acc}, "accuracy_strict": {...}, "average_accuracy": ...,
+    With a `decoder` (`nlsflow.timing.Decoder`, `model` None) generation is greedy through it. Returns the prediction rows and {"accuracy": {task: acc}, "accuracy_strict": {...}, "average_accuracy": ...,
     "average_accuracy_strict": ...}.
     """
     gen = eval_cfg.generation
@@ -25,7 +42,7 @@ def evaluate_test_sets(model, tokenizer, data_root: Path, eval_cfg, model_name: 
     for name in eval_cfg.datasets:
         records = load_eval_records(data_root, name, eval_cfg.max_samples)
         task_rows = evaluate_dataset(model, tokenizer, EVAL_DATASETS[name], records, max_new_tokens=gen.max_new_tokens,
-                                     num_beams=gen.num_beams, batch_size=gen.batch_size)
+                                     num_beams=gen.num_beams, batch_size=gen.batch_size, decoder=decoder)
         reference[name], strict[name] = accuracy(task_rows), accuracy(task_rows, "strict_correct")
         log.info("%s on %s: accuracy %.4f (strict %.4f), %d records", model_name, name, reference[name], strict[name],
                  len(task_rows))

@@ -67,6 +67,23 @@ def generate(
     return texts
 
 
+def generate_with_decoder(decoder, tokenizer, prompts: list[str], *, max_new_tokens: int, progress: bool = True,
+                          desc: str = "generate") -> list[str]:
+    """Greedy generation through a `nlsflow.timing.Decoder` (e.g. an OpenVINO export), one prompt at a time (no
+    padding to get right), stopping at the tokenizer's EOS: the text each prompt's generation adds."""
+    texts = []
+    for prompt in tqdm(prompts, desc=desc, disable=not progress):
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        token, new = decoder.prefill(input_ids, torch.ones_like(input_ids)), []
+        while int(token) != tokenizer.eos_token_id:
+            new.append(int(token))
+            if len(new) == max_new_tokens:
+                break
+            token = decoder.decode(token)
+        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+    return texts
+
+
 def evaluate_dataset(
     model,
     tokenizer,
@@ -77,15 +94,24 @@ def evaluate_dataset(
     num_beams: int,
     batch_size: int,
     progress: bool = True,
+    decoder=None,
 ) -> list[dict]:
     """Generate an answer for every record and score it; one row per record, in record order.
+
+    With a `decoder` (and `model` None), generation is greedy through it (`generate_with_decoder`).
 
     `prediction`/`correct` follow the reference (LLM-Adapters) protocol, `strict_prediction`/
     `strict_correct` the strict one (see `nlsflow.answers`), side by side.
     """
     prompts = [generate_prompt(r["instruction"], r.get("input", "")) for r in records]
-    generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                           batch_size=batch_size, progress=progress, desc=dataset.name)
+    if decoder is not None:
+        if num_beams != 1:
+            raise ValueError(f"num_beams={num_beams}: generation through a decoder is greedy only")
+        generations = generate_with_decoder(decoder, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                            progress=progress, desc=dataset.name)
+    else:
+        generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                               batch_size=batch_size, progress=progress, desc=dataset.name)
     rows = []
     for index, (record, prompt, generation) in enumerate(zip(records, prompts, generations)):
         label = str(record["answer"])

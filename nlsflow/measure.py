@@ -1,18 +1,35 @@
-"""Measure a model as deployed: size, non-zeros, MACs, prefill/decode latency, throughput and peak memory.
+"""Measure one model variant as deployed: parameters, non-zeros, MACs, size, prefill/decode latency, throughput, memory.
 
-Each model is measured in a fresh process so that peak memory is that model's own.
+A `Variant` names what to load: a transformers folder (optionally with a PEFT adapter, optionally a super-adapter
+activated at a subnet, optionally with PyTorch's 2:4 sparse kernels), or an OpenVINO export. `measure_in_subprocess`
+measures it in a fresh spawned process, so that its peak memory is its own, at every batch size with the timing
+protocol of `nlsflow.timing` (same seeded prompts for every variant).
 """
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 import resource
-import statistics
-import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    model_dir: str  # a transformers folder, or an OpenVINO export when runtime == "openvino"
+    runtime: str = "pytorch"  # or "openvino"
+    weights: str = ""  # what the weights are, for the table: the dtype, "int8"/"int4" (NNCF), "2:4 sparse"
+    adapter_dir: str | None = None  # a PEFT adapter on model_dir
+    search_space: str | None = None  # with adapter_dir: a super-adapter, made elastic and activated at `subnet`
+    subnet: tuple[tuple[str, int], ...] | None = None
+    sparsity_preserving: bool = False
+    revision: str | None = None
+    semi_structured: bool = False  # swap 2:4-sparse weights for torch's semi-structured sparse tensors (CUDA)
+    dtype: str | None = None  # overrides the run's dtype (the 2:4 kernels need float16)
 
 
 def model_linear_macs(model: nn.Module) -> int:
@@ -20,58 +37,96 @@ def model_linear_macs(model: nn.Module) -> int:
     return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def base_linear_zeros(model: nn.Module) -> int:
+    """Zero weights of the base model's nn.Linear layers: MACs a sparse kernel could skip."""
+    return int(sum((m.weight == 0).sum().item() for name, m in model.named_modules()
+                   if isinstance(m, nn.Linear) and "lora_" not in name and m.weight.layout == torch.strided))
+
+
 def size_on_disk_mb(folders: list[Path]) -> float:
-    return sum(f.stat().st_size for d in folders for f in Path(d).glob("*.safetensors")) / 2**20
+    patterns = ("*.safetensors", "*.bin")
+    return sum(f.stat().st_size for d in folders for p in patterns for f in Path(d).glob(p)) / 2**20
 
 
-def _timed(fn, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+def is_n_m_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """At most n non-zeros in every group of m consecutive inputs (the layout semi-structured kernels need)."""
+    out_features, in_features = weight.shape
+    return in_features % m == 0 and bool(((weight != 0).reshape(out_features, -1, m).sum(-1) <= n).all())
+
+
+def use_semi_structured_kernels(model: nn.Module) -> int:
+    """Swap every 2:4-sparse decoder nn.Linear weight for a semi-structured sparse tensor; returns how many."""
+    from torch.sparse import to_sparse_semi_structured
+
+    swapped = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "lm_head" not in name and is_n_m_sparse(module.weight):
+            module.weight = nn.Parameter(to_sparse_semi_structured(module.weight), requires_grad=False)
+            swapped += 1
+    return swapped
+
+
+def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
+    """The model, and its stats that need the module tree: params, non-zeros, MACs, zero MACs."""
+    from peft import PeftModel
+
+    from nlsflow.elastic import activate, linear_macs_per_token
+    from nlsflow.models import load_causal_lm
+    from nlsflow.shortcuts import attached_shortcuts, load_shortcuts
+    from nlsflow.supernet import load_supernet
+
+    if variant.search_space:  # the super-adapter at a subnet: MACs at the active ranks
+        model, _, space = load_supernet(Path(variant.model_dir), Path(variant.adapter_dir), Path(variant.search_space),
+                                        dtype, device, variant.sparsity_preserving)
+        activate(model, space, dict(variant.subnet))
+        macs = linear_macs_per_token(model, space, dict(variant.subnet))
+    else:
+        model = load_causal_lm(variant.model_dir, dtype, device, variant.revision)
+        if variant.adapter_dir:
+            model = PeftModel.from_pretrained(model, variant.adapter_dir).eval()
+        load_shortcuts(model, Path(variant.adapter_dir or variant.model_dir))  # HeteroLoRA's, when the folder has any
+        macs = model_linear_macs(model)
+    shortcuts = attached_shortcuts(model)
+    params = [*model.parameters(), *(p for group in shortcuts for p in group.parameters())]
+    stats = {"params": sum(p.numel() for p in params), "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
+             "macs_per_token": macs + sum(model_linear_macs(group) for group in shortcuts)}
+    stats["nonzero_macs_per_token"] = stats["macs_per_token"] - base_linear_zeros(model)
+    if variant.semi_structured:
+        if not use_semi_structured_kernels(model):
+            raise ValueError(f"{variant.name}: no 2:4-sparse linear layer to run with semi-structured kernels")
+    return model, stats
 
 
 @torch.inference_mode()
-def measure_model(model_dir: str, adapter_dir: str | None, dtype: str, device: str, *, prompt_len: int, new_tokens: int,
-                  batch_size: int, warmup: int, repeats: int, num_threads: int | None = None,
-                  revision: str | None = None) -> dict:
-    from peft import PeftModel
-
-    from nlsflow.models import load_causal_lm, resolve_device
-    from nlsflow.shortcuts import load_shortcuts
+def measure_variant(variant: Variant, *, dtype: str, device: str, vocab_size: int, prompt_len: int, new_tokens: int,
+                    batch_sizes: list[int], warmup: int, repeats: int, num_threads: int | None = None) -> list[dict]:
+    """One row per batch size: the variant's stats (pytorch only), timings (median, spread), peak memory, size."""
+    from nlsflow.models import resolve_device
+    from nlsflow.timing import TorchDecoder, repeat_timing, summarize
 
     if num_threads:
         torch.set_num_threads(num_threads)
-    dev = resolve_device(device)
-    model = load_causal_lm(model_dir, dtype, dev, revision)
-    if adapter_dir:
-        model = PeftModel.from_pretrained(model, adapter_dir).eval()
-    shortcuts = load_shortcuts(model, adapter_dir or model_dir)  # HeteroLoRA's: with the adapter or merged folder
-    vocab = model.config.vocab_size
-    ids = torch.randint(4, vocab, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-    mask = torch.ones_like(ids)
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    for _ in range(warmup):
-        model.generate(input_ids=ids, attention_mask=mask, **gen)
-    prefill = [_timed(lambda: model(input_ids=ids, attention_mask=mask), dev) for _ in range(repeats)]
-    total = [_timed(lambda: model.generate(input_ids=ids, attention_mask=mask, **gen), dev) for _ in range(repeats)]
-    prefill_s, total_s = statistics.median(prefill), statistics.median(total)
-    params = [*model.parameters(), *(shortcuts.parameters() if shortcuts else [])]
+    if variant.runtime == "openvino":
+        from nlsflow.openvino_format import OpenVINODecoder
+
+        decoder, stats, dev = OpenVINODecoder(variant.model_dir, num_threads), {}, torch.device("cpu")
+    else:
+        dev = resolve_device(device)
+        model, stats = _load_pytorch(variant, variant.dtype or dtype, dev)
+        decoder = TorchDecoder(model)
+    rows = []
+    for batch_size in batch_sizes:
+        ids = torch.randint(4, vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+        timings = repeat_timing(decoder, ids, torch.ones_like(ids), new_tokens, warmup, repeats)
+        rows.append({"batch_size": batch_size, **summarize(timings)})
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    folders = [Path(model_dir)] + ([Path(adapter_dir)] if adapter_dir else [])
-    return {"params": sum(p.numel() for p in params), "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
-            "macs_per_token": model_linear_macs(model) + (model_linear_macs(shortcuts) if shortcuts else 0), "prefill_ms": prefill_s * 1e3,
-            "decode_ms_per_token": max(total_s - prefill_s, 0.0) / new_tokens * 1e3,
-            "tokens_per_s": batch_size * new_tokens / total_s,  # end to end: prefill + decode
-            "peak_memory_mb": peak,
-            "size_on_disk_mb": size_on_disk_mb(folders) if all(Path(f).is_dir() for f in folders) else float("nan")}
+    folders = [Path(f) for f in (variant.model_dir, variant.adapter_dir) if f]
+    size = size_on_disk_mb(folders) if all(f.is_dir() for f in folders) else float("nan")  # nan: a hub id
+    return [{**stats, **row, "peak_memory_mb": peak, "size_on_disk_mb": size} for row in rows]
 
 
-def measure_in_subprocess(**kwargs) -> dict:
-    """`measure_model` in a spawned process: its peak RSS is this model's alone."""
+def measure_in_subprocess(variant: Variant, **kwargs) -> list[dict]:
+    """`measure_variant` in a spawned process: its peak memory is this variant's alone."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure_model, **kwargs).result()
+        return pool.submit(measure_variant, variant, **kwargs).result()

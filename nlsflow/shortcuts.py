@@ -97,10 +97,15 @@ def attach_shortcuts(model, layers: list[int], rank: int, alpha: float) -> Short
     return shortcuts
 
 
+def attached_shortcuts(model) -> list[Shortcuts]:
+    """Every group of shortcuts hooked on `model`'s decoder layers (none: an empty list)."""
+    return [group for blocks in _layer_lists(model) for group in _ATTACHED.get(blocks, [])]
+
+
 @contextmanager
 def shortcuts_off(model):
     """Switch off every shortcut attached to `model` for the block (e.g. to score the base alone)."""
-    shortcuts = [s for blocks in _layer_lists(model) for group in _ATTACHED.get(blocks, []) for s in group.values()]
+    shortcuts = [s for group in attached_shortcuts(model) for s in group.values()]
     before = [s.enabled for s in shortcuts]
     for s in shortcuts:
         s.enabled = False

@@ -20,13 +20,13 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "evaluate": ("prune", "train"),
     "search": ("prune", "train"),
     "extract": ("prune", "train", "search"),
-    "benchmark": ("prune", "extract"),
+    "benchmark": ("prune", "train", "evaluate", "extract"),
 }
 
 # The config sections each stage's result depends on (beyond the shared fields).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prune": ("prune",), "train": ("train",), "evaluate": ("evaluate",), "search": ("search",),
-    "extract": ("extract", "evaluate"), "benchmark": ("benchmark",),
+    "extract": ("extract", "evaluate"), "benchmark": ("benchmark", "evaluate"),
 }
 
 
@@ -271,10 +271,17 @@ class ExtractConfig(Strict):
 
 class BenchmarkConfig(Strict):
     prompt_len: int = Field(128, gt=0)
-    new_tokens: int = Field(32, gt=0)
-    batch_size: int = Field(1, gt=0)
+    new_tokens: int = Field(32, ge=2, description="greedy tokens per pass; the first comes from prefill")
+    batch_sizes: list[int] = Field([1, 8], min_length=1, description="each variant is timed at every batch size")
     warmup: int = Field(1, ge=0)
-    repeats: int = Field(3, gt=0)
+    repeats: int = Field(3, gt=0, description="timed passes; tables give the median and ± half the range")
+    super_adapter: bool = Field(True, description="also measure the super-adapter, unmerged, at evaluate.subnet")
+    openvino: list[Literal["fp32", "int8", "int4"]] = Field(
+        ["fp32", "int8", "int4"], description="OpenVINO exports of the deployable model (NNCF weight compression), on CPU")
+    int4_group_size: int = Field(64, gt=0, description="NNCF INT4 group size")
+    int4_ratio: float = Field(1.0, gt=0, le=1, description="share of weights in INT4 (the rest INT8)")
+    openvino_accuracy: bool = Field(True, description="score the OpenVINO exports on evaluate's test sets (greedy)")
+    semi_structured: bool = Field(True, description="on CUDA, time N:M-pruned models with PyTorch's 2:4 sparse kernels")
 
 
 class PipelineConfig(Strict):

@@ -1,39 +1,141 @@
-"""Stage 6, benchmark: the dense base, the pruned base and the extracted model, measured the same way.
+"""Stage 6, benchmark: every variant of the model, measured the same way, side by side.
 
-Writes `benchmark/results.parquet`. Unstructured sparsity on dense kernels gives no speed-up; the table says what it measured.
+Variants: the dense base, the pruned base, the super-adapter (unmerged, at evaluate's subnet), the extracted model
+(merged where the method allows, and unmerged), its OpenVINO exports (FP32, and NNCF INT8/INT4 weight compression,
+on the CPU), and on a CUDA host PyTorch's 2:4 semi-structured sparse kernels for an N:M-pruned base. Each is timed
+at every batch size (prefill, decode per token, tokens/s: medians ± half range over repeats), in its own process for
+its peak memory. Writes `results.parquet`, `results.md`, `throughput_vs_macs.png`, `accuracy_vs_macs.png`, the
+OpenVINO exports under `openvino/`, and the exports' test-set predictions.
 """
 from __future__ import annotations
 
+import json
 import logging
 
-from nlsflow.measure import measure_in_subprocess
+from tqdm.auto import tqdm
+
+from nlsflow.benchmark_report import plot_results, results_markdown, with_speedups
+from nlsflow.measure import Variant, measure_in_subprocess
+from nlsflow.models import resolve_device
 from schemas import write_table
+from schemas.io import atomic_write_text
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
 
 
+def pytorch_variants(ctx: StageContext) -> list[Variant]:
+    cfg = ctx.cfg
+    pruned, extracted, train = ctx.input_dir("prune") / "model", ctx.input_dir("extract"), ctx.input_dir("train")
+    prune = ctx.inputs["prune"].metrics
+    variants = [Variant("dense", prune["base_model"], weights=cfg.dtype, revision=prune.get("base_revision")),
+                Variant("pruned", str(pruned), weights=cfg.dtype)]
+    if cfg.benchmark.super_adapter:
+        subnet = ctx.inputs["evaluate"].metrics["subnet"]
+        variants.append(Variant("super_adapter", str(pruned), weights=cfg.dtype, adapter_dir=str(train / "adapter"),
+                                search_space=str(train / "search_space.json"), subnet=tuple(sorted(subnet.items())),
+                                sparsity_preserving=cfg.train.sparsity_preserving))
+    if (extracted / "merged").is_dir():
+        variants.append(Variant("extracted_merged", str(extracted / "merged"), weights=cfg.dtype))
+    adapter_base = extracted / "base" if (extracted / "base").is_dir() else pruned  # LoNAS: the narrowed base
+    variants.append(Variant("extracted_adapter", str(adapter_base), weights=cfg.dtype, adapter_dir=str(extracted / "adapter")))
+    return variants
+
+
+def semi_structured_variants(ctx: StageContext, variants: list[Variant]) -> tuple[list[Variant], str]:
+    """fp16 pairs (dense kernels, 2:4 sparse kernels) of the N:M-pruned models; or why there are none."""
+    cfg = ctx.cfg
+    if not cfg.benchmark.semi_structured:
+        return [], "off (benchmark.semi_structured=false)"
+    if resolve_device(cfg.device).type != "cuda":
+        return [], "skipped: PyTorch's semi-structured sparse kernels need a CUDA device"
+    if cfg.prune.structure != "2:4" or not cfg.prune.sparsity:
+        return [], f"skipped: the base is pruned {cfg.prune.structure!r}, not 2:4"
+    pairs = []
+    for v in variants:
+        if v.name in ("pruned", "extracted_merged") and not v.adapter_dir:
+            pairs += [Variant(f"{v.name}@fp16", v.model_dir, weights="float16", dtype="float16"),
+                      Variant(f"{v.name}@2:4", v.model_dir, weights="float16, 2:4 sparse kernels", dtype="float16",
+                              semi_structured=True)]
+    return pairs, "measured"
+
+
+def openvino_rows(ctx: StageContext, source: Variant, source_rows: list[dict], measure) -> tuple[list[dict], list[dict]]:
+    """Export the deployable model to OpenVINO (NNCF weight compression), time it, and score it on the test sets."""
+    from nlsflow.evaluation import evaluate_test_sets
+    from nlsflow.models import load_tokenizer
+    from nlsflow.openvino_format import OpenVINODecoder, export_openvino
+
+    bc, rows, predictions = ctx.cfg.benchmark, [], []
+    stats = {k: source_rows[0][k] for k in ("params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token")}
+    for weights in tqdm(bc.openvino, desc="openvino"):
+        name, folder = f"{source.name}@openvino-{weights}", ctx.out_dir / "openvino" / weights
+        export = export_openvino(source.model_dir, folder, weights, group_size=bc.int4_group_size, int4_ratio=bc.int4_ratio)
+        log.info("%s: exported in %.1fs (+%.1fs compression), %.1f MB", name, export["export_seconds"],
+                 export["compress_seconds"], export["size_on_disk_mb"])
+        variant = Variant(name, str(folder), runtime="openvino", weights=weights)
+        scored = {}
+        if bc.openvino_accuracy:
+            decoder = OpenVINODecoder(folder, ctx.cfg.num_threads)
+            found, scored = evaluate_test_sets(None, load_tokenizer(source.model_dir), ctx.data_root, ctx.cfg.evaluate, name,
+                                               decoder=decoder)
+            predictions += found
+        rows += [{**stats, **r, "model": name, "runtime": "openvino", "weights": weights, **_accuracy(scored),
+                  "note": "OpenVINO on CPU"} for r in measure(variant)]
+    return rows, predictions
+
+
+def _accuracy(metrics: dict | None) -> dict:
+    if not metrics or "average_accuracy" not in metrics:
+        return {"accuracy": None, "accuracy_strict": None}
+    return {"accuracy": metrics["average_accuracy"], "accuracy_strict": metrics["average_accuracy_strict"]}
+
+
+def known_accuracies(ctx: StageContext) -> dict[str, dict]:
+    """What earlier stages scored, by variant name."""
+    evaluate, extract = ctx.inputs["evaluate"].metrics, ctx.inputs["extract"].metrics
+    known = {**evaluate.get("baselines", {}), "super_adapter": evaluate}
+    if "average_accuracy" in extract:
+        known["extracted_merged"] = known["extracted_adapter"] = extract
+    return known
+
+
 def run(ctx: StageContext) -> dict:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
-    pruned, extracted = ctx.input_dir("prune") / "model", ctx.input_dir("extract")
-    prune_metrics = ctx.inputs["prune"].metrics
-    variants = {"dense": (prune_metrics["base_model"], None, prune_metrics.get("base_revision")),
-                "pruned": (str(pruned), None, None)}
-    if (extracted / "merged").is_dir():
-        variants["extracted_merged"] = (str(extracted / "merged"), None, None)
-    adapter_base = extracted / "base" if (extracted / "base").is_dir() else pruned  # LoNAS: the narrowed base
-    variants["extracted_adapter"] = (str(adapter_base), str(extracted / "adapter"), None)
+    vocab_size = json.loads((ctx.input_dir("prune") / "model" / "config.json").read_text())["vocab_size"]
+    settings = dict(dtype=cfg.dtype, device=cfg.device, vocab_size=vocab_size, prompt_len=bc.prompt_len,
+                    new_tokens=bc.new_tokens, batch_sizes=bc.batch_sizes, warmup=bc.warmup, repeats=bc.repeats,
+                    num_threads=cfg.num_threads)
 
-    rows = []
-    for name, (model_dir, adapter_dir, revision) in variants.items():
-        result = measure_in_subprocess(model_dir=model_dir, adapter_dir=adapter_dir, dtype=cfg.dtype, device=cfg.device,
-                                       prompt_len=bc.prompt_len, new_tokens=bc.new_tokens, batch_size=bc.batch_size,
-                                       warmup=bc.warmup, repeats=bc.repeats, num_threads=cfg.num_threads, revision=revision)
-        log.info("%s: %s", name, result)
-        rows.append({"model": name, **result})
+    def measure(variant: Variant) -> list[dict]:
+        return measure_in_subprocess(variant, **settings)
+
+    variants = pytorch_variants(ctx)
+    extra, semi_structured = semi_structured_variants(ctx, variants)
+    known, rows, measured = known_accuracies(ctx), [], {}
+    for variant in tqdm(variants + extra, desc="benchmark"):
+        measured[variant.name] = measure(variant)
+        accuracy = _accuracy(known.get(variant.name.split("@")[0]))  # 2:4 kernels run the same weights
+        rows += [{**r, "model": variant.name, "runtime": "pytorch", "weights": variant.weights, **accuracy, "note": ""}
+                 for r in measured[variant.name]]
+        log.info("%s: %s", variant.name, measured[variant.name])
+
+    openvino, predictions = "off (benchmark.openvino=[])", []
+    deployable = next((v for v in variants if v.name == "extracted_merged"), None)
+    if bc.openvino and deployable is None:
+        openvino = "skipped: no merged model to export (extract.merge=false)"
+    elif bc.openvino:
+        found, predictions = openvino_rows(ctx, deployable, measured[deployable.name], measure)
+        rows, openvino = rows + found, "measured on CPU"
+    rows = with_speedups(rows, unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0)
     write_table(ctx.out_dir / "results.parquet", "results", rows)
-    by_name = {r["model"]: r for r in rows}
-    return {"results": by_name, "settings": bc.model_dump()}
+    if predictions:
+        write_table(ctx.out_dir / "predictions.parquet", "predictions", predictions)
+    atomic_write_text(ctx.out_dir / "results.md", results_markdown(rows))
+    plot_results(rows, ctx.out_dir)
+    by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
+    return {"results": by_batch[bc.batch_sizes[0]], "results_by_batch": {str(bs): v for bs, v in by_batch.items()},
+            "openvino": openvino, "semi_structured": semi_structured, "settings": bc.model_dump()}
 
 
 if __name__ == "__main__":

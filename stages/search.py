@@ -10,11 +10,9 @@ import csv
 import io
 import json
 import logging
-from collections import defaultdict
 
-from nlsflow.data import EVAL_DATASETS
-from nlsflow.elastic import activate, adapter_parameters, linear_macs_per_token
-from nlsflow.generation import evaluate_dataset
+from nlsflow.elastic import adapter_parameters, linear_macs_per_token
+from nlsflow.evaluation import subnet_accuracy
 from nlsflow.models import resolve_device
 from nlsflow.nas import SubnetEvaluator, choose, nsga2_search, plot_search
 from nlsflow.supernet import NAMED_SUBNETS, load_supernet
@@ -32,18 +30,10 @@ def run(ctx: StageContext) -> dict:
                                             train_dir / "search_space.json", cfg.dtype, resolve_device(cfg.device),
                                             cfg.train.sparsity_preserving)
     validation = read_table(train_dir / "validation.parquet", "records").to_pylist()[: sc.val_samples]
-    by_source = defaultdict(list)
-    for record in validation:
-        by_source[record["source"]].append(record)
 
     def accuracy(subnet) -> float:
-        activate(model, space, subnet)
-        correct = 0
-        for source, records in by_source.items():
-            rows = evaluate_dataset(model, tokenizer, EVAL_DATASETS[source], records, max_new_tokens=sc.generation.max_new_tokens,
-                                    num_beams=sc.generation.num_beams, batch_size=sc.generation.batch_size)
-            correct += sum(r["correct"] for r in rows)
-        return correct / len(validation)
+        return subnet_accuracy(model, tokenizer, space, validation, subnet, max_new_tokens=sc.generation.max_new_tokens,
+                               num_beams=sc.generation.num_beams, batch_size=sc.generation.batch_size)
 
     def params(subnet) -> int:
         return adapter_parameters(model, space, subnet)

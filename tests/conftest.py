@@ -26,8 +26,13 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_SCRATCH, ignore_errors=True)
 
 
+# OpenVINO exports cost tens of seconds a run: the tests of the benchmark (math_run) ask for them, others do not.
+NO_OPENVINO = "benchmark.openvino=[]"
+MATH_RUN = ("benchmark.openvino=[fp32, int8, int4]",)
+
+
 def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
-    return [f"run_dir={run_dir}", f"data.root={DATA_ROOT}", *extra]
+    return [f"run_dir={run_dir}", f"data.root={DATA_ROOT}", NO_OPENVINO, *extra]
 
 
 def tiny_config(run_dir: Path, *extra: str):
@@ -45,7 +50,7 @@ def math_run(tmp_path_factory):
     from stages._common import run_stage
 
     run_dir = tmp_path_factory.mktemp("math-tiny")
-    cfg = tiny_config(run_dir)
+    cfg = tiny_config(run_dir, *MATH_RUN)
     for module in (prune, train, evaluate, search, extract, benchmark):
         stage = module.__name__.rsplit(".", 1)[-1]
         assert run_stage(stage, module.run, cfg) is not None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import DATA_ROOT, needs_data
+from conftest import DATA_ROOT, NO_OPENVINO, needs_data
 from flows.compare import COLUMNS, compare, markdown
 from schemas import NlsflowError, read_manifest, read_table, stage_dir
 
@@ -11,7 +11,8 @@ pytestmark = [pytest.mark.slow, needs_data]
 
 
 def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
-    overrides = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "benchmark.repeats=1"]
+    overrides = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "benchmark.repeats=1",
+                 NO_OPENVINO]
     rows = compare("math", "tiny", ("shears", "nola"), tmp_path, overrides)
     assert [r["method"] for r in rows] == ["shears", "nola"]
     table = read_table(tmp_path / "compare-math-tiny.parquet", "comparison").to_pylist()

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import DATA_ROOT, REPO, TINY_CONFIGS, needs_data
+from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data
 from schemas import STAGES, read_manifest, stage_dir
 
 pytestmark = [pytest.mark.slow, needs_data]
@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, needs_data]
 def _pipeline(run_dir, *extra: str) -> str:
     configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={run_dir}", f"data.root={DATA_ROOT}",
-                           *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           NO_OPENVINO, *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 

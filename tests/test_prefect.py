@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from conftest import DATA_ROOT, REPO, TINY_CONFIGS, needs_data, tiny_overrides
+from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from flows import runners
 from flows.runners import LocalRunner, StageInterrupted
 from schemas import STAGES, NlsflowError, stage_dir
@@ -97,7 +97,7 @@ def _post(api: str, path: str, body: dict | None = None):
     return response.json()
 
 
-TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2"]
+TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", NO_OPENVINO]
 
 
 def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_path):

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import tiny_config
+from conftest import MATH_RUN, tiny_config
 from schemas import STAGES, stage_dir
 from stages import benchmark, evaluate, extract, prune, search, train
 from stages._common import run_stage
@@ -25,23 +25,23 @@ def _statuses(cfg) -> dict[str, str]:
 
 
 def test_unchanged_config_skips_everything(copied_run):
-    assert set(_statuses(tiny_config(copied_run)).values()) == {"skipped"}
+    assert set(_statuses(tiny_config(copied_run, *MATH_RUN)).values()) == {"skipped"}
 
 
 def test_corrupt_output_reruns_only_that_stage(copied_run):
     table = stage_dir(copied_run, "evaluate") / "predictions.parquet"
     table.write_bytes(table.read_bytes()[:-10])
-    statuses = _statuses(tiny_config(copied_run))
+    statuses = _statuses(tiny_config(copied_run, *MATH_RUN))
     assert statuses == {"prune": "skipped", "train": "skipped", "evaluate": "ran", "search": "skipped",
                         "extract": "skipped", "benchmark": "skipped"}
 
 
 def test_force_reruns_an_up_to_date_stage(copied_run):
-    assert run_stage("evaluate", RUNS["evaluate"], tiny_config(copied_run), force=True) is not None
+    assert run_stage("evaluate", RUNS["evaluate"], tiny_config(copied_run, *MATH_RUN), force=True) is not None
 
 
 def test_upstream_change_reruns_everything_downstream(copied_run):
-    statuses = _statuses(tiny_config(copied_run, "prune.calibration.num_samples=4"))
+    statuses = _statuses(tiny_config(copied_run, *MATH_RUN, "prune.calibration.num_samples=4"))
     assert statuses == dict.fromkeys(STAGES, "ran")
 
 

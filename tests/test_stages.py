@@ -138,13 +138,31 @@ def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):
 
 
 def test_benchmark_measures_every_variant(math_run):
-    rows = read_table(_dir(math_run, "benchmark") / "results.parquet", "results").to_pylist()
-    by_model = {r["model"]: r for r in rows}
-    assert set(by_model) == {"dense", "pruned", "extracted_merged", "extracted_adapter"}
-    assert by_model["pruned"]["nonzero_params"] < by_model["dense"]["nonzero_params"]
-    assert by_model["pruned"]["params"] == by_model["dense"]["params"]
-    assert by_model["extracted_adapter"]["params"] > by_model["pruned"]["params"]
-    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    out = _dir(math_run, "benchmark")
+    rows = read_table(out / "results.parquet", "results").to_pylist()
+    openvino = {f"extracted_merged@openvino-{w}" for w in ("fp32", "int8", "int4")}
+    assert {r["model"] for r in rows} == {"dense", "pruned", "super_adapter", "extracted_merged", "extracted_adapter", *openvino}
+    assert sorted(r["batch_size"] for r in rows if r["model"] == "dense") == math_run.benchmark.batch_sizes
+    one = {r["model"]: r for r in rows if r["batch_size"] == 1}
+    assert one["pruned"]["nonzero_params"] < one["dense"]["nonzero_params"]
+    assert one["pruned"]["params"] == one["dense"]["params"]
+    assert one["pruned"]["macs_per_token"] == one["dense"]["macs_per_token"] > one["pruned"]["nonzero_macs_per_token"]
+    assert one["extracted_adapter"]["params"] > one["pruned"]["params"]
+    assert one["super_adapter"]["params"] >= one["extracted_adapter"]["params"]  # it holds every rank
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
+               and r["tokens_per_s_spread"] >= 0 for r in rows)
+    sizes = {w: one[f"extracted_merged@openvino-{w}"]["size_on_disk_mb"] for w in ("fp32", "int8", "int4")}
+    assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
+    assert all(0 <= one[name]["accuracy"] <= 1 and one[name]["runtime"] == "openvino" for name in openvino)
+    assert one["dense"]["speedup"] == 1.0 and one["dense"]["note"] == "reference"
+    assert all(r["speedup"] > 0 and ("no speed-up" in r["note"]) == (r["speedup"] < 1.05) for r in rows if r["model"] != "dense")
+    metrics = read_manifest(out, "benchmark").metrics
+    assert "need a CUDA device" in metrics["semi_structured"] and metrics["openvino"] == "measured on CPU"
+    assert set(metrics["results"]) == {r["model"] for r in rows}
+    assert "| extracted_merged@openvino-int4 |" in (out / "results.md").read_text()
+    assert (out / "throughput_vs_macs.png").stat().st_size > 0 and (out / "accuracy_vs_macs.png").stat().st_size > 0
+    predictions = read_table(out / "predictions.parquet", "predictions").to_pylist()
+    assert {r["model"] for r in predictions} == openvino
 
 
 def test_report_quotes_the_manifests(math_run):

@@ -1,0 +1,83 @@
+"""`make bench`: the tiny bench end to end, and the checks its comparisons rest on (no timing assertions)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import DATA_ROOT, needs_data
+
+pytestmark = needs_data
+OVERRIDES = [f"data.root={DATA_ROOT}", "num_threads=1"]
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    from nlsflow.bench.context import load_context
+
+    return load_context("tiny", OVERRIDES, repeats=1)
+
+
+@pytest.mark.slow
+def test_tiny_bench_writes_the_table(tmp_path):
+    from nlsflow.bench.__main__ import main
+    from schemas import read_table
+
+    assert main(["--profile", "tiny", "--repeats", "1", "--out", str(tmp_path), *OVERRIDES]) == 0
+    rows = read_table(tmp_path / "bench-tiny.parquet", "bench").to_pylist()  # checks the schema too
+    assert [(r["comparison"], r["metric"]) for r in rows] == [
+        ("training step", "step time"), ("training step", "step time"), ("Wanda pruning", "wall time"),
+        ("Wanda pruning", "peak RSS of the process"), ("search throughput", "subnet evaluations per minute"),
+        ("search throughput", "subnet evaluations per minute"), ("generation", "tokens per second"),
+        ("generation", "tokens per second")]
+    for r in rows:
+        assert r["profile"] == "tiny" and r["repeats"] == 1 and r["ours_spread"] == r["peer_spread"] == 0
+        assert r["ours_median"] > 0 and r["peer_median"] > 0
+        assert r["ratio"] == pytest.approx(r["ours_median"] / r["peer_median"])
+        assert r["target"] and isinstance(r["target_met"], bool)
+    assert "identical masks in all 14 linears" in rows[2]["note"]
+    assert "greedy tokens identical" in rows[6]["note"]
+    md = (tmp_path / "bench-tiny.md").read_text()
+    assert md.count("\n| ") == 1 + len(rows) and "Wanda pruning" in md
+
+
+def test_wanda_masks_are_compared(ctx):
+    from nlsflow.bench.wanda import calibration_ids, check_same_masks, prune_once
+    from schemas import NlsflowError
+
+    calib = calibration_ids(ctx)
+
+    def masks(impl, sparsity, n_m=None):
+        return prune_once(impl, ctx.base_dir, "float32", "cpu", calib, sparsity, n_m, 1)["masks"]
+
+    ours = masks("ours", 0.5)
+    assert len(ours) == 14
+    check_same_masks(ours, masks("reference", 0.5))
+    check_same_masks(masks("ours", 0.5, (2, 4)), masks("reference", 0.5, (2, 4)))
+    with pytest.raises(NlsflowError, match="masks differ .* in 14 of 14 linears"):
+        check_same_masks(ours, masks("reference", 0.6))
+    with pytest.raises(NlsflowError, match="in 14 of 14 linears"):
+        check_same_masks(ours, masks("reference", 0.5, (2, 4)))
+
+
+@pytest.mark.slow
+def test_search_cached_and_uncached_give_the_same_accuracies(ctx):
+    from nlsflow.bench.search import measure
+
+    m = measure(ctx, repeats=1)
+    (_, ours), = m["results"]["ours"]
+    (_, uncached), = m["results"]["no cache"]
+    assert len(ours) == m["requests"] > m["distinct"]  # NSGA-II asked for some subnets again: the cache answered
+    assert ours == uncached
+    assert len(set(ours)) > 1  # the subnets really score differently, so equal lists mean something
+
+
+def test_merged_greedy_tokens_equal_the_unmerged(ctx):
+    from nlsflow.bench.generation import greedy_tokens, models
+
+    variants = models(ctx)
+    ids = torch.randint(4, variants["base"].config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    merged = greedy_tokens(variants["merged"], ids, 16)
+    assert merged.shape == (1, 16)
+    assert torch.equal(merged, greedy_tokens(variants["unmerged"], ids, 16))
+    with torch.no_grad():  # the adapter does change the model, so the equality is not the base's own tokens
+        assert not torch.equal(variants["merged"](ids).logits, variants["base"](ids).logits)
