@@ -17,7 +17,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.states import Failed
 
 from flows.runners import RUNNERS, StageInterrupted, get_runner
-from flows.summary import accuracy_table, pareto_table, render_summary, summary_markdown
+from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
 from schemas import STAGES, NlsflowError, is_up_to_date, load_config, read_manifest, read_table, stage_dir
 from schemas.config import dump_config
 from schemas.layers import config_files
@@ -91,9 +91,7 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
     evaluations = read_table(stage_dir(cfg.run_dir, "search") / "evaluations.parquet", "evaluations").to_pylist()
     create_table_artifact(pareto_table(evaluations), key="nlsflow-pareto-front",
                           description=f"search: Pareto-optimal subnets (accuracy vs cost), {about}")
-    benchmark = stage_dir(cfg.run_dir, "benchmark")
-    plots = ", ".join(str(benchmark / f) for f in ("throughput_vs_macs.png", "accuracy_vs_macs.png"))
-    create_markdown_artifact((benchmark / "results.md").read_text() + f"\nPlots: {plots}\n", key="nlsflow-benchmark",
+    create_markdown_artifact(benchmark_markdown(stage_dir(cfg.run_dir, "benchmark")), key="nlsflow-benchmark",
                              description=f"benchmark: every variant, {about}")
     return results
 

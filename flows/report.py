@@ -47,6 +47,9 @@ def run_report(run_dir: Path) -> str:
         cells = [f"{100 * m['accuracy'][t]:.1f}" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * m['average_accuracy']:.1f} | "
                      f"{100 * m['average_accuracy_strict']:.1f} |")
+    benchmark = stage_dir(run_dir, "benchmark") / "results.md"
+    if benchmark.is_file():
+        lines += ["", "Benchmark:", "", benchmark.read_text().rstrip()]
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
 """The end-of-run summary: per stage status, time and key metric; accuracy, chosen subnet, params before/after."""
 from __future__ import annotations
 
+import base64
 import json
 from collections import Counter
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -98,3 +100,12 @@ def pareto_table(evaluations: list[dict]) -> list[dict]:
     front = sorted((e for e in evaluations if e["pareto"]), key=lambda e: (e["macs"], -e["accuracy"]))
     return [{"eval_id": e["eval_id"], "accuracy": round(e["accuracy"], 4), "params": e["params"], "macs": e["macs"],
              "label": e["label"], "config": e["config"]} for e in front]
+
+
+def benchmark_markdown(folder: Path) -> str:
+    """The benchmark's table with its plots inlined (data URIs: the UI shows them without access to the run folder)."""
+    text = (folder / "results.md").read_text()
+    for plot in ("throughput_vs_macs.png", "accuracy_vs_macs.png"):
+        data = base64.b64encode((folder / plot).read_bytes()).decode()
+        text += f"\n![{plot}](data:image/png;base64,{data})\n\n`{folder / plot}`\n"
+    return text

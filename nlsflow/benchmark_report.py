@@ -7,26 +7,34 @@ NO_SPEEDUP = 1.05  # below this ratio of tokens/s, the table says there is no sp
 
 
 def reference_of(name: str) -> str:
-    """What a variant is compared with: its source for a deployment format, the dense base otherwise."""
+    """What a variant is compared with: the dense base; for a deployment format, the step before it (PyTorch ->
+    OpenVINO FP32 -> NNCF INT8/INT4; dense fp16 kernels -> 2:4 sparse kernels)."""
     if "@" not in name:
         return "dense"
     source, form = name.split("@", 1)
-    return f"{source}@fp16" if form == "2:4" else source
+    return {"2:4": f"{source}@fp16", "openvino-int8": f"{source}@openvino-fp32",
+            "openvino-int4": f"{source}@openvino-fp32"}.get(form, source)
 
 
-def with_speedups(rows: list[dict], unstructured: bool) -> list[dict]:
-    """Add `speedup` (tokens/s over the reference's at the same batch size) and a note where there is none."""
+def with_speedups(rows: list[dict], unstructured: bool, same_device: bool = True) -> list[dict]:
+    """Add `speedup` (tokens/s over the reference's at the same batch size) and a note where there is none.
+
+    `same_device` False: PyTorch ran on a GPU, so OpenVINO (CPU) FP32 gets no ratio against it.
+    """
     by_key = {(r["model"], r["batch_size"]): r for r in rows}
     out = []
     for row in rows:
         reference = by_key.get((reference_of(row["model"]), row["batch_size"]))
-        speedup = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         notes = [row.get("note") or ""]
+        if row["runtime"] != "pytorch" and reference and reference["runtime"] == "pytorch" and not same_device:
+            reference = None
+            notes.append("not compared: PyTorch ran on the GPU")
+        speedup = row["tokens_per_s"] / reference["tokens_per_s"] if reference else None
         if row["model"] == "dense":
             notes.append("reference")
         elif speedup is not None and speedup < NO_SPEEDUP:
             notes.append(f"no speed-up over {reference['model']}")
-        if row["model"] in ("pruned", "extracted_merged") and unstructured:
+        if unstructured and row["model"] != "dense":
             notes.append("unstructured zeros run on dense kernels")
         out.append({**row, "speedup": speedup, "note": "; ".join(n for n in notes if n)})
     return out
@@ -54,7 +62,8 @@ def results_markdown(rows: list[dict]) -> str:
     lines += ["| " + " | ".join(cell(r) for cell in COLUMNS.values()) + " |"
               for r in sorted(rows, key=lambda r: r["batch_size"])]
     return "\n".join(lines) + "\n\nTimes are medians ± half the range over the repeats; speed-up is tokens/s over the " \
-                              "reference's (the dense base; a deployment format's source model) at the same batch size.\n"
+                              "reference's at the same batch size: the dense base; for a deployment format the step before it (PyTorch → " \
+        "OpenVINO FP32 → INT8/INT4; fp16 dense kernels → 2:4 sparse kernels).\n"
 
 
 def plot_results(rows: list[dict], folder: Path) -> None:

@@ -1,6 +1,7 @@
 """Batched greedy/beam generation and scoring of one evaluation set."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -10,6 +11,26 @@ from nlsflow.answers import score, score_strict
 from nlsflow.data import EvalDataset, generate_prompt
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _left_padded(tokenizer):
+    """Left padding (and a pad token, when the tokenizer has none) for the block only."""
+    saved_padding_side, saved_pad_token = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # only masked positions ever see it
+    try:
+        yield
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved_padding_side, saved_pad_token
+
+
+def _longest_first(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches, longest prompts first (a batch that does not fit in memory fails at once)."""
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
 def generate(
@@ -26,26 +47,20 @@ def generate(
     """The text each prompt's generation adds (special tokens dropped), in the order of `prompts`.
 
     Deterministic (no sampling): greedy when `num_beams == 1`, beam search otherwise. Prompts are
-    batched longest first, left-padded, so a batch that does not fit in memory fails at once.
-    Works for plain transformers models and `peft.PeftModel`s. The model is put in eval mode and
-    the tokenizer's padding side (and pad token, when it has none) set for the call only.
+    batched longest first, left-padded. Works for plain transformers models and `peft.PeftModel`s.
+    The model is put in eval mode and the tokenizer's padding side (and pad token, when it has none)
+    set for the call only.
     """
     if not prompts:
         return []
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
-    device = next(model.parameters()).device
     texts = [""] * len(prompts)
-
-    saved_padding_side, saved_pad_token, was_training = tokenizer.padding_side, tokenizer.pad_token, model.training
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token  # only masked positions ever see it
+    device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                batch = order[start : start + batch_size]
+        bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
+        with _left_padded(tokenizer), torch.inference_mode(), bar:
+            for batch in _longest_first(tokenizer, prompts, batch_size):
                 encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
                 input_ids = encoded["input_ids"].to(device)
                 output_ids = model.generate(
@@ -61,26 +76,29 @@ def generate(
                     texts[index] = text
                 bar.update(len(batch))
     finally:
-        tokenizer.padding_side = saved_padding_side
-        tokenizer.pad_token = saved_pad_token
         model.train(was_training)
     return texts
 
 
-def generate_with_decoder(decoder, tokenizer, prompts: list[str], *, max_new_tokens: int, progress: bool = True,
-                          desc: str = "generate") -> list[str]:
-    """Greedy generation through a `nlsflow.timing.Decoder` (e.g. an OpenVINO export), one prompt at a time (no
-    padding to get right), stopping at the tokenizer's EOS: the text each prompt's generation adds."""
-    texts = []
-    for prompt in tqdm(prompts, desc=desc, disable=not progress):
-        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-        token, new = decoder.prefill(input_ids, torch.ones_like(input_ids)), []
-        while int(token) != tokenizer.eos_token_id:
-            new.append(int(token))
-            if len(new) == max_new_tokens:
-                break
-            token = decoder.decode(token)
-        texts.append(tokenizer.decode(new, skip_special_tokens=True))
+def generate_with_decoder(decoder, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
+                          progress: bool = True, desc: str = "generate") -> list[str]:
+    """`generate`'s greedy texts through a `nlsflow.timing.Decoder` (e.g. an OpenVINO export): the same batches and
+    padding; a row ends at the tokenizer's EOS, a batch when every row has."""
+    if not prompts:
+        return []
+    texts = [""] * len(prompts)
+    with _left_padded(tokenizer), tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
+        for batch in _longest_first(tokenizer, prompts, batch_size):
+            encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
+            tokens = [decoder.prefill(encoded["input_ids"], encoded["attention_mask"])]
+            done = tokens[0][:, 0] == tokenizer.eos_token_id
+            while len(tokens) < max_new_tokens and not done.all():
+                tokens.append(decoder.decode(tokens[-1]))
+                done |= tokens[-1][:, 0] == tokenizer.eos_token_id
+            for index, row in zip(batch, torch.cat(tokens, dim=1).tolist()):
+                end = row.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in row else len(row)
+                texts[index] = tokenizer.decode(row[:end], skip_special_tokens=True)
+            bar.update(len(batch))
     return texts
 
 
@@ -108,7 +126,7 @@ def evaluate_dataset(
         if num_beams != 1:
             raise ValueError(f"num_beams={num_beams}: generation through a decoder is greedy only")
         generations = generate_with_decoder(decoder, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                            progress=progress, desc=dataset.name)
+                                            batch_size=batch_size, progress=progress, desc=dataset.name)
     else:
         generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
                                batch_size=batch_size, progress=progress, desc=dataset.name)

@@ -2,8 +2,8 @@
 
 A `Variant` names what to load: a transformers folder (optionally with a PEFT adapter, optionally a super-adapter
 activated at a subnet, optionally with PyTorch's 2:4 sparse kernels), or an OpenVINO export. `measure_in_subprocess`
-measures it in a fresh spawned process, so that its peak memory is its own, at every batch size with the timing
-protocol of `nlsflow.timing` (same seeded prompts for every variant).
+measures it at one batch size in a fresh spawned process, so that the peak memory is that variant's at that batch
+size, with the timing protocol of `nlsflow.timing` (same seeded prompts for every variant).
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ class Variant:
     adapter_dir: str | None = None  # a PEFT adapter on model_dir
     search_space: str | None = None  # with adapter_dir: a super-adapter, made elastic and activated at `subnet`
     subnet: tuple[tuple[str, int], ...] | None = None
-    sparsity_preserving: bool = False
+    sparsity_preserving: bool = False  # Shears: the adapter's delta masked by the base's zeros, as it was trained
     revision: str | None = None
     semi_structured: bool = False  # swap 2:4-sparse weights for torch's semi-structured sparse tensors (CUDA)
-    dtype: str | None = None  # overrides the run's dtype (the 2:4 kernels need float16)
+    dtype: str | None = None  # overrides the run's dtype (the 2:4 kernels need float16 or bfloat16)
 
 
 def model_linear_macs(model: nn.Module) -> int:
@@ -54,16 +54,21 @@ def is_n_m_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return in_features % m == 0 and bool(((weight != 0).reshape(out_features, -1, m).sum(-1) <= n).all())
 
 
-def use_semi_structured_kernels(model: nn.Module) -> int:
-    """Swap every 2:4-sparse decoder nn.Linear weight for a semi-structured sparse tensor; returns how many."""
+def use_semi_structured_kernels(model: nn.Module) -> tuple[int, int]:
+    """Swap every 2:4-sparse decoder nn.Linear weight for a semi-structured sparse tensor: (swapped, linears).
+
+    A layer stays dense when it is not 2:4 or its sides are not multiples of 64 (the kernels' tile constraints).
+    """
     from torch.sparse import to_sparse_semi_structured
 
+    linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and "lm_head" not in name]
     swapped = 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and "lm_head" not in name and is_n_m_sparse(module.weight):
+    for module in linears:
+        fits = module.in_features % 64 == 0 and module.out_features % 64 == 0
+        if fits and is_n_m_sparse(module.weight):
             module.weight = nn.Parameter(to_sparse_semi_structured(module.weight), requires_grad=False)
             swapped += 1
-    return swapped
+    return swapped, len(linears)
 
 
 def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
@@ -73,6 +78,7 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
     from nlsflow.elastic import activate, linear_macs_per_token
     from nlsflow.models import load_causal_lm
     from nlsflow.shortcuts import attached_shortcuts, load_shortcuts
+    from nlsflow.sparse_merge import make_sparsity_preserving, masked_macs_correction
     from nlsflow.supernet import load_supernet
 
     if variant.search_space:  # the super-adapter at a subnet: MACs at the active ranks
@@ -84,23 +90,26 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
         model = load_causal_lm(variant.model_dir, dtype, device, variant.revision)
         if variant.adapter_dir:
             model = PeftModel.from_pretrained(model, variant.adapter_dir).eval()
+            if variant.sparsity_preserving:
+                make_sparsity_preserving(model)
         load_shortcuts(model, Path(variant.adapter_dir or variant.model_dir))  # HeteroLoRA's, when the folder has any
         macs = model_linear_macs(model)
     shortcuts = attached_shortcuts(model)
     params = [*model.parameters(), *(p for group in shortcuts for p in group.parameters())]
     stats = {"params": sum(p.numel() for p in params), "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
-             "macs_per_token": macs + sum(model_linear_macs(group) for group in shortcuts)}
+             "macs_per_token": macs + masked_macs_correction(model) + sum(model_linear_macs(group) for group in shortcuts),
+             "note": ""}
     stats["nonzero_macs_per_token"] = stats["macs_per_token"] - base_linear_zeros(model)
     if variant.semi_structured:
-        if not use_semi_structured_kernels(model):
-            raise ValueError(f"{variant.name}: no 2:4-sparse linear layer to run with semi-structured kernels")
+        swapped, linears = use_semi_structured_kernels(model)
+        stats["note"] = f"{swapped} of {linears} decoder linears on 2:4 sparse kernels"
     return model, stats
 
 
 @torch.inference_mode()
-def measure_variant(variant: Variant, *, dtype: str, device: str, vocab_size: int, prompt_len: int, new_tokens: int,
-                    batch_sizes: list[int], warmup: int, repeats: int, num_threads: int | None = None) -> list[dict]:
-    """One row per batch size: the variant's stats (pytorch only), timings (median, spread), peak memory, size."""
+def measure_variant(variant: Variant, *, batch_size: int, dtype: str, device: str, vocab_size: int, prompt_len: int,
+                    new_tokens: int, warmup: int, repeats: int, num_threads: int | None = None) -> dict:
+    """The variant's stats (pytorch only), timings (median, spread), peak memory and size, at one batch size."""
     from nlsflow.models import resolve_device
     from nlsflow.timing import TorchDecoder, repeat_timing, summarize
 
@@ -114,19 +123,18 @@ def measure_variant(variant: Variant, *, dtype: str, device: str, vocab_size: in
         dev = resolve_device(device)
         model, stats = _load_pytorch(variant, variant.dtype or dtype, dev)
         decoder = TorchDecoder(model)
-    rows = []
-    for batch_size in batch_sizes:
-        ids = torch.randint(4, vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
-        timings = repeat_timing(decoder, ids, torch.ones_like(ids), new_tokens, warmup, repeats)
-        rows.append({"batch_size": batch_size, **summarize(timings)})
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)  # the weights as they run, not the loading transients
+    ids = torch.randint(4, vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
+    timings = summarize(repeat_timing(decoder, ids, torch.ones_like(ids), new_tokens, warmup, repeats))
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     folders = [Path(f) for f in (variant.model_dir, variant.adapter_dir) if f]
     size = size_on_disk_mb(folders) if all(f.is_dir() for f in folders) else float("nan")  # nan: a hub id
-    return [{**stats, **row, "peak_memory_mb": peak, "size_on_disk_mb": size} for row in rows]
+    return {**stats, "batch_size": batch_size, **timings, "peak_memory_mb": peak, "size_on_disk_mb": size}
 
 
-def measure_in_subprocess(variant: Variant, **kwargs) -> list[dict]:
-    """`measure_variant` in a spawned process: its peak memory is this variant's alone."""
+def measure_in_subprocess(variant: Variant, **kwargs) -> dict:
+    """`measure_variant` in a spawned process: its peak memory is this variant's alone, at this batch size."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure_variant, variant, **kwargs).result()

@@ -1,13 +1,14 @@
 """Export a causal LM folder to OpenVINO IR (optionally NNCF weight-compressed) and decode greedily with it.
 
-Design. The exported graph is stateless: it takes `input_ids`, `attention_mask` and every layer's past keys and
+Design. The exported graph is stateless: it takes `input_ids`, `attention_mask`, `position_ids` (numbered as
+`generate` numbers them, so left-padded batches decode as in PyTorch) and every layer's past keys and
 values as plain inputs, and returns the last position's logits and every layer's present keys and values. The
 decoder keeps that cache as numpy arrays between calls. optimum-intel instead exports a stateful model (the KV cache
 lives inside the infer request); we cannot use it here (it pins transformers<5.6), and explicit KV in/out keeps the
 export a small traced wrapper over the transformers model, with the cache visible and one graph for prefill (past
 length 0) and decode. The wrapper runs the real model (PerLayerLlama widths and HeteroLoRA shortcut hooks included),
-so positions come from transformers exactly as in `TorchDecoder`; only the causal mask is built in the wrapper, as
-floats (see `_additive_causal_mask`).
+the decoder passes positions as `TorchDecoder` does; only the causal mask is built in the wrapper, as floats (see
+`_additive_causal_mask`).
 
 NNCF's `compress_weights` rewrites the IR's weight constants into INT8 (asymmetric, per output channel) or INT4
 (asymmetric, in groups of `group_size` input channels, each with its own scale and zero point) plus a dequantize
@@ -31,6 +32,7 @@ from torch import nn
 
 from nlsflow.models import load_causal_lm
 from nlsflow.shortcuts import load_shortcuts
+from nlsflow.timing import position_ids
 from schemas.io import NlsflowError, atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -65,7 +67,8 @@ def _additive_causal_mask(attention_mask: torch.Tensor, query_length: int) -> to
 
 
 class _ExplicitKV(nn.Module):
-    """The model as a function of tensors: (input_ids, attention_mask, k0, v0, k1, ...) -> (logits, k0', v0', ...)."""
+    """The model as a function of tensors: (input_ids, attention_mask, position_ids, k0, v0, k1, ...) ->
+    (logits, k0', v0', ...)."""
 
     def __init__(self, model, shortcuts=None):
         super().__init__()
@@ -73,7 +76,7 @@ class _ExplicitKV(nn.Module):
         self.shortcuts = shortcuts  # registered here so the tracer sees their weights as parameters, not closures
         self.requires_grad_(False)
 
-    def forward(self, input_ids, attention_mask, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
         # Fill the layers directly: `DynamicCache(pairs)` would concatenate each past onto a 1-D empty tensor,
@@ -83,8 +86,8 @@ class _ExplicitKV(nn.Module):
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
         mask = _additive_causal_mask(attention_mask, input_ids.shape[1])
-        out = self.model(input_ids=input_ids, attention_mask=mask, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits[:, -1], *present)
 
@@ -100,17 +103,20 @@ def _convert(model, shortcuts, num_layers: int, kv_heads: int, head_dim: int):
     batch, seq, past_len = 2, 3, 2  # a non-zero past, so tracing sees the concatenation; shapes are dynamic anyway
     ids = torch.ones(batch, seq, dtype=torch.long)
     mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq).expand(batch, seq)
     past = [torch.zeros(batch, kv_heads, past_len, head_dim) for _ in range(2 * num_layers)]
     dynamic_2d, dynamic_kv = ov.PartialShape([-1, -1]), ov.PartialShape([-1, kv_heads, -1, head_dim])
-    shapes = [(dynamic_2d, ov.Type.i64), (dynamic_2d, ov.Type.i64)] + [(dynamic_kv, ov.Type.f32)] * (2 * num_layers)
+    shapes = [(dynamic_2d, ov.Type.i64)] * 3 + [(dynamic_kv, ov.Type.f32)] * (2 * num_layers)
     # The tracer warns about Python branches on shapes in transformers' cache, mask and SDPA code. Each is taken the
     # same way for every shape (the SDPA path traced for 3 queries is the general one); the tests decode with past
     # lengths 0.. and 1-token queries against PyTorch.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # OpenVINO's frontend traces with it
-        ov_model = ov.convert_model(_ExplicitKV(model, shortcuts), example_input=(ids, mask, *past), input=shapes)
-    for port, name in zip(ov_model.inputs, ["input_ids", "attention_mask", *_kv_names(num_layers, "past")]):
+        ov_model = ov.convert_model(_ExplicitKV(model, shortcuts), example_input=(ids, mask, positions, *past),
+                                   input=shapes)
+    inputs = ["input_ids", "attention_mask", "position_ids", *_kv_names(num_layers, "past")]
+    for port, name in zip(ov_model.inputs, inputs):
         port.get_tensor().set_names({name})
     for port, name in zip(ov_model.outputs, ["logits", *_kv_names(num_layers, "present")]):
         port.get_tensor().set_names({name})
@@ -151,42 +157,54 @@ def export_openvino(model_dir: str | Path, out_dir: Path, weights: str = "fp32",
     Returns the `openvino_export.json` record plus `size_on_disk_mb` (xml + bin), `export_seconds` (load, trace,
     convert) and `compress_seconds` (NNCF; 0 for fp32).
     """
-    if weights not in WEIGHT_MODES:
-        raise NlsflowError(f"weights={weights!r} is not an OpenVINO export mode; use one of {', '.join(WEIGHT_MODES)}")
+    return export_openvino_formats(model_dir, {weights: out_dir}, group_size=group_size, int4_ratio=int4_ratio,
+                                   revision=revision)[weights]
+
+
+def export_openvino_formats(model_dir: str | Path, out_dirs: dict[str, Path], *, group_size: int = 64,
+                            int4_ratio: float = 1.0, revision: str | None = None) -> dict[str, dict]:
+    """`export_openvino` for several weight modes ({mode: folder}), tracing the model once."""
+    unknown = [w for w in out_dirs if w not in WEIGHT_MODES]
+    if unknown:
+        raise NlsflowError(f"weights={unknown[0]!r} is not an OpenVINO export mode; "
+                           f"use one of {', '.join(WEIGHT_MODES)}")
     if not openvino_available():
         raise NlsflowError("OpenVINO export needs the openvino and nncf packages; pip install openvino nncf")
     import openvino as ov
 
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    model_dir = Path(model_dir)
     start = time.perf_counter()
     model = load_causal_lm(str(model_dir), "float32", torch.device("cpu"), revision)
     shortcuts = load_shortcuts(model, model_dir)
     config = model.config
     num_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    ov_model = _convert(model, shortcuts, num_layers, kv_heads, head_dim)
+    converted = _convert(model, shortcuts, num_layers, kv_heads, head_dim)
     export_seconds = time.perf_counter() - start
 
-    start = time.perf_counter()
-    if weights != "fp32":
-        ov_model = _compress(ov_model, weights, group_size, int4_ratio)
-    compress_seconds = time.perf_counter() - start
-
-    with atomic_dir(out_dir) as tmp:
-        ov.save_model(ov_model, tmp / MODEL_XML, compress_to_fp16=False)
-        copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
-        for name in copied:
-            shutil.copy2(model_dir / name, tmp / name)
-        record = {"weights": weights, "group_size": group_size if weights == "int4" else None,
-                  "int4_ratio": int4_ratio if weights == "int4" else None, "weight_formats": _weight_formats(ov_model),
-                  "num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim, "vocab_size": config.vocab_size,
-                  "shortcut_layers": sorted(map(int, shortcuts.keys())) if shortcuts else [],
-                  "source": str(model_dir.resolve()), "revision": revision, "tokenizer_files": copied}
-        atomic_write_text(tmp / EXPORT_FILE, json.dumps(record, indent=2))
-        size = sum((tmp / name).stat().st_size for name in (MODEL_XML, MODEL_BIN))
-    log.info("exported %s to OpenVINO %s in %s (%.1f MB)", model_dir, weights, out_dir, size / 1e6)
-    return {**record, "size_on_disk_mb": size / 1e6, "export_seconds": export_seconds,
-            "compress_seconds": compress_seconds}
+    records = {}
+    for weights, out_dir in out_dirs.items():
+        start = time.perf_counter()
+        ov_model = converted if weights == "fp32" else _compress(converted.clone(), weights, group_size, int4_ratio)
+        compress_seconds = time.perf_counter() - start
+        with atomic_dir(Path(out_dir)) as tmp:
+            ov.save_model(ov_model, tmp / MODEL_XML, compress_to_fp16=False)
+            copied = [name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+            for name in copied:
+                shutil.copy2(model_dir / name, tmp / name)
+            int4 = weights == "int4"
+            record = {"weights": weights, "group_size": group_size if int4 else None,
+                      "int4_ratio": int4_ratio if int4 else None, "weight_formats": _weight_formats(ov_model),
+                      "num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
+                      "vocab_size": config.vocab_size,
+                      "shortcut_layers": sorted(map(int, shortcuts.keys())) if shortcuts else [],
+                      "source": str(model_dir.resolve()), "revision": revision, "tokenizer_files": copied}
+            atomic_write_text(tmp / EXPORT_FILE, json.dumps(record, indent=2))
+            size = sum((tmp / name).stat().st_size for name in (MODEL_XML, MODEL_BIN))
+        log.info("exported %s to OpenVINO %s in %s (%.1f MB)", model_dir, weights, out_dir, size / 1e6)
+        records[weights] = {**record, "size_on_disk_mb": size / 1e6, "export_seconds": export_seconds,
+                            "compress_seconds": compress_seconds}
+    return records
 
 
 class OpenVINODecoder:
@@ -213,7 +231,9 @@ class OpenVINODecoder:
         self.logits = None  # the last call's last-position logits, (batch, vocab) float32
 
     def _step(self, input_ids: np.ndarray) -> torch.Tensor:
-        feeds = {"input_ids": input_ids, "attention_mask": self.mask, **dict(zip(self.past_names, self.cache))}
+        positions = position_ids(torch.from_numpy(self.mask), input_ids.shape[1]).numpy()
+        feeds = {"input_ids": input_ids, "attention_mask": self.mask, "position_ids": positions,
+                 **dict(zip(self.past_names, self.cache))}
         self.request.infer(feeds)
         # copy out: the request's output buffers are reused by the next call
         self.cache = [self.request.get_tensor(name).data.copy() for name in self.present_names]

@@ -50,6 +50,17 @@ class MaskedLoraB(ElasticLinear):
         return F.linear(x, (b @ a) * self.mask)
 
 
+def masked_macs_correction(model: nn.Module) -> int:
+    """MACs per token that a factored r x (in + out) count misses: a masked layer multiplies by a dense in x out delta
+    (building that delta costs r x in x out per forward, not per token, and is left out)."""
+    extra = 0
+    for module in model.modules():
+        if isinstance(module, MaskedLoraB) and module.mask is not None:
+            rank = module.active_in or module.in_features
+            extra += module.mask.numel() - rank * (module.mask.shape[0] + module.mask.shape[1])
+    return extra
+
+
 def _check_plain(layer, name: str, adapter_name: str) -> None:
     b = layer.lora_B[adapter_name]
     if adapter_name in layer.lora_variant or not isinstance(b, nn.Linear) or b.bias is not None or layer.fan_in_fan_out:

@@ -1,9 +1,9 @@
 """One timing protocol for every runtime: greedy decoding split into prefill and per-token decode.
 
-A runtime is a `Decoder`: `prefill(input_ids, attention_mask)` runs the prompt and returns the first new token of
-each row, `decode(tokens)` feeds those tokens and returns the next ones, its KV cache kept inside. PyTorch models
-(plain, PEFT, merged) use `TorchDecoder`; `nlsflow.openvino_format` has the OpenVINO one. `time_decoding` times one pass,
-`summarize` turns several passes into medians and spreads.
+A runtime is a `Decoder`: `prefill(input_ids, attention_mask)` runs the (left-padded) prompt and returns the first
+new token of each row, `decode(tokens)` feeds those tokens and returns the next ones, its KV cache kept inside.
+PyTorch models (plain, PEFT, merged) use `TorchDecoder`; `nlsflow.openvino_format` has the OpenVINO one.
+`time_decoding` times one pass, `summarize` turns several passes into medians and spreads.
 """
 from __future__ import annotations
 
@@ -31,6 +31,12 @@ class Timing:
     tokens: int  # generated, all rows together
 
 
+def position_ids(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Positions as `generate` numbers them (left pads count for nothing, and sit at 1): the last `query_length`."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)[:, -query_length:]
+
+
 class TorchDecoder:
     """Greedy decoding of a transformers (or PEFT) causal LM with its own DynamicCache."""
 
@@ -41,14 +47,16 @@ class TorchDecoder:
 
     @torch.inference_mode()
     def prefill(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
+                         position_ids=position_ids(attention_mask, input_ids.shape[1]))
         self.cache, self.mask = out.past_key_values, attention_mask
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def decode(self, tokens):
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        out = self.model(input_ids=tokens, attention_mask=self.mask, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=tokens, attention_mask=self.mask, past_key_values=self.cache, use_cache=True,
+                         position_ids=position_ids(self.mask, 1))
         self.cache = out.past_key_values
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -73,7 +81,8 @@ def time_decoding(decoder: Decoder, input_ids, attention_mask, new_tokens: int) 
     return Timing(prefilled - start, (end - prefilled) / (new_tokens - 1), end - start, len(input_ids) * new_tokens)
 
 
-def repeat_timing(decoder: Decoder, input_ids, attention_mask, new_tokens: int, warmup: int, repeats: int) -> list[Timing]:
+def repeat_timing(decoder: Decoder, input_ids, attention_mask, new_tokens: int, warmup: int,
+                  repeats: int) -> list[Timing]:
     for _ in range(warmup):
         time_decoding(decoder, input_ids, attention_mask, new_tokens)
     return [time_decoding(decoder, input_ids, attention_mask, new_tokens) for _ in range(repeats)]

@@ -270,10 +270,10 @@ class ExtractConfig(Strict):
 
 
 class BenchmarkConfig(Strict):
-    prompt_len: int = Field(128, gt=0)
+    prompt_len: int = Field(128, gt=0, description="prompt tokens (seeded random ids, the same for every variant)")
     new_tokens: int = Field(32, ge=2, description="greedy tokens per pass; the first comes from prefill")
     batch_sizes: list[int] = Field([1, 8], min_length=1, description="each variant is timed at every batch size")
-    warmup: int = Field(1, ge=0)
+    warmup: int = Field(1, ge=0, description="untimed passes first")
     repeats: int = Field(3, gt=0, description="timed passes; tables give the median and ± half the range")
     super_adapter: bool = Field(True, description="also measure the super-adapter, unmerged, at evaluate.subnet")
     openvino: list[Literal["fp32", "int8", "int4"]] = Field(
@@ -282,6 +282,13 @@ class BenchmarkConfig(Strict):
     int4_ratio: float = Field(1.0, gt=0, le=1, description="share of weights in INT4 (the rest INT8)")
     openvino_accuracy: bool = Field(True, description="score the OpenVINO exports on evaluate's test sets (greedy)")
     semi_structured: bool = Field(True, description="on CUDA, time N:M-pruned models with PyTorch's 2:4 sparse kernels")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v) or min(v) < 1:
+            raise ValueError(f"batch_sizes {v}: give distinct positive sizes, e.g. [1, 8]")
+        return v
 
 
 class PipelineConfig(Strict):

@@ -38,7 +38,8 @@ def pytorch_variants(ctx: StageContext) -> list[Variant]:
     if (extracted / "merged").is_dir():
         variants.append(Variant("extracted_merged", str(extracted / "merged"), weights=cfg.dtype))
     adapter_base = extracted / "base" if (extracted / "base").is_dir() else pruned  # LoNAS: the narrowed base
-    variants.append(Variant("extracted_adapter", str(adapter_base), weights=cfg.dtype, adapter_dir=str(extracted / "adapter")))
+    variants.append(Variant("extracted_adapter", str(adapter_base), weights=cfg.dtype, adapter_dir=str(extracted / "adapter"),
+                            sparsity_preserving=cfg.train.sparsity_preserving))  # as extract scored it
     return variants
 
 
@@ -51,38 +52,41 @@ def semi_structured_variants(ctx: StageContext, variants: list[Variant]) -> tupl
         return [], "skipped: PyTorch's semi-structured sparse kernels need a CUDA device"
     if cfg.prune.structure != "2:4" or not cfg.prune.sparsity:
         return [], f"skipped: the base is pruned {cfg.prune.structure!r}, not 2:4"
+    sparse = {"pruned"} | ({"extracted_merged"} if cfg.train.sparsity_preserving else set())  # a plain merge densifies
     pairs = []
     for v in variants:
-        if v.name in ("pruned", "extracted_merged") and not v.adapter_dir:
+        if v.name in sparse:
             pairs += [Variant(f"{v.name}@fp16", v.model_dir, weights="float16", dtype="float16"),
                       Variant(f"{v.name}@2:4", v.model_dir, weights="float16, 2:4 sparse kernels", dtype="float16",
                               semi_structured=True)]
     return pairs, "measured"
 
 
-def openvino_rows(ctx: StageContext, source: Variant, source_rows: list[dict], measure) -> tuple[list[dict], list[dict]]:
+def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure) -> tuple[list[dict], list[dict], str]:
     """Export the deployable model to OpenVINO (NNCF weight compression), time it, and score it on the test sets."""
     from nlsflow.evaluation import evaluate_test_sets
     from nlsflow.models import load_tokenizer
-    from nlsflow.openvino_format import OpenVINODecoder, export_openvino
+    from nlsflow.openvino_format import OpenVINODecoder, export_openvino_formats
 
-    bc, rows, predictions = ctx.cfg.benchmark, [], []
-    stats = {k: source_rows[0][k] for k in ("params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token")}
-    for weights in tqdm(bc.openvino, desc="openvino"):
-        name, folder = f"{source.name}@openvino-{weights}", ctx.out_dir / "openvino" / weights
-        export = export_openvino(source.model_dir, folder, weights, group_size=bc.int4_group_size, int4_ratio=bc.int4_ratio)
-        log.info("%s: exported in %.1fs (+%.1fs compression), %.1f MB", name, export["export_seconds"],
-                 export["compress_seconds"], export["size_on_disk_mb"])
-        variant = Variant(name, str(folder), runtime="openvino", weights=weights)
+    bc, ec, rows, predictions = ctx.cfg.benchmark, ctx.cfg.evaluate, [], []
+    folders = {weights: ctx.out_dir / "openvino" / weights for weights in bc.openvino}
+    exports = export_openvino_formats(source.model_dir, folders, group_size=bc.int4_group_size, int4_ratio=bc.int4_ratio)
+    score = bc.openvino_accuracy and ec.generation.num_beams == 1
+    status = "measured on CPU" + ("" if score or not bc.openvino_accuracy else
+                                  f"; not scored: greedy only, evaluate.generation.num_beams={ec.generation.num_beams}")
+    stats = {k: source_row[k] for k in ("params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token")}
+    for weights, folder in tqdm(folders.items(), desc="openvino"):
+        name = f"{source.name}@openvino-{weights}"
+        log.info("%s: %.1f MB, %s", name, exports[weights]["size_on_disk_mb"], exports[weights]["weight_formats"])
         scored = {}
-        if bc.openvino_accuracy:
+        if score:
             decoder = OpenVINODecoder(folder, ctx.cfg.num_threads)
-            found, scored = evaluate_test_sets(None, load_tokenizer(source.model_dir), ctx.data_root, ctx.cfg.evaluate, name,
-                                               decoder=decoder)
+            found, scored = evaluate_test_sets(None, load_tokenizer(source.model_dir), ctx.data_root, ec, name, decoder=decoder)
             predictions += found
-        rows += [{**stats, **r, "model": name, "runtime": "openvino", "weights": weights, **_accuracy(scored),
-                  "note": "OpenVINO on CPU"} for r in measure(variant)]
-    return rows, predictions
+        rows += [{**stats, **measure(Variant(name, str(folder), runtime="openvino", weights=weights), batch_size),
+                  "model": name, "runtime": "openvino", "weights": weights, **_accuracy(scored), "note": "CPU"}
+                 for batch_size in bc.batch_sizes]
+    return rows, predictions, status
 
 
 def _accuracy(metrics: dict | None) -> dict:
@@ -104,30 +108,32 @@ def run(ctx: StageContext) -> dict:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
     vocab_size = json.loads((ctx.input_dir("prune") / "model" / "config.json").read_text())["vocab_size"]
     settings = dict(dtype=cfg.dtype, device=cfg.device, vocab_size=vocab_size, prompt_len=bc.prompt_len,
-                    new_tokens=bc.new_tokens, batch_sizes=bc.batch_sizes, warmup=bc.warmup, repeats=bc.repeats,
-                    num_threads=cfg.num_threads)
+                    new_tokens=bc.new_tokens, warmup=bc.warmup, repeats=bc.repeats, num_threads=cfg.num_threads)
 
-    def measure(variant: Variant) -> list[dict]:
-        return measure_in_subprocess(variant, **settings)
+    def measure(variant: Variant, batch_size: int) -> dict:
+        return measure_in_subprocess(variant, batch_size=batch_size, **settings)
 
     variants = pytorch_variants(ctx)
     extra, semi_structured = semi_structured_variants(ctx, variants)
-    known, rows, measured = known_accuracies(ctx), [], {}
+    known, rows = known_accuracies(ctx), []
     for variant in tqdm(variants + extra, desc="benchmark"):
-        measured[variant.name] = measure(variant)
         accuracy = _accuracy(known.get(variant.name.split("@")[0]))  # 2:4 kernels run the same weights
-        rows += [{**r, "model": variant.name, "runtime": "pytorch", "weights": variant.weights, **accuracy, "note": ""}
-                 for r in measured[variant.name]]
-        log.info("%s: %s", variant.name, measured[variant.name])
+        for batch_size in bc.batch_sizes:
+            row = {**measure(variant, batch_size), "model": variant.name, "runtime": "pytorch", "weights": variant.weights,
+                   **accuracy}
+            log.info("%s, batch %d: %.1f tokens/s", variant.name, batch_size, row["tokens_per_s"])
+            rows.append(row)
 
     openvino, predictions = "off (benchmark.openvino=[])", []
     deployable = next((v for v in variants if v.name == "extracted_merged"), None)
     if bc.openvino and deployable is None:
         openvino = "skipped: no merged model to export (extract.merge=false)"
     elif bc.openvino:
-        found, predictions = openvino_rows(ctx, deployable, measured[deployable.name], measure)
-        rows, openvino = rows + found, "measured on CPU"
-    rows = with_speedups(rows, unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0)
+        source_row = next(r for r in rows if r["model"] == deployable.name)
+        found, predictions, openvino = openvino_rows(ctx, deployable, source_row, measure)
+        rows += found
+    rows = with_speedups(rows, unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0,
+                         same_device=resolve_device(cfg.device).type == "cpu")
     write_table(ctx.out_dir / "results.parquet", "results", rows)
     if predictions:
         write_table(ctx.out_dir / "predictions.parquet", "predictions", predictions)

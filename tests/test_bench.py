@@ -26,7 +26,7 @@ def test_tiny_bench_writes_the_table(tmp_path):
     rows = read_table(tmp_path / "bench-tiny.parquet", "bench").to_pylist()  # checks the schema too
     assert [(r["comparison"], r["metric"]) for r in rows] == [
         ("training step", "step time"), ("training step", "step time"), ("Wanda pruning", "wall time"),
-        ("Wanda pruning", "peak RSS of the process"), ("search throughput", "subnet evaluations per minute"),
+        ("Wanda pruning", "peak RSS above the loaded model"), ("search throughput", "subnet evaluations per minute"),
         ("search throughput", "subnet evaluations per minute"), ("generation", "tokens per second"),
         ("generation", "tokens per second")]
     for r in rows:

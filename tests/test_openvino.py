@@ -16,7 +16,7 @@ from nlsflow.openvino_format import (
     openvino_available,
 )
 from nlsflow.shortcuts import attach_shortcuts, load_shortcuts, save_shortcuts
-from nlsflow.timing import TorchDecoder, repeat_timing
+from nlsflow.timing import TorchDecoder, position_ids, repeat_timing
 from schemas.io import NlsflowError
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino/nncf not installed")
@@ -80,9 +80,13 @@ def test_fp32_matches_torch(tiny, fp32_export, padded):
     tokens = _greedy(decoder, ids, mask)
     assert tokens.dtype == torch.long and tokens.shape == (2, 8)
     assert torch.equal(tokens, _greedy(TorchDecoder(model), ids, mask))
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                               pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(tokens, generated)  # positions numbered as generate numbers them, left pads included
     decoder.prefill(ids, mask)
     with torch.no_grad():
-        expected = model(input_ids=ids, attention_mask=mask).logits[:, -1].numpy()
+        positions = position_ids(mask, ids.shape[1])
+        expected = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1].numpy()
     np.testing.assert_allclose(decoder.logits, expected, atol=1e-4)
 
 

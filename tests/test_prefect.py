@@ -112,11 +112,13 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
     task_runs = _post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
     assert sorted(t["name"] for t in task_runs) == sorted(STAGES) and {t["state"]["type"] for t in task_runs} == {"COMPLETED"}
     artifacts = {a["key"]: a for a in _post(api, "/artifacts/filter") if a["key"]}
-    assert {"nlsflow-summary", "nlsflow-accuracy", "nlsflow-pareto-front", "train-progress"} <= set(artifacts)
+    assert {"nlsflow-summary", "nlsflow-accuracy", "nlsflow-pareto-front", "nlsflow-benchmark", "train-progress"} <= set(artifacts)
     assert artifacts["nlsflow-summary"]["type"] == "markdown" and "chosen subnet" in artifacts["nlsflow-summary"]["data"]
     assert artifacts["train-progress"]["type"] == "progress" and artifacts["train-progress"]["data"] == 100
     assert '"model": "heuristic subnet"' in artifacts["nlsflow-accuracy"]["data"]
     assert '"label"' in artifacts["nlsflow-pareto-front"]["data"]
+    benchmark = artifacts["nlsflow-benchmark"]["data"]
+    assert "| extracted_merged |" in benchmark and benchmark.count("](data:image/png;base64,") == 2
 
     # the served deployment: a run started through the API with the UI's parameters; the run folder is finished,
     # so every stage is skipped by its content digests

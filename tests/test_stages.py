@@ -172,3 +172,4 @@ def test_report_quotes_the_manifests(math_run):
     evaluate = read_manifest(_dir(math_run, "evaluate"), "evaluate").metrics
     assert f"| pruned + heuristic subnet | {100 * evaluate['accuracy']['gsm8k']:.1f} |" in text
     assert "pruned + extracted (searched) subnet" in text
+    assert "| extracted_merged@openvino-int8 | openvino | int8 | 1 |" in text  # the benchmark table follows

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -21,14 +23,15 @@ Stat = tuple[float, float]  # (median, spread)
 
 
 def alternate(variants: dict[str, Callable[[], Any]], repeats: int, warmup: int, desc: str) -> dict[str, list]:
-    """Call every variant once per round, in turn (ours, peer, ours, peer, ...), so drift hits all alike.
+    """Call every variant once per round, in turn, so drift hits all alike; odd rounds run in reverse order
+    (ours, peer, peer, ours, ...) so that no variant always runs first.
 
     The first `warmup` rounds are discarded; returns each variant's results of the `repeats` rounds after them.
     """
     results: dict[str, list] = {name: [] for name in variants}
     with tqdm(total=(warmup + repeats) * len(variants), desc=desc, unit="run") as bar:
         for round_ in range(warmup + repeats):
-            for name, fn in variants.items():
+            for name, fn in list(variants.items())[:: -1 if round_ % 2 else 1]:
                 value = fn()
                 if round_ >= warmup:
                     results[name].append(value)
@@ -51,6 +54,43 @@ def in_subprocess(fn: Callable[..., Any], **kwargs) -> Any:
     """`fn(**kwargs)` in a freshly spawned process, so that its peak memory is its own."""
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(fn, **kwargs).result()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemoryAbove:
+    """The peak memory (MB) above what was in use on entry, in `.mb`: the CUDA allocator's, or on CPU the RSS
+    sampled every millisecond by a thread (the process's max RSS would be the model load's, whatever ran after)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb, self._done = device, 0.0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            self._base = self._peak = _rss_mb()
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self):
+        while not self._done.wait(0.001):
+            self._peak = max(self._peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20 - self._base
+        else:
+            self._done.set()
+            self._sampler.join()
+            self.mb = max(self._peak, _rss_mb()) - self._base
 
 
 def _overlap(ours: Stat, peer: Stat) -> bool:

@@ -71,7 +71,8 @@ def reference_wanda(model, calib_ids: torch.Tensor, sparsity: float, n_m: tuple[
             else:
                 n, group = n_m
                 for start in range(0, score.shape[1], group):
-                    lowest = torch.topk(score[:, start : start + group], n, dim=1, largest=False).indices
+                    # ties (e.g. zero weights) go to the first, as the paper's code sorts
+                    lowest = torch.sort(score[:, start : start + group], dim=1, stable=True).indices[:, :n]
                     m.weight.scatter_(1, start + lowest, 0)
 
         # the pruned layer's outputs are the next layer's inputs
@@ -94,10 +95,11 @@ def check_same_masks(ours: dict[str, str], peer: dict[str, str]) -> None:
 
 def prune_once(impl: str, model_dir: str, dtype: str, device: str, calib_ids: torch.Tensor, sparsity: float,
                n_m: tuple[int, int] | None, num_threads: int | None) -> dict:
-    """Load, warm up, prune with `impl` ("ours" or "reference"); seconds, peak memory (MB) and mask digests."""
-    import resource
+    """Load, warm up, prune with `impl` ("ours" or "reference"): seconds, the peak memory (MB) pruning added over
+    the loaded model, and the mask digests."""
     import time
 
+    from nlsflow.bench.runner import PeakMemoryAbove
     from nlsflow.models import load_causal_lm, resolve_device
     from nlsflow.pruning import prune_model
 
@@ -107,21 +109,17 @@ def prune_once(impl: str, model_dir: str, dtype: str, device: str, calib_ids: to
     model = load_causal_lm(model_dir, dtype, dev)
     with torch.no_grad():
         model(calib_ids[:1].to(dev), use_cache=False)  # warm-up
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-        torch.cuda.synchronize(dev)
-    start = time.perf_counter()
-    if impl == "ours":
-        prune_model(model, calib_ids.to(dev), method="wanda", sparsity=sparsity, structure=n_m or "unstructured",
-                    progress=False)
-    else:
-        reference_wanda(model, calib_ids, sparsity, n_m)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - start
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"seconds": seconds, "peak_mb": peak, "masks": mask_digests(model)}
+    with PeakMemoryAbove(dev) as memory:
+        start = time.perf_counter()
+        if impl == "ours":
+            prune_model(model, calib_ids.to(dev), method="wanda", sparsity=sparsity, structure=n_m or "unstructured",
+                        progress=False)
+        else:
+            reference_wanda(model, calib_ids, sparsity, n_m)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": memory.mb, "masks": mask_digests(model)}
 
 
 def calibration_ids(ctx: BenchContext) -> torch.Tensor:
@@ -152,7 +150,7 @@ def run(ctx: BenchContext) -> list[dict]:
     linears = len(results["ours"][0]["masks"])
     note = (f"identical masks in all {linears} linears in every run; {cc.num_samples} x {cc.seqlen} calibration tokens, "
             f"sparsity {pc.sparsity:g} {pc.structure}")
-    memory = "peak CUDA memory allocated" if ctx.device.type == "cuda" else "peak RSS of the process"
+    memory = ("peak CUDA memory" if ctx.device.type == "cuda" else "peak RSS") + " above the loaded model"
     rows = []
     for metric, key, unit in (("wall time", "seconds", "s"), (memory, "peak_mb", "MB")):
         rows.append(row("Wanda pruning", "nlsflow.pruning.prune_model", "reference Wanda (paper's algorithm)", metric,
