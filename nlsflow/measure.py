@@ -134,7 +134,12 @@ def measure_variant(variant: Variant, *, batch_size: int, dtype: str, device: st
     return {**stats, "batch_size": batch_size, **timings, "peak_memory_mb": peak, "size_on_disk_mb": size}
 
 
+def in_subprocess(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a freshly spawned process, so that its peak memory is its own."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
+
+
 def measure_in_subprocess(variant: Variant, **kwargs) -> dict:
     """`measure_variant` in a spawned process: its peak memory is this variant's alone, at this batch size."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure_variant, variant, **kwargs).result()
+    return in_subprocess(measure_variant, variant, **kwargs)

@@ -1,11 +1,9 @@
 """The alternating runner and the bench table: medians ± half ranges, ratio ours/peer, whether the target is met."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +13,6 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from nlsflow.timing import median_spread
 from schemas import write_table
 from schemas.io import atomic_write_text
 
@@ -48,12 +45,6 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start
-
-
-def in_subprocess(fn: Callable[..., Any], **kwargs) -> Any:
-    """`fn(**kwargs)` in a freshly spawned process, so that its peak memory is its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, **kwargs).result()
 
 
 def _rss_mb() -> float:
@@ -126,10 +117,6 @@ def row(comparison: str, ours: str, peer: str, metric: str, unit: str, ours_stat
             "ours_median": ours_stat[0], "ours_spread": ours_stat[1], "peer_median": peer_stat[0],
             "peer_spread": peer_stat[1], "ratio": ours_stat[0] / peer_stat[0], "target": target.text if target else "",
             "target_met": target.met(ours_stat, peer_stat) if target else None, "repeats": repeats, "note": note}
-
-
-def stat(values: list[float]) -> Stat:
-    return median_spread(values)
 
 
 HEADERS = ["comparison", "ours", "peer", "metric", "ours: median ± half range", "peer: median ± half range",

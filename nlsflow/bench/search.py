@@ -13,7 +13,8 @@ from functools import partial
 from pathlib import Path
 
 from nlsflow.bench.context import BenchContext
-from nlsflow.bench.runner import alternate, no_worse, row, stat
+from nlsflow.bench.runner import alternate, no_worse, row
+from nlsflow.timing import median_spread
 from nlsflow.data import check_contamination, split_validation
 from nlsflow.elastic import Subnet, adapter_parameters, linear_macs_per_token
 from nlsflow.evaluation import subnet_accuracy
@@ -81,7 +82,7 @@ def run(ctx: BenchContext) -> list[dict]:
     same_unbatched = all(a == b for (_, a), (_, b) in zip(results["ours"], results["unbatched"]))
     note = (f"{m['requests']} requested evaluations counted, cache hits included ({m['distinct']} distinct subnets); "
             f"{m['records']} validation records, {m['new_tokens']} new tokens")
-    rate = {name: stat([r for r, _ in values]) for name, values in results.items()}
+    rate = {name: median_spread([r for r, _ in values]) for name, values in results.items()}
     ours = f"cache + batched generation (batch {m['batch_size']})"
     target = no_worse(lower_is_better=False)
     return [row("search throughput", ours, "no evaluation cache", "subnet evaluations per minute", "evals/min",

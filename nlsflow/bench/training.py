@@ -12,7 +12,8 @@ import torch
 from peft import get_peft_model
 
 from nlsflow.bench.context import BenchContext
-from nlsflow.bench.runner import alternate, ratio_at_most, row, stat, timed
+from nlsflow.bench.runner import alternate, ratio_at_most, row, timed
+from nlsflow.timing import median_spread
 from nlsflow.elastic import activate, maximal_subnet, pattern_key, random_subnet
 
 
@@ -63,7 +64,7 @@ def run(ctx: BenchContext) -> list[dict]:
             f"{s.train_steps} step(s) per measurement, AdamW")
     target = ratio_at_most(1.05)
     return [row("training step", "elastic super-adapter, maximal subnet", f"PEFT LoRA r={tc.rank}", "step time", "ms",
-                stat(results["elastic max"]), stat(results["peft max"]), s.repeats, target, note),
+                median_spread(results["elastic max"]), median_spread(results["peft max"]), s.repeats, target, note),
             row("training step", f"elastic super-adapter, random subnet (seed {cfg.seed})",
-                "PEFT LoRA, same ranks (rank_pattern)", "step time", "ms", stat(results["elastic subnet"]),
-                stat(results["peft subnet"]), s.repeats, target, note)]
+                "PEFT LoRA, same ranks (rank_pattern)", "step time", "ms", median_spread(results["elastic subnet"]),
+                median_spread(results["peft subnet"]), s.repeats, target, note)]
