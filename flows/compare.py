@@ -25,7 +25,7 @@ METHODS = ("shears", "lonas", "nola", "heterolora")
 COLUMNS = {  # column -> header
     "method": "method", "trainable_params": "trainable params", "train_adapter_bytes": "adapter bytes (trained)",
     "adapter_bytes": "adapter bytes (extracted, stock)", "compact_bytes": "NOLA compact bytes", "params": "params", "nonzero_params": "non-zero params",
-    "macs_per_token": "MACs/token", "accuracy": "accuracy", "accuracy_strict": "accuracy (strict)",
+    "macs_per_token": "MACs/token", "nonzero_macs_per_token": "non-zero MACs/token", "accuracy": "accuracy", "accuracy_strict": "accuracy (strict)",
     "train_seconds": "train time (s)",
 }
 
@@ -39,6 +39,7 @@ def method_row(run_dir: Path, method: str) -> dict:
                 "train_adapter_bytes": train.metrics["adapter_bytes"], "adapter_bytes": extract.metrics["adapter_bytes"],
                 "compact_bytes": extract.metrics.get("nola_bytes"), "params": deployed["params"],
                 "nonzero_params": deployed["nonzero_params"], "macs_per_token": deployed["macs_per_token"],
+                "nonzero_macs_per_token": deployed["nonzero_macs_per_token"],
                 "accuracy": extract.metrics["average_accuracy"], "accuracy_strict": extract.metrics["average_accuracy_strict"],
                 "train_seconds": train.duration_s}
     except KeyError as e:

@@ -24,6 +24,8 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     shears, nola = rows
     assert nola["trainable_params"] < shears["trainable_params"] and nola["train_adapter_bytes"] < shears["train_adapter_bytes"]
     assert nola["nonzero_params"] > shears["nonzero_params"]  # NOLA keeps the dense base, Shears prunes half
+    assert shears["nonzero_macs_per_token"] < shears["macs_per_token"] == nola["macs_per_token"]  # same shapes
+    assert nola["nonzero_macs_per_token"] > shears["nonzero_macs_per_token"]
     assert compare("math", "tiny", ("shears", "nola"), tmp_path, existing=True) == rows  # tabulated, nothing run
     with pytest.raises(NlsflowError, match="math-tiny-lonas/train/manifest.json: run the 'train' stage first"):
         compare("math", "tiny", ("lonas",), tmp_path, existing=True)
