@@ -25,8 +25,8 @@ METHODS = ("shears", "lonas", "nola", "heterolora")
 COLUMNS = {  # column -> header
     "method": "method", "trainable_params": "trainable params", "train_adapter_bytes": "adapter bytes (trained)",
     "adapter_bytes": "adapter bytes (extracted, stock)", "compact_bytes": "NOLA compact bytes", "params": "params", "nonzero_params": "non-zero params",
-    "macs_per_token": "MACs/token", "nonzero_macs_per_token": "non-zero MACs/token", "accuracy": "accuracy", "accuracy_strict": "accuracy (strict)",
-    "train_seconds": "train time (s)",
+    "macs_per_token": "MACs/token", "nonzero_macs_per_token": "non-zero MACs/token", "accuracy": "accuracy",
+    "accuracy_strict": "accuracy (strict)", "train_seconds": "train time (s)",
 }
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from nlsflow.bench.context import BenchContext
 from nlsflow.bench.runner import alternate, no_worse, row
-from nlsflow.timing import median_spread
 from nlsflow.data import check_contamination, split_validation
 from nlsflow.elastic import Subnet, adapter_parameters, linear_macs_per_token
 from nlsflow.evaluation import subnet_accuracy
 from nlsflow.nas import SubnetEvaluator, nsga2_search
 from nlsflow.supernet import NAMED_SUBNETS
+from nlsflow.timing import median_spread
 from schemas import NlsflowError
 
 

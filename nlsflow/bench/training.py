@@ -13,8 +13,8 @@ from peft import get_peft_model
 
 from nlsflow.bench.context import BenchContext
 from nlsflow.bench.runner import alternate, ratio_at_most, row, timed
-from nlsflow.timing import median_spread
 from nlsflow.elastic import activate, maximal_subnet, pattern_key, random_subnet
+from nlsflow.timing import median_spread
 
 
 def _stepper(model, micro_batches: list[dict], steps: int, max_grad_norm: float | None, lr: float, device,

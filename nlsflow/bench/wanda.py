@@ -14,9 +14,9 @@ from torch import nn
 
 from nlsflow.bench.context import BenchContext
 from nlsflow.bench.runner import alternate, no_worse, row
+from nlsflow.data import calibration_batch, calibration_documents
 from nlsflow.measure import in_subprocess
 from nlsflow.timing import median_spread
-from nlsflow.data import calibration_batch, calibration_documents
 from schemas import NlsflowError
 
 
@@ -156,6 +156,7 @@ def run(ctx: BenchContext) -> list[dict]:
     rows = []
     for metric, key, unit in (("wall time", "seconds", "s"), (memory, "peak_mb", "MB")):
         rows.append(row("Wanda pruning", "nlsflow.pruning.prune_model", "reference Wanda (paper's algorithm)", metric,
-                        unit, median_spread([r[key] for r in results["ours"]]), median_spread([r[key] for r in results["reference"]]),
+                        unit, median_spread([r[key] for r in results["ours"]]),
+                        median_spread([r[key] for r in results["reference"]]),
                         s.repeats, no_worse(lower_is_better=True), note))
     return rows
