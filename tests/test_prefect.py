@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from prefect.client.base import PrefectHttpxSyncClient
 
 from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from flows import runners
@@ -91,10 +92,19 @@ def prefect_server(tmp_path):
         log.close()
 
 
+def _rest(api: str) -> PrefectHttpxSyncClient:
+    """Prefect's own HTTP client: it retries the 503s a SQLite-backed server answers while another process writes."""
+    return PrefectHttpxSyncClient(base_url=api, timeout=30)
+
+
 def _post(api: str, path: str, body: dict | None = None):
-    response = httpx.post(f"{api}{path}", json=body or {}, timeout=30)
-    response.raise_for_status()
-    return response.json()
+    with _rest(api) as client:
+        return client.post(path, json=body or {}).json()
+
+
+def _get(api: str, path: str):
+    with _rest(api) as client:
+        return client.get(path).json()
 
 
 TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", NO_OPENVINO]
@@ -126,11 +136,11 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
     worker = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deployment = _wait(lambda: httpx.get(f"{api}/deployments/name/nlsflow/nlsflow", timeout=5).json().get("id"), 120,
+        deployment = _wait(lambda: _get(api, "/deployments/name/nlsflow/nlsflow")["id"], 120,
                            "the nlsflow deployment")
         parameters = {"task": "math", "profile": "tiny", "method": "shears", "run_dir": str(run_dir), "overrides": TINY}
         run = _post(api, f"/deployments/{deployment}/create_flow_run", {"parameters": parameters})
-        final = _wait(lambda: (r := httpx.get(f"{api}/flow_runs/{run['id']}", timeout=5).json())["state"]["type"] in
+        final = _wait(lambda: (r := _get(api, f"/flow_runs/{run['id']}"))["state"]["type"] in
                       ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, 300, "the deployment's flow run")
     finally:
         worker.terminate()
