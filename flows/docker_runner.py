@@ -54,10 +54,13 @@ def parse_mount(spec: str) -> Mount:
 def connect() -> docker.DockerClient:
     """The engine DOCKER_HOST names (or the default socket), or a one-line error saying how to do without it."""
     where = os.environ.get("DOCKER_HOST", "the default socket")
+    client = None
     try:
         client = docker.from_env()
         client.ping()
     except (DockerException, RequestException) as e:
+        if client is not None:
+            client.close()
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
         raise NlsflowError(f"no Docker engine at {where} ({reason}); start one or set DOCKER_HOST, "
                            "or run the stages here with RUNNER=local") from None
@@ -146,6 +149,7 @@ class DockerRunner:
                     container.remove(force=True, v=True)  # with the anonymous volumes an image declares
                 except (APIError, RequestException):
                     pass
+            client.close()
         if code > 128 or oom_killed:
             raise StageInterrupted(f"stage '{stage}' container was killed (exit {code}{', out of memory' if oom_killed else ''})")
         if code != 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+from contextlib import closing
 import sys
 from pathlib import Path
 
@@ -38,26 +39,27 @@ def build_images(flavor: str = "cpu", base: str | None = None, build_args: dict 
         raise NlsflowError(f"unknown image flavor {flavor!r}; choose from {sorted(FLAVORS)}")
     if flavor == "mounted" and not base:
         raise NlsflowError("--flavor mounted needs --base: a local image with a root file system (no Python needed)")
-    client = connect()
     args = FLAVORS[flavor] | ({"BASE": base} if base else {}) | dict(build_args or {})
     tags = []
-    for stage in STAGES if flavor == "mounted" else ("base", *STAGES):
-        tag = f"nlsflow-{stage}:{flavor}"
-        log(f"building {tag}")
-        if flavor == "mounted":
-            dockerfile = (REPO_ROOT / "docker" / "Dockerfile.mounted").read_bytes()
-            build = dict(fileobj=io.BytesIO(dockerfile), buildargs=args | {"PROJECT": str(REPO_ROOT), "STAGE": stage})
-        else:
-            build = dict(path=str(REPO_ROOT), dockerfile="docker/Dockerfile", target=stage, buildargs=args)
-        try:
-            for item in client.api.build(tag=tag, rm=True, decode=True, network_mode=network, **build):
-                if line := item.get("stream", "").rstrip():
-                    log(line)
-                if "error" in item:
-                    raise NlsflowError(f"building {tag} failed: {item['error'].strip().splitlines()[-1]}")
-        except APIError as e:
-            raise NlsflowError(f"building {tag} failed: {e.explanation}") from None
-        tags.append(tag)
+    with closing(connect()) as client:
+        for stage in STAGES if flavor == "mounted" else ("base", *STAGES):
+            tag = f"nlsflow-{stage}:{flavor}"
+            log(f"building {tag}")
+            if flavor == "mounted":
+                dockerfile = (REPO_ROOT / "docker" / "Dockerfile.mounted").read_bytes()
+                build = dict(fileobj=io.BytesIO(dockerfile),
+                             buildargs=args | {"PROJECT": str(REPO_ROOT), "STAGE": stage})
+            else:
+                build = dict(path=str(REPO_ROOT), dockerfile="docker/Dockerfile", target=stage, buildargs=args)
+            try:
+                for item in client.api.build(tag=tag, rm=True, decode=True, network_mode=network, **build):
+                    if line := item.get("stream", "").rstrip():
+                        log(line)
+                    if "error" in item:
+                        raise NlsflowError(f"building {tag} failed: {item['error'].strip().splitlines()[-1]}")
+            except APIError as e:
+                raise NlsflowError(f"building {tag} failed: {e.explanation}") from None
+            tags.append(tag)
     return tags
 
 
