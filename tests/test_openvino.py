@@ -83,6 +83,13 @@ def test_fp32_matches_torch(tiny, fp32_export, padded):
     generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
                                pad_token_id=0)[:, ids.shape[1]:]
     assert torch.equal(tokens, generated)  # positions numbered as generate numbers them, left pads included
+    # the last decode step's logits, read through seven cache hand-overs between the two infer requests
+    seen = torch.cat([ids, tokens[:, :-1]], dim=1)
+    seen_mask = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
+    with torch.no_grad():
+        expected = model(input_ids=seen, attention_mask=seen_mask,
+                         position_ids=position_ids(seen_mask, seen.shape[1])).logits[:, -1].numpy()
+    np.testing.assert_allclose(decoder.logits, expected, atol=1e-4)
     decoder.prefill(ids, mask)
     with torch.no_grad():
         positions = position_ids(mask, ids.shape[1])
