@@ -127,11 +127,25 @@ def measure_variant(variant: Variant, *, batch_size: int, dtype: str, device: st
         torch.cuda.reset_peak_memory_stats(dev)  # the weights as they run, not the loading transients
     ids = torch.randint(4, vocab_size, (batch_size, prompt_len), generator=torch.Generator().manual_seed(0)).to(dev)
     timings = summarize(repeat_timing(decoder, ids, torch.ones_like(ids), new_tokens, warmup, repeats))
-    peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else peak_rss_mb()
     folders = [Path(f) for f in (variant.model_dir, variant.adapter_dir) if f]
     size = size_on_disk_mb(folders) if all(f.is_dir() for f in folders) else float("nan")  # nan: a hub id
     return {**stats, "batch_size": batch_size, **timings, "peak_memory_mb": peak, "size_on_disk_mb": size}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MB: VmHWM, the high-water mark of its own address space.
+
+    Not `ru_maxrss`: in a spawned process (fork, then exec) that is at least the parent's RSS at the fork.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # no procfs: may count the parent's RSS
 
 
 def in_subprocess(fn, *args, **kwargs):

@@ -1,12 +1,14 @@
 """The benchmark's pieces: the timing protocol, greedy generation through a decoder, speed-up notes, 2:4 kernels."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nlsflow.benchmark_report import reference_of, with_speedups
-from nlsflow.measure import Variant, is_n_m_sparse, measure_variant, use_semi_structured_kernels
+from nlsflow.measure import (Variant, in_subprocess, is_n_m_sparse, measure_variant, peak_rss_mb,
+                             use_semi_structured_kernels)
 from nlsflow.timing import TorchDecoder, median_spread, repeat_timing, summarize
 
 
@@ -92,6 +94,13 @@ def test_measure_variant_counts_and_times_a_saved_model(tmp_path):
     assert rows[0]["params"] == sum(p.numel() for p in model.parameters())
     assert rows[0]["macs_per_token"] == rows[0]["nonzero_macs_per_token"] == linear
     assert all(r["tokens_per_s"] > 0 and r["size_on_disk_mb"] > 0 for r in rows)
+
+
+def test_a_spawned_measurement_reports_its_own_peak_memory_not_the_parent_s():
+    held = np.ones(3 * 2**29 // 8)  # 1.5 GiB, touched, held by this process while the child runs
+    child_peak = in_subprocess(peak_rss_mb)
+    assert peak_rss_mb() > 1536 > 1024 > child_peak, (peak_rss_mb(), child_peak)  # ru_maxrss would give >= 1.5 GiB
+    del held
 
 
 @pytest.mark.gpu
