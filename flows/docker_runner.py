@@ -116,10 +116,10 @@ class DockerRunner:
 
     def run(self, stage: str, config_file: Path, log: Callable[[str], None], force: bool = False) -> None:
         config_file = Path(config_file).resolve()
-        client = connect()
         image = self.image.format(stage=stage)
         cfg = load_config([config_file])
         cache = str(cache_root(cfg.model.cache_dir))
+        client = connect()
         container, started = None, False
         try:
             container = client.containers.create(

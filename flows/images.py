@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import io
-from contextlib import closing
 import sys
+from contextlib import closing
 from pathlib import Path
 
 from docker.errors import APIError

@@ -136,7 +136,7 @@ def measure_variant(variant: Variant, *, batch_size: int, dtype: str, device: st
 def peak_rss_mb() -> float:
     """This process's peak resident set in MB: VmHWM, the high-water mark of its own address space.
 
-    Not `ru_maxrss`: in a spawned process (fork, then exec) that is at least the parent's RSS at the fork.
+    Not `ru_maxrss`: in a spawned process (fork, then exec) that includes the parent's high-water mark.
     """
     try:
         with open("/proc/self/status") as status:

@@ -3,7 +3,7 @@
 Design. The exported graph is stateless: it takes `input_ids`, `attention_mask`, `position_ids` (numbered as
 `generate` numbers them, so left-padded batches decode as in PyTorch) and every layer's past keys and
 values as plain inputs, and returns the last position's logits and every layer's present keys and values. The
-decoder keeps that cache as numpy arrays between calls. optimum-intel instead exports a stateful model (the KV cache
+decoder binds each step's present tensors as the next step's past inputs, without copying. optimum-intel instead exports a stateful model (the KV cache
 lives inside the infer request); we cannot use it here (it pins transformers<5.6), and explicit KV in/out keeps the
 export a small traced wrapper over the transformers model, with the cache visible and one graph for prefill (past
 length 0) and decode. The wrapper runs the real model (PerLayerLlama widths and HeteroLoRA shortcut hooks included),
@@ -210,10 +210,10 @@ def export_openvino_formats(model_dir: str | Path, out_dirs: dict[str, Path], *,
 class OpenVINODecoder:
     """Greedy decoding of an `export_openvino` folder on OpenVINO's CPU runtime.
 
-    Two infer requests take turns, each step's present keys and values are bound as the next step's past inputs
-    of the other request (`set_tensor`, no copy); a request's output buffers are only rewritten by its own next
-    step, after the other request has read them. Copying the cache in and out instead costs time that grows with the
-    context and the batch.
+    Two infer requests take turns: each step's present keys and values, left in the request's output tensors
+    (`share_outputs`), are bound as the other request's past inputs (`set_tensor`, no copy); a request's outputs
+    are only rewritten by its own next step, after the other request has read them. Copying the cache in and out
+    instead costs time that grows with the context and the batch.
     """
 
     def __init__(self, ov_dir: str | Path, num_threads: int | None = None, inference_precision: str = "f32"):
@@ -244,10 +244,10 @@ class OpenVINODecoder:
         self.steps += 1
         positions = position_ids(torch.from_numpy(self.mask), input_ids.shape[1]).numpy()
         for name, array in (("input_ids", input_ids), ("attention_mask", self.mask), ("position_ids", positions)):
-            request.set_tensor(name, ov.Tensor(np.ascontiguousarray(array)))
+            request.set_tensor(name, ov.Tensor(array))  # a copy
         for name, past in zip(self.past_names, self.cache, strict=True):
             request.set_tensor(name, past)
-        request.infer()
+        request.infer(share_outputs=True)  # by default every output would be copied into a numpy array
         self.cache = [request.get_tensor(name) for name in self.present_names]
         self.logits = request.get_tensor("logits").data.copy()
         return torch.from_numpy(self.logits.argmax(-1)).long().unsqueeze(1)

@@ -70,7 +70,9 @@ def _wait(predicate, timeout: float, what: str):
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    """`prefect server start` on a free loopback port with its own home; yields the API URL; stopped afterwards."""
+    """`prefect server start` on a free loopback port with its own home; yields the API URL and Prefect's own HTTP
+    client for it (which retries the 503s a SQLite-backed server answers while another process writes); stopped
+    afterwards."""
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_API_URL": api}
@@ -81,7 +83,8 @@ def prefect_server(tmp_path):
     try:
         _wait(lambda: server.poll() is None and httpx.get(f"{api}/health", timeout=5).status_code == 200, 180,
               f"the Prefect server (log: {tmp_path / 'server.log'})")
-        yield api
+        with PrefectHttpxSyncClient(base_url=api, timeout=30) as client:
+            yield api, client
     finally:
         server.terminate()
         try:
@@ -92,36 +95,21 @@ def prefect_server(tmp_path):
         log.close()
 
 
-def _rest(api: str) -> PrefectHttpxSyncClient:
-    """Prefect's own HTTP client: it retries the 503s a SQLite-backed server answers while another process writes."""
-    return PrefectHttpxSyncClient(base_url=api, timeout=30)
-
-
-def _post(api: str, path: str, body: dict | None = None):
-    with _rest(api) as client:
-        return client.post(path, json=body or {}).json()
-
-
-def _get(api: str, path: str):
-    with _rest(api) as client:
-        return client.get(path).json()
-
-
 TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", NO_OPENVINO]
 
 
 def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_path):
-    api, run_dir = prefect_server, tmp_path / "run"
+    (api, client), run_dir = prefect_server, tmp_path / "run"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client-home")}
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--task", "math", "--profile", "tiny", "--method", "shears",
                            f"run_dir={run_dir}", *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
-    (flow_run,) = _post(api, "/flow_runs/filter")
+    (flow_run,) = client.post("/flow_runs/filter", json={}).json()
     assert flow_run["state"]["type"] == "COMPLETED"
-    task_runs = _post(api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [flow_run["id"]]}}})
+    task_runs = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
     assert sorted(t["name"] for t in task_runs) == sorted(STAGES) and {t["state"]["type"] for t in task_runs} == {"COMPLETED"}
-    artifacts = {a["key"]: a for a in _post(api, "/artifacts/filter") if a["key"]}
+    artifacts = {a["key"]: a for a in client.post("/artifacts/filter", json={}).json() if a["key"]}
     assert {"nlsflow-summary", "nlsflow-accuracy", "nlsflow-pareto-front", "nlsflow-benchmark", "train-progress"} <= set(artifacts)
     assert artifacts["nlsflow-summary"]["type"] == "markdown" and "chosen subnet" in artifacts["nlsflow-summary"]["data"]
     assert artifacts["train-progress"]["type"] == "progress" and artifacts["train-progress"]["data"] == 100
@@ -136,11 +124,11 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
     worker = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deployment = _wait(lambda: _get(api, "/deployments/name/nlsflow/nlsflow")["id"], 120,
+        deployment = _wait(lambda: client.get("/deployments/name/nlsflow/nlsflow").json()["id"], 120,
                            "the nlsflow deployment")
         parameters = {"task": "math", "profile": "tiny", "method": "shears", "run_dir": str(run_dir), "overrides": TINY}
-        run = _post(api, f"/deployments/{deployment}/create_flow_run", {"parameters": parameters})
-        final = _wait(lambda: (r := _get(api, f"/flow_runs/{run['id']}"))["state"]["type"] in
+        run = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters}).json()
+        final = _wait(lambda: (r := client.get(f"/flow_runs/{run['id']}").json())["state"]["type"] in
                       ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, 300, "the deployment's flow run")
     finally:
         worker.terminate()
