@@ -3,12 +3,12 @@
 Design. The exported graph is stateless: it takes `input_ids`, `attention_mask`, `position_ids` (numbered as
 `generate` numbers them, so left-padded batches decode as in PyTorch) and every layer's past keys and
 values as plain inputs, and returns the last position's logits and every layer's present keys and values. The
-decoder binds each step's present tensors as the next step's past inputs, without copying. optimum-intel instead exports a stateful model (the KV cache
-lives inside the infer request); we cannot use it here (it pins transformers<5.6), and explicit KV in/out keeps the
-export a small traced wrapper over the transformers model, with the cache visible and one graph for prefill (past
-length 0) and decode. The wrapper runs the real model (PerLayerLlama widths and HeteroLoRA shortcut hooks included),
-the decoder passes positions as `TorchDecoder` does; only the causal mask is built in the wrapper, as floats (see
-`_additive_causal_mask`).
+decoder binds each step's present tensors as the next step's past inputs, without copying. optimum-intel instead
+exports a stateful model (the KV cache lives inside the infer request); we cannot use it here (it pins
+transformers<5.6), and explicit KV in/out keeps the export a small traced wrapper over the transformers model,
+with the cache visible and one graph for prefill (past length 0) and decode. The wrapper runs the real model
+(PerLayerLlama widths and HeteroLoRA shortcut hooks included), the decoder passes positions as `TorchDecoder` does;
+only the causal mask is built in the wrapper, as floats (see `_additive_causal_mask`).
 
 NNCF's `compress_weights` rewrites the IR's weight constants into INT8 (asymmetric, per output channel) or INT4
 (asymmetric, in groups of `group_size` input channels, each with its own scale and zero point) plus a dequantize
