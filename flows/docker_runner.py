@@ -17,9 +17,11 @@ from docker.errors import APIError, DockerException, ImageNotFound
 from docker.types import DeviceRequest, Mount
 from requests.exceptions import RequestException
 
-from flows.runners import STAGE_ENV, StageInterrupted, stage_args, stream_lines
+from flows.stage_process import STAGE_ENV, StageInterrupted, stage_args, stream_lines
 from nlsflow.models import cache_root
-from schemas import NlsflowError, PipelineConfig, load_config
+from nlsflow.errors import NlsflowError
+from schemas import PipelineConfig
+from nlsflow.config import load_config
 
 PASSED_ENV = ("NLSFLOW_", "HF_", "TRANSFORMERS_", "TQDM_", "OMP_", "MKL_", "PYTORCH_", "PYTHONHASHSEED")  # host variables a stage sees
 LABEL = "nlsflow.stage"

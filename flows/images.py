@@ -17,8 +17,9 @@ from pathlib import Path
 from docker.errors import APIError
 
 from flows.docker_runner import connect
-from flows.runners import REPO_ROOT
-from schemas import STAGES, NlsflowError
+from flows.stage_process import REPO_ROOT
+from schemas import STAGES
+from nlsflow.errors import NlsflowError
 
 FLAVORS = {
     "cpu": {"BASE": "python:3.11-slim", "TORCH_INDEX": "https://download.pytorch.org/whl/cpu"},

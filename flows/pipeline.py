@@ -16,12 +16,16 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.states import Failed
 
-from flows.runners import RUNNERS, StageInterrupted, get_runner
+from flows.runners import RUNNERS, get_runner
+from flows.stage_process import StageInterrupted
 from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
-from schemas import STAGES, NlsflowError, is_up_to_date, load_config, read_manifest, read_table, stage_dir
-from schemas.config import dump_config
-from schemas.layers import config_files
-from schemas.io import atomic_write_text
+from schemas import STAGES
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import is_up_to_date, read_manifest, read_table, stage_dir
+from nlsflow.config import load_config
+from nlsflow.config import dump_config
+from nlsflow.layers import config_files
+from nlsflow.io import atomic_write_text
 
 
 PROGRESS = re.compile(r"^(train|search):\s+(\d+)%\|")  # the stages' tqdm bars, as streamed by the runner
@@ -99,7 +103,7 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
-    parser.add_argument("--task", help="with --profile and --method: the files schemas/layers.py names, before any --config")
+    parser.add_argument("--task", help="with --profile and --method: the files nlsflow/layers.py names, before any --config")
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--method", default="shears")
     parser.add_argument("--runner", default="local", choices=sorted(RUNNERS),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from schemas import read_manifest, stage_dir
+from nlsflow.artifacts import read_manifest, stage_dir
 
 
 def _accuracy_rows(run_dir: Path, base: str) -> list[tuple[str, dict]]:

@@ -15,8 +15,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.pipeline import pipeline
-from flows.runners import REPO_ROOT
-from schemas.layers import config_files
+from flows.stage_process import REPO_ROOT
+from nlsflow.layers import config_files
 
 DEPLOYMENT = "nlsflow"
 

@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from nlsflow.per_layer_llama import PerLayerLlamaForCausalLM
-from nlsflow.width import is_per_layer
-from schemas.io import NlsflowError, atomic_dir, sha256_json
+from nlsflow.adapters.width import is_per_layer
+from nlsflow.errors import NlsflowError
+from nlsflow.io import atomic_dir, sha256_json
 
 log = logging.getLogger(__name__)
 

@@ -1,16 +1,11 @@
 """One validated config per stage, composed into the pipeline config that YAML files and `key=value` overrides build."""
 from __future__ import annotations
 
-import re
-from collections.abc import Hashable
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from schemas.io import NlsflowError
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 STAGES = ("prune", "train", "evaluate", "search", "extract", "benchmark")
 # Which stages' manifests each stage reads: the DAG's edges.
@@ -223,19 +218,10 @@ class GenerationConfig(Strict):
 class EvaluateConfig(Strict):
     subnet: Literal["heuristic", "maximal", "minimal"] = Field("heuristic", description="subnet of the super-adapter to evaluate")
     baselines: list[Literal["dense", "pruned"]] = Field([], description="also score these base models without adapter")
-    datasets: list[str] = Field(description="evaluation sets (names from nlsflow.data.EVAL_DATASETS)")
+    datasets: list[str] = Field(min_length=1, description="evaluation sets (names from nlsflow.data.datasets.EVAL_DATASETS, "
+                                "checked when the config loads)")
     max_samples: int | None = Field(None, gt=0, description="records per dataset (None: all)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
-
-    @field_validator("datasets")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        from nlsflow.data import EVAL_DATASETS
-
-        unknown = [d for d in v if d not in EVAL_DATASETS]
-        if unknown or not v:
-            raise ValueError(f"unknown or no datasets {unknown}; choose from {sorted(EVAL_DATASETS)}")
-        return v
 
 
 class SearchConfig(Strict):
@@ -321,133 +307,3 @@ class PipelineConfig(Strict):
         shared = self.model_dump(include={"task", "seed", "device", "dtype", "model"})
         shared["data"] = self.data.model_dump(include={"train_sets", "contamination"})
         return {"shared": shared, **{section: getattr(self, section).model_dump() for section in STAGE_SECTIONS[stage]}}
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's base-60 numbers, so `structure: 2:4` stays the string '2:4' (not 124), and
-    with duplicate keys refused (YAML forbids them; PyYAML would silently keep the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        self.flatten_mapping(node)  # resolve `<<` merge keys first; a key they bring in may be overridden
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                break  # the base class reports unhashable keys
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
-                                                        key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if not (tag.endswith((":int", ":float")) and regex.match("2:4"))]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-for _tag, _pattern, _first in [("tag:yaml.org,2002:int", r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
-                                 "-+0123456789"),
-                                ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
-                                 r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
-                                 r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+)$", "-+0123456789.")]:
-    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
-
-
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    for key in parents:
-        node = tree.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise NlsflowError(f"override {dotted}: '{key}' is not a section; use a key inside a section like prune.sparsity=0.5")
-        tree = node
-    tree[leaf] = value
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    key, sep, raw = item.partition("=")
-    if not sep or not key:
-        raise NlsflowError(f"override {item!r} is not key=value; write e.g. prune.sparsity=0.5")
-    return key, yaml_load(raw) if raw else ""
-
-
-def load_yaml(path: Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise NlsflowError(f"config file {path} not found; pass an existing YAML (see configs/)")
-    try:
-        data = yaml_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise NlsflowError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise NlsflowError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
-    train = data.get("train")
-    if isinstance(train, dict) and isinstance(train.get("search_space_file"), str):  # relative to the file naming it
-        train["search_space_file"] = str((path.parent / train["search_space_file"]).resolve())
-    return data
-
-
-def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
-    """Merge YAML files in order, apply dotted overrides, validate."""
-    tree: dict = {}
-    for path in paths:
-        tree = _deep_merge(tree, load_yaml(path))
-    for item in overrides:
-        _set_dotted(tree, *parse_override(item))
-    _expand_search_space_file(tree)
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as e:
-        raise NlsflowError(f"config error in {', '.join(map(str, paths)) or 'overrides'}: {format_validation_error(e)}") from None
-
-
-def _expand_search_space_file(tree: dict) -> None:
-    """Resolve `train.search_space_file` into inline groups, so the resolved config (and resume) sees its content.
-
-    Its `search` block (num_evals, population, ref_acc, acc_delta) gives defaults that the YAML's own `search` overrides.
-    """
-    train = tree.get("train") or {}
-    if not train.get("search_space_file"):
-        return
-    # from a YAML file it is already absolute (load_yaml); from the command line, relative to the working directory
-    train["search_space_file"] = str(Path(train["search_space_file"]).expanduser().resolve())
-    from nlsflow.search_space import add_fixed_groups, load_search_space  # heavy imports, only when used
-
-    try:
-        space = load_search_space(train["search_space_file"], rank=train.get("rank"))
-    except FileNotFoundError:
-        raise NlsflowError(f"train.search_space_file {train['search_space_file']} not found") from None
-    if train.get("target_modules") and train.get("rank"):
-        space = add_fixed_groups(space, train["target_modules"], train["rank"])
-    plain = space.to_dict()
-    train["groups"], train["width_groups"] = plain["groups"], plain["width_groups"]
-    tree["train"] = train
-    tree["search"] = _deep_merge(space.search, tree.get("search") or {})
-
-
-def format_validation_error(e: ValidationError) -> str:
-    parts = []
-    for err in e.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{where}' (check the spelling against schemas/config.py)")
-        elif err["type"] == "missing":
-            parts.append(f"missing key '{where}'")
-        else:
-            got = repr(err.get("input"))
-            parts.append(f"{where}: {err['msg']}" + (f" (got {got})" if len(got) <= 80 else ""))
-    return "; ".join(parts)
-
-
-def dump_config(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

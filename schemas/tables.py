@@ -1,14 +1,7 @@
 """Parquet tables exchanged between stages: fixed Arrow schemas, the schema version in the file's metadata."""
 from __future__ import annotations
 
-import io
-from pathlib import Path
-from typing import Any
-
 import pyarrow as pa
-import pyarrow.parquet as pq
-
-from schemas.io import NlsflowError, atomic_write_bytes
 
 TABLE_VERSION = "1"
 
@@ -47,34 +40,3 @@ TABLES: dict[str, pa.Schema] = {
                         ("target", pa.string()), ("target_met", pa.bool_()), ("repeats", pa.int64()),
                         ("profile", pa.string()), ("note", pa.string())]),
 }
-
-
-def write_table(path: Path, name: str, rows: list[dict[str, Any]]) -> None:
-    """Validate rows against the named schema and write them atomically as Parquet."""
-    schema = TABLES[name].with_metadata({"nlsflow.table": name, "nlsflow.table_version": TABLE_VERSION})
-    try:
-        table = pa.Table.from_pylist(rows, schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:
-        raise ValueError(f"rows for table '{name}' do not fit its schema: {e}") from None
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def read_table(path: Path, name: str) -> pa.Table:
-    """Read a Parquet table, checking it is the named table at this schema version."""
-    path = Path(path)
-    if not path.is_file():
-        raise NlsflowError(f"table {path} not found; re-run the stage that writes it")
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise NlsflowError(f"{path} is not a readable Parquet file ({e}); re-run the stage that writes it") from None
-    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
-    if meta.get("nlsflow.table") != name or meta.get("nlsflow.table_version") != TABLE_VERSION:
-        raise NlsflowError(f"{path} holds table {meta.get('nlsflow.table')!r} v{meta.get('nlsflow.table_version')}, "
-                           f"expected {name!r} v{TABLE_VERSION}; re-run the stage that writes it")
-    expected = TABLES[name]
-    if not table.schema.remove_metadata().equals(expected):
-        raise NlsflowError(f"{path} columns {table.schema.names} differ from table {name!r} {expected.names}; re-run the stage")
-    return table

@@ -14,9 +14,12 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
-from schemas import STAGE_INPUTS, Manifest, NlsflowError, PipelineConfig, is_up_to_date, load_config, read_inputs, stage_dir
-from schemas.io import atomic_dir, atomic_write_text
-from schemas.manifest import list_outputs, write_manifest
+from schemas import STAGE_INPUTS, Manifest, PipelineConfig
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import is_up_to_date, read_inputs, stage_dir
+from nlsflow.config import load_config
+from nlsflow.io import atomic_dir, atomic_write_text
+from nlsflow.artifacts import list_outputs, write_manifest
 
 log = logging.getLogger("nlsflow")
 

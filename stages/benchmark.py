@@ -14,11 +14,11 @@ import logging
 
 from tqdm.auto import tqdm
 
-from nlsflow.benchmark_report import plot_results, results_markdown, with_speedups
-from nlsflow.measure import Variant, measure_in_subprocess
+from nlsflow.deploy.report import plot_results, results_markdown, with_speedups
+from nlsflow.deploy.measure import Variant, measure_in_subprocess
 from nlsflow.models import resolve_device
-from schemas import write_table
-from schemas.io import atomic_write_text
+from nlsflow.artifacts import write_table
+from nlsflow.io import atomic_write_text
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,9 @@ def semi_structured_variants(ctx: StageContext, variants: list[Variant]) -> tupl
 
 def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure) -> tuple[list[dict], list[dict], str]:
     """Export the deployable model to OpenVINO (NNCF weight compression), time it, and score it on the test sets."""
-    from nlsflow.evaluation import evaluate_test_sets
+    from nlsflow.evaluation.scoring import evaluate_test_sets
     from nlsflow.models import load_tokenizer
-    from nlsflow.openvino_format import OpenVINODecoder, export_openvino_formats
+    from nlsflow.deploy.openvino_format import OpenVINODecoder, export_openvino_formats
 
     bc, ec, rows, predictions = ctx.cfg.benchmark, ctx.cfg.evaluate, [], []
     folders = {weights: ctx.out_dir / "openvino" / weights for weights in bc.openvino}

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import logging
 
-from nlsflow.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
-from nlsflow.elastic import activate
-from nlsflow.evaluation import evaluate_test_sets
+from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
+from nlsflow.adapters.elastic import activate
+from nlsflow.evaluation.scoring import evaluate_test_sets
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
-from nlsflow.shortcuts import shortcuts_off
-from nlsflow.supernet import NAMED_SUBNETS, load_supernet
-from schemas import write_table
+from nlsflow.adapters.shortcuts import shortcuts_off
+from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
+from nlsflow.artifacts import write_table
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)

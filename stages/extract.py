@@ -18,18 +18,19 @@ import shutil
 import torch
 from peft import PeftModel
 
-from nlsflow.data import generate_prompt
-from nlsflow.elastic import activate, extract_sub_adapter, validate_subnet
-from nlsflow.evaluation import evaluate_test_sets
+from nlsflow.data.datasets import generate_prompt
+from nlsflow.adapters.elastic import activate, extract_sub_adapter, validate_subnet
+from nlsflow.evaluation.scoring import evaluate_test_sets
 from nlsflow.models import DTYPES, load_causal_lm, resolve_device
-from nlsflow.nola import is_nola
-from nlsflow.shortcuts import copy_shortcuts, has_shortcuts, load_shortcuts
+from nlsflow.adapters.nola import is_nola
+from nlsflow.adapters.shortcuts import copy_shortcuts, has_shortcuts, load_shortcuts
 from nlsflow.pruning import sparsity_table
-from nlsflow.sparse_merge import make_sparsity_preserving, masked_merge, require_sparsity
-from nlsflow.supernet import NAMED_SUBNETS, load_supernet
-from nlsflow.width import narrow_model, save_narrowed
-from schemas import NlsflowError, read_table, write_table
-from schemas.io import folder_bytes
+from nlsflow.adapters.masking import make_sparsity_preserving, masked_merge, require_sparsity
+from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
+from nlsflow.adapters.width import narrow_model, save_narrowed
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import read_table, write_table
+from nlsflow.io import folder_bytes
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 
-from nlsflow.data import calibration_batch, calibration_documents, generate_prompt, load_train_records, wikitext2
+from nlsflow.data.datasets import calibration_batch, calibration_documents, generate_prompt, load_train_records, wikitext2
 from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
 from nlsflow.pruning import perplexity, prune_model, sparsity_table
-from nlsflow.width import reorder_mlp_channels
-from schemas import write_table
+from nlsflow.adapters.width import reorder_mlp_channels
+from nlsflow.artifacts import write_table
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)

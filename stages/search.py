@@ -11,13 +11,13 @@ import io
 import json
 import logging
 
-from nlsflow.elastic import adapter_parameters, linear_macs_per_token
-from nlsflow.evaluation import subnet_accuracy
+from nlsflow.adapters.elastic import adapter_parameters, linear_macs_per_token
+from nlsflow.evaluation.scoring import subnet_accuracy
 from nlsflow.models import resolve_device
-from nlsflow.nas import SubnetEvaluator, choose, nsga2_search, plot_search
-from nlsflow.supernet import NAMED_SUBNETS, load_supernet
-from schemas import read_table, write_table
-from schemas.io import atomic_write_text, sha256_json
+from nlsflow.search.nsga2 import SubnetEvaluator, choose, nsga2_search, plot_search
+from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
+from nlsflow.artifacts import read_table, write_table
+from nlsflow.io import atomic_write_text, sha256_json
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)

@@ -20,17 +20,18 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
-from nlsflow.data import check_contamination, load_train_records, split_validation, tokenize_for_training
-from nlsflow import heterolora as hetero
-from nlsflow.elastic import activate, maximal_subnet, pattern_key, random_subnet
+from nlsflow.data.datasets import check_contamination, load_train_records, split_validation, tokenize_for_training
+from nlsflow.adapters import selection as hetero
+from nlsflow.adapters.elastic import activate, maximal_subnet, pattern_key, random_subnet
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
-from nlsflow.nola import NolaSpec, basis_floats, make_nola, save_nola
-from nlsflow.shortcuts import attach_shortcuts, decoder_layers
-from nlsflow.sparse_merge import make_sparsity_preserving
-from nlsflow.supernet import groups_from_config, make_supernet, save_search_space
-from nlsflow.width import WidthGroup
-from schemas import NlsflowError, write_table
-from schemas.io import atomic_write_text, folder_bytes
+from nlsflow.adapters.nola import NolaSpec, basis_floats, make_nola, save_nola
+from nlsflow.adapters.shortcuts import attach_shortcuts, decoder_layers
+from nlsflow.adapters.masking import make_sparsity_preserving
+from nlsflow.adapters.supernet import groups_from_config, make_supernet, save_search_space
+from nlsflow.adapters.width import WidthGroup
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import write_table
+from nlsflow.io import atomic_write_text, folder_bytes
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
 
 
 def tiny_config(run_dir: Path, *extra: str):
-    from schemas import load_config
+    from nlsflow.config import load_config
 
     return load_config(TINY_CONFIGS, tiny_overrides(run_dir, *extra))
 

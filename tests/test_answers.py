@@ -2,9 +2,8 @@
 strict rules, side by side where they agree and where they disagree."""
 import pytest
 
-from nlsflow.answers import (REFERENCE_PROTOCOL, STRICT_PROTOCOL, extract_prediction, extract_strict, is_correct,
-                             score, score_strict)
-from nlsflow.data import EVAL_DATASETS
+from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL, extract_prediction, extract_strict, is_correct, score, score_strict
+from nlsflow.data.datasets import EVAL_DATASETS
 
 
 def test_protocol_names():

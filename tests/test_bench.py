@@ -12,15 +12,15 @@ OVERRIDES = [f"data.root={DATA_ROOT}", "num_threads=1"]
 
 @pytest.fixture(scope="module")
 def ctx():
-    from nlsflow.bench.context import load_context
+    from bench.context import load_context
 
     return load_context("tiny", OVERRIDES, repeats=1)
 
 
 @pytest.mark.slow
 def test_tiny_bench_writes_the_table(tmp_path):
-    from nlsflow.bench.__main__ import main
-    from schemas import read_table
+    from bench.__main__ import main
+    from nlsflow.artifacts import read_table
 
     assert main(["--profile", "tiny", "--repeats", "1", "--out", str(tmp_path), *OVERRIDES]) == 0
     rows = read_table(tmp_path / "bench-tiny.parquet", "bench").to_pylist()  # checks the schema too
@@ -41,8 +41,8 @@ def test_tiny_bench_writes_the_table(tmp_path):
 
 
 def test_wanda_masks_are_compared(ctx):
-    from nlsflow.bench.wanda import calibration_ids, check_same_masks, prune_once
-    from schemas import NlsflowError
+    from bench.wanda import calibration_ids, check_same_masks, prune_once
+    from nlsflow.errors import NlsflowError
 
     calib = calibration_ids(ctx)
 
@@ -61,7 +61,7 @@ def test_wanda_masks_are_compared(ctx):
 
 @pytest.mark.slow
 def test_search_cached_and_uncached_give_the_same_accuracies(ctx):
-    from nlsflow.bench.search import measure
+    from bench.search import measure
 
     m = measure(ctx, repeats=1)
     (_, ours), = m["results"]["ours"]
@@ -72,7 +72,7 @@ def test_search_cached_and_uncached_give_the_same_accuracies(ctx):
 
 
 def test_merged_greedy_tokens_equal_the_unmerged(ctx):
-    from nlsflow.bench.generation import greedy_tokens, models
+    from bench.generation import greedy_tokens, models
 
     variants = models(ctx)
     ids = torch.randint(4, variants["base"].config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))

@@ -5,7 +5,8 @@ import pytest
 
 from conftest import DATA_ROOT, NO_OPENVINO, needs_data
 from flows.compare import COLUMNS, compare, markdown
-from schemas import NlsflowError, read_manifest, read_table, stage_dir
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
 
 pytestmark = [pytest.mark.slow, needs_data]
 

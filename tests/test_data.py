@@ -9,26 +9,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
-from nlsflow.data import (
-    EVAL_DATASETS,
-    TASK_EVAL_SETS,
-    TRAIN_DEFAULTS,
-    ContaminationError,
-    calibration_batch,
-    calibration_documents,
-    check_contamination,
-    generate_prompt,
-    infer_source,
-    load_eval_records,
-    load_records,
-    load_train_records,
-    normalize_question,
-    question_key,
-    split_validation,
-    tokenize_for_training,
-    wikitext2,
-)
-from nlsflow.registry import DATA_FILES, MissingDataError
+from nlsflow.data.datasets import EVAL_DATASETS, TASK_EVAL_SETS, TRAIN_DEFAULTS, ContaminationError, calibration_batch, calibration_documents, check_contamination, generate_prompt, infer_source, load_eval_records, load_records, load_train_records, normalize_question, question_key, split_validation, tokenize_for_training, wikitext2
+from nlsflow.data.registry import DATA_FILES, MissingDataError
 
 from conftest import DATA_ROOT, needs_data
 

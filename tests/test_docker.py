@@ -20,10 +20,13 @@ import yaml
 from conftest import MATH_RUN, REPO, TINY_CONFIGS, needs_data, tiny_config, tiny_overrides
 from docker_engine import NoEngine, docker_engine, root_image
 from flows.docker_runner import LABEL, DockerRunner, device_requests, parse_mount, stage_mounts
-from flows.runners import StageInterrupted, get_runner
-from schemas import STAGES, NlsflowError, read_manifest, stage_dir
-from schemas.config import dump_config
-from schemas.io import atomic_write_text
+from flows.runners import get_runner
+from flows.stage_process import StageInterrupted
+from schemas import STAGES
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import read_manifest, stage_dir
+from nlsflow.config import dump_config
+from nlsflow.io import atomic_write_text
 
 # timings and what is made of them, not results
 MEASURED = {"seconds", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_memory_mb", "prefill_ms_spread",

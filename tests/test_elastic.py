@@ -11,23 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow.elastic import (
-    ElasticGroup,
-    ElasticLinear,
-    Variable,
-    activate,
-    active_subnet,
-    adapter_parameters,
-    extract_sub_adapter,
-    heuristic_subnet,
-    linear_macs_per_token,
-    make_elastic,
-    maximal_subnet,
-    minimal_subnet,
-    random_subnet,
-    resolve_space,
-    validate_subnet,
-)
+from nlsflow.adapters.elastic import ElasticGroup, ElasticLinear, Variable, activate, active_subnet, adapter_parameters, extract_sub_adapter, heuristic_subnet, linear_macs_per_token, make_elastic, maximal_subnet, minimal_subnet, random_subnet, resolve_space, validate_subnet
 
 GROUPS = [
     ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 6, 4)),

@@ -8,7 +8,8 @@ import sys
 import pytest
 
 from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data
-from schemas import STAGES, read_manifest, stage_dir
+from schemas import STAGES
+from nlsflow.artifacts import read_manifest, stage_dir
 
 pytestmark = [pytest.mark.slow, needs_data]
 

@@ -7,9 +7,9 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from nlsflow.answers import score, score_strict
-from nlsflow.data import EVAL_DATASETS, generate_prompt, load_eval_records
-from nlsflow.generation import evaluate_dataset, generate
+from nlsflow.evaluation.answers import score, score_strict
+from nlsflow.data.datasets import EVAL_DATASETS, generate_prompt, load_eval_records
+from nlsflow.evaluation.generation import evaluate_dataset, generate
 
 from conftest import DATA_ROOT, needs_data
 
@@ -123,7 +123,7 @@ def test_evaluate_dataset_rows(model, tokenizer):
 
 def test_evaluate_dataset_reports_both_protocols(monkeypatch):
     generations = ["The correct answer is True", "that is untrue", "the correct answer is false"]
-    monkeypatch.setattr("nlsflow.generation.generate", lambda *args, **kwargs: generations)
+    monkeypatch.setattr("nlsflow.evaluation.generation.generate", lambda *args, **kwargs: generations)
     records = [{"instruction": "q", "answer": answer} for answer in ("true", "false", "false")]
     rows = evaluate_dataset(None, None, EVAL_DATASETS["boolq"], records, max_new_tokens=4, num_beams=1, batch_size=2,
                             progress=False)

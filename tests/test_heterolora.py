@@ -10,10 +10,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow import heterolora as hetero
+from nlsflow.adapters import selection as hetero
 from nlsflow.models import load_causal_lm
-from nlsflow.shortcuts import CONFIG_FILE, WEIGHTS_FILE, attach_shortcuts, load_shortcuts, save_shortcuts, shortcuts_off
-from schemas import NlsflowError, read_manifest, read_table, stage_dir
+from nlsflow.adapters.shortcuts import CONFIG_FILE, WEIGHTS_FILE, attach_shortcuts, load_shortcuts, save_shortcuts, shortcuts_off
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
 from stages import benchmark, evaluate, extract, prune, search, train
 from test_methods import method_config, run_all
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow.benchmark_report import reference_of, with_speedups
-from nlsflow.measure import (Variant, in_subprocess, is_n_m_sparse, measure_variant, peak_rss_mb,
-                             use_semi_structured_kernels)
-from nlsflow.timing import TorchDecoder, median_spread, repeat_timing, summarize
+from nlsflow.deploy.report import reference_of, with_speedups
+from nlsflow.deploy.measure import Variant, in_subprocess, is_n_m_sparse, measure_variant, peak_rss_mb, use_semi_structured_kernels
+from nlsflow.deploy.timing import TorchDecoder, median_spread, repeat_timing, summarize
 
 
 def tiny_llama(hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
@@ -41,7 +40,7 @@ def test_generation_through_a_decoder_matches_generate(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from nlsflow.generation import generate, generate_with_decoder
+    from nlsflow.evaluation.generation import generate, generate_with_decoder
 
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz "])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

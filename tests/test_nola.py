@@ -6,19 +6,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow.elastic import ElasticGroup, activate, make_elastic, resolve_space
-from nlsflow.nola import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    NolaSpec,
-    basis_floats,
-    coefficient_state,
-    load_nola,
-    make_nola,
-    materialize,
-    save_nola,
-)
-from schemas import NlsflowError
+from nlsflow.adapters.elastic import ElasticGroup, activate, make_elastic, resolve_space
+from nlsflow.adapters.nola import CONFIG_FILE, WEIGHTS_FILE, NolaSpec, basis_floats, coefficient_state, load_nola, make_nola, materialize, save_nola
+from nlsflow.errors import NlsflowError
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
 TOKENS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])

@@ -9,15 +9,10 @@ import torch
 import transformers
 
 from nlsflow.models import load_causal_lm
-from nlsflow.openvino_format import (
-    MODEL_BIN,
-    OpenVINODecoder,
-    export_openvino,
-    openvino_available,
-)
-from nlsflow.shortcuts import attach_shortcuts, load_shortcuts, save_shortcuts
-from nlsflow.timing import TorchDecoder, position_ids, repeat_timing
-from schemas.io import NlsflowError
+from nlsflow.deploy.openvino_format import MODEL_BIN, OpenVINODecoder, export_openvino, openvino_available
+from nlsflow.adapters.shortcuts import attach_shortcuts, load_shortcuts, save_shortcuts
+from nlsflow.deploy.timing import TorchDecoder, position_ids, repeat_timing
+from nlsflow.errors import NlsflowError
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino/nncf not installed")
 

@@ -15,8 +15,11 @@ from prefect.client.base import PrefectHttpxSyncClient
 
 from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from flows import runners
-from flows.runners import LocalRunner, StageInterrupted
-from schemas import STAGES, NlsflowError, stage_dir
+from flows.runners import LocalRunner
+from flows.stage_process import StageInterrupted
+from schemas import STAGES
+from nlsflow.errors import NlsflowError
+from nlsflow.artifacts import stage_dir
 
 pytestmark = [pytest.mark.slow, needs_data]
 

@@ -13,19 +13,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from nlsflow import registry
-from nlsflow.data import EVAL_DATASETS
-from nlsflow.registry import (
-    DATA_FILES,
-    DataFile,
-    DataIntegrityError,
-    MissingDataError,
-    data_files,
-    gsm8k_to_llm_adapters,
-    read_records,
-    resolve_data_file,
-)
-from schemas import NlsflowError
+from nlsflow.data import registry
+from nlsflow.data.datasets import EVAL_DATASETS
+from nlsflow.data.registry import DATA_FILES, DataFile, DataIntegrityError, MissingDataError, data_files, gsm8k_to_llm_adapters, read_records, resolve_data_file
+from nlsflow.errors import NlsflowError
 
 from conftest import DATA_ROOT, needs_data
 

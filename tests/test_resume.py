@@ -6,7 +6,8 @@ import shutil
 import pytest
 
 from conftest import MATH_RUN, tiny_config
-from schemas import STAGES, stage_dir
+from schemas import STAGES
+from nlsflow.artifacts import stage_dir
 from stages import benchmark, evaluate, extract, prune, search, train
 from stages._common import run_stage
 
@@ -46,7 +47,7 @@ def test_upstream_change_reruns_everything_downstream(copied_run):
 
 
 def test_runner_passes_force_to_the_stage():
-    from flows.runners import stage_command
+    from flows.stage_process import stage_command
 
     assert stage_command("search", "c.yaml", force=True)[-1] == "--force"
     assert "--force" not in stage_command("search", "c.yaml", force=False)
@@ -55,7 +56,7 @@ def test_runner_passes_force_to_the_stage():
 def test_stage_cli_takes_overrides_before_and_after_flags(tmp_path):
     """`make stage-train ARGS="--force train.learning_rate=1e-3"` puts an override after --force."""
     from conftest import DATA_ROOT, TINY_CONFIGS
-    from schemas import NlsflowError
+    from nlsflow.errors import NlsflowError
     from stages._common import main
 
     seen = {}

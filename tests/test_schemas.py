@@ -7,10 +7,14 @@ from itertools import product
 import pytest
 
 from conftest import REPO
-from schemas import Manifest, NlsflowError, load_config, read_manifest, read_table, write_manifest, write_table
-from schemas.config import STAGE_INPUTS, STAGE_SECTIONS, STAGES, dump_config
-from schemas.layers import config_files
-from schemas.manifest import list_outputs
+from schemas import Manifest
+from nlsflow.errors import NlsflowError
+from nlsflow.config import load_config
+from nlsflow.artifacts import read_manifest, read_table, write_manifest, write_table
+from schemas.config import STAGE_INPUTS, STAGE_SECTIONS, STAGES
+from nlsflow.config import dump_config
+from nlsflow.layers import config_files
+from nlsflow.artifacts import list_outputs
 
 TASKS = sorted(p for p in (REPO / "configs" / "tasks").glob("*.yaml"))
 PROFILES = sorted(p for p in (REPO / "configs" / "profiles").glob("*.yaml") if "." not in p.stem)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO, TINY_CONFIGS, tiny_overrides
-from schemas import read_manifest, read_table, stage_dir
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
 
 pytestmark = pytest.mark.slow
 SEARCH = ["search.num_evals=24", "search.val_samples=16", "search.generation.max_new_tokens=24"]

@@ -18,17 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from nlsflow.elastic import ElasticGroup
-from nlsflow.search_space import (
-    NncfSearchSpace,
-    WidthGroup,
-    add_fixed_groups,
-    group_name,
-    load_search_space,
-    parse_nncf_config,
-    parse_plain,
-)
-from schemas.io import NlsflowError
+from nlsflow.adapters.elastic import ElasticGroup
+from nlsflow.search.space_file import NncfSearchSpace, WidthGroup, add_fixed_groups, group_name, load_search_space, parse_nncf_config, parse_plain
+from nlsflow.errors import NlsflowError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nncf"
 SHEARS = FIXTURES / "shears_llama_7b_math_2layers.json"

@@ -8,26 +8,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow.elastic import (
-    ElasticGroup,
-    activate,
-    adapter_parameters,
-    extract_sub_adapter,
-    make_elastic,
-    random_subnet,
-    resolve_space,
-)
+from nlsflow.adapters.elastic import ElasticGroup, activate, adapter_parameters, extract_sub_adapter, make_elastic, random_subnet, resolve_space
 from nlsflow.pruning import prune_model
-from nlsflow.sparse_merge import (
-    MaskedLoraA,
-    MaskedLoraB,
-    check_sparsity,
-    make_sparsity_preserving,
-    masked_merge,
-    require_sparsity,
-    zero_counts,
-)
-from schemas import NlsflowError
+from nlsflow.adapters.masking import MaskedLoraA, MaskedLoraB, check_sparsity, make_sparsity_preserving, masked_merge, require_sparsity, zero_counts
+from nlsflow.errors import NlsflowError
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 GROUPS = [ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 6, 4)), ElasticGroup("up", ("up_proj",), (8, 6, 4)),

@@ -9,12 +9,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from nlsflow.data import calibration_batch, calibration_documents, generate_prompt
-from nlsflow.elastic import activate, resolve_space
+from nlsflow.data.datasets import calibration_batch, calibration_documents, generate_prompt
+from nlsflow.adapters.elastic import activate, resolve_space
 from nlsflow.models import load_causal_lm, load_tokenizer
 from nlsflow.pruning import wanda_scores
-from nlsflow.supernet import load_search_space_groups, load_supernet
-from schemas import STAGES, read_manifest, read_table, stage_dir
+from nlsflow.adapters.supernet import load_search_space_groups, load_supernet
+from schemas import STAGES
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from nlsflow.elastic import ElasticGroup, activate, active_subnet, adapter_parameters, extract_sub_adapter, linear_macs_per_token
+from nlsflow.adapters.elastic import ElasticGroup, activate, active_subnet, adapter_parameters, extract_sub_adapter, linear_macs_per_token
 from nlsflow.models import load_causal_lm
-from nlsflow.supernet import make_supernet
-from nlsflow.width import WidthGroup, is_per_layer, make_width_elastic, narrow_model, reorder_mlp_channels, save_narrowed
-from schemas import NlsflowError
+from nlsflow.adapters.supernet import make_supernet
+from nlsflow.adapters.width import WidthGroup, is_per_layer, make_width_elastic, narrow_model, reorder_mlp_channels, save_narrowed
+from nlsflow.errors import NlsflowError
 
 WIDTHS = (64, 48, 32)
 GROUPS = [ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 4)), ElasticGroup("mlp", ("gate_proj", "up_proj", "down_proj"), (8, 6, 4))]
@@ -145,7 +145,7 @@ def test_reordering_keeps_the_function_and_puts_important_channels_first():
 
 
 def test_duplicate_yaml_keys_are_an_error(tmp_path):
-    from schemas.config import load_yaml
+    from nlsflow.config import load_yaml
 
     path = tmp_path / "dup.yaml"
     path.write_text("prune:\n  sparsity: 0\nprune:\n  method: wanda\n")

@@ -1,0 +1,1 @@
+"""Deployment and measurement: OpenVINO exports, timing, memory and cost counting, benchmark reports."""

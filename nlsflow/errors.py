@@ -1,0 +1,22 @@
+"""The one error users see: a line naming the problem and the fix."""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+
+class NlsflowError(Exception):
+    """A user-facing problem: the message is one line naming the problem and the fix."""
+
+
+def format_validation_error(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<root>"
+        if err["type"] == "extra_forbidden":
+            parts.append(f"unknown key '{where}' (check the spelling against schemas/config.py)")
+        elif err["type"] == "missing":
+            parts.append(f"missing key '{where}'")
+        else:
+            got = repr(err.get("input"))
+            parts.append(f"{where}: {err['msg']}" + (f" (got {got})" if len(got) <= 80 else ""))
+    return "; ".join(parts)

@@ -1,0 +1,1 @@
+"""Scoring models on test sets: generation, answer extraction under both protocols, accuracies."""

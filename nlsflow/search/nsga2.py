@@ -1,0 +1,198 @@
+"""NSGA-II (pymoo) over a super-network's choice indices: maximise accuracy, minimise cost."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from pymoo.algorithms.moo.nsga2 import NSGA2
+from pymoo.core.problem import ElementwiseProblem
+from pymoo.core.termination import Termination
+from pymoo.operators.crossover.sbx import SBX
+from pymoo.operators.mutation.pm import PM
+from pymoo.operators.repair.rounding import RoundingRepair
+from pymoo.optimize import minimize
+from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
+from tqdm.auto import tqdm
+
+from nlsflow.adapters.elastic import Subnet, Variable
+from nlsflow.artifacts import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Evaluation:
+    eval_id: int
+    subnet: Subnet
+    accuracy: float
+    cost: int
+    seconds: float
+    label: str = ""
+    pareto: bool = False
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.subnet, sort_keys=True)
+
+
+def subnet_from_indices(space: list[Variable], indices) -> Subnet:
+    return {v.name: v.choices[int(i)] for v, i in zip(space, indices)}
+
+
+def indices_from_subnet(space: list[Variable], subnet: Subnet) -> list[int]:
+    return [v.choices.index(subnet[v.name]) for v in space]
+
+
+class SubnetEvaluator:
+    """Scores subnets once each: a repeated config is answered from the cache, not re-generated.
+
+    With `cache_path`, every new evaluation is persisted at once (Parquet, written atomically), and a later
+    evaluator on the same path starts from it: a search killed at any point resumes without re-evaluating.
+    """
+
+    def __init__(self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int],
+                 cache_path: Path | None = None):
+        self.accuracy_fn, self.cost_fn, self.cache_path = accuracy_fn, cost_fn, cache_path
+        self.evaluations: dict[str, Evaluation] = {}
+        self.progress = None
+        if cache_path is not None and Path(cache_path).is_file():
+            for row in read_table(cache_path, "search_cache").to_pylist():
+                subnet = json.loads(row["config"])
+                self.evaluations[row["config"]] = Evaluation(row["eval_id"], subnet, row["accuracy"], row["cost"],
+                                                             row["seconds"])
+            log.info("search cache %s: resuming from %d evaluations", cache_path, len(self.evaluations))
+        self.resumed = len(self.evaluations)
+
+    def _persist(self) -> None:
+        if self.cache_path is not None:
+            write_table(self.cache_path, "search_cache", [
+                {"eval_id": e.eval_id, "config": e.key, "accuracy": e.accuracy, "cost": e.cost, "seconds": e.seconds}
+                for e in self.evaluations.values()])
+
+    def __call__(self, subnet: Subnet, label: str = "") -> Evaluation:
+        key = json.dumps(subnet, sort_keys=True)
+        if key not in self.evaluations:
+            start = time.perf_counter()
+            accuracy = self.accuracy_fn(subnet)
+            self.evaluations[key] = Evaluation(len(self.evaluations), subnet, accuracy, self.cost_fn(subnet),
+                                               time.perf_counter() - start)
+            self._persist()
+            if self.progress is not None:
+                self.progress.update(1)
+        found = self.evaluations[key]
+        if label and not found.label:
+            found.label = label
+        return found
+
+
+class _UniqueEvaluations(Termination):
+    """Stop once `budget` distinct subnets are scored (cache hits are free), or after `max_gen` stalled generations."""
+
+    def __init__(self, scorer: SubnetEvaluator, budget: int, max_gen: int):
+        super().__init__()
+        self.scorer, self.budget, self.max_gen = scorer, budget, max_gen
+
+    def _update(self, algorithm):
+        return max(len(self.scorer.evaluations) / self.budget, algorithm.n_gen / self.max_gen)
+
+
+class _SubnetProblem(ElementwiseProblem):
+    def __init__(self, space: list[Variable], scorer: SubnetEvaluator):
+        self.space, self.scorer = space, scorer
+        super().__init__(n_var=len(space), n_obj=2, xl=np.zeros(len(space)), xu=np.array([len(v.choices) - 1 for v in space]),
+                         vtype=int)
+
+    def _evaluate(self, x, out, *args, **kwargs):
+        result = self.scorer(subnet_from_indices(self.space, np.round(x).astype(int)))
+        out["F"] = [-result.accuracy, result.cost]
+
+
+def nsga2_search(space: list[Variable], evaluate: SubnetEvaluator, *, population: int, num_evals: int,
+                 seed: int, seeds: dict[str, Subnet]) -> list[Evaluation]:
+    """Run NSGA-II from an initial population holding the named `seeds` subnets; return every evaluation, Pareto-flagged."""
+    rng = np.random.default_rng(seed)
+    initial = [indices_from_subnet(space, s) for s in seeds.values()]
+    while len(initial) < population:
+        initial.append([int(rng.integers(len(v.choices))) for v in space])
+    for name, subnet in seeds.items():
+        evaluate(subnet, label=name)
+    algorithm = NSGA2(pop_size=population, sampling=np.array(initial[:population]),
+                      crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+                      mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+    budget = min(num_evals, math.prod(len(v.choices) for v in space))
+    termination = _UniqueEvaluations(evaluate, budget, max_gen=10 * math.ceil(budget / population) + 10)
+    with tqdm(total=budget, desc="search", unit="subnet", initial=len(evaluate.evaluations)) as bar:
+        evaluate.progress = bar
+        minimize(_SubnetProblem(space, evaluate), algorithm, termination, copy_termination=False, seed=seed,
+                 verbose=False)
+        evaluate.progress = None
+    results = sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id)
+    front = NonDominatedSorting().do(np.array([[-e.accuracy, e.cost] for e in results]), only_non_dominated_front=True)
+    for i in front:
+        results[i].pareto = True
+    return results
+
+
+CHOICE_RULES = ("min_cost_within_delta", "max_accuracy", "max_accuracy_within_budget")
+
+
+def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float, rule: str = "min_cost_within_delta",
+           max_cost: float | None = None) -> Evaluation:
+    """Pick one evaluated subnet by `rule` (ties go to the more accurate, then the cheaper):
+
+    - min_cost_within_delta (the seeds'): the lowest cost with accuracy >= ref_acc - acc_delta, else the most accurate;
+    - max_accuracy: the most accurate;
+    - max_accuracy_within_budget: the most accurate with cost <= max_cost, else the cheapest.
+    """
+    most_accurate = max(evaluations, key=lambda e: (e.accuracy, -e.cost))
+    if rule == "max_accuracy":
+        return most_accurate
+    if rule == "max_accuracy_within_budget":
+        if max_cost is None:
+            raise ValueError("rule max_accuracy_within_budget needs max_cost")
+        within = [e for e in evaluations if e.cost <= max_cost]
+        if not within:
+            log.warning("no evaluated subnet costs <= %s; choosing the cheapest", max_cost)
+        return max(within, key=lambda e: (e.accuracy, -e.cost)) if within else min(evaluations, key=lambda e: (e.cost, -e.accuracy))
+    if rule != "min_cost_within_delta":
+        raise ValueError(f"unknown rule {rule!r}; use one of {CHOICE_RULES}")
+    eligible = [e for e in evaluations if e.accuracy >= ref_acc - acc_delta]
+    return min(eligible, key=lambda e: (e.cost, -e.accuracy)) if eligible else most_accurate
+
+
+def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, folder: Path) -> None:
+    """`pareto_front.png` (accuracy vs cost, named subnets marked) and `search_progression.png` (accuracy per evaluation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([e.cost for e in evaluations], [e.accuracy for e in evaluations], s=14, c="lightgray", label="evaluated")
+    front = sorted((e for e in evaluations if e.pareto), key=lambda e: e.cost)
+    ax.plot([e.cost for e in front], [e.accuracy for e in front], "o-", c="tab:blue", label="Pareto front")
+    for e in evaluations:
+        if e.label:
+            ax.annotate(e.label, (e.cost, e.accuracy), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([chosen.cost], [chosen.accuracy], marker="*", s=160, c="tab:red", label="chosen", zorder=3)
+    ax.set(xlabel=cost_name, ylabel="validation accuracy", title="Pareto front")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(folder) / "pareto_front.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ids, accuracies = [e.eval_id for e in evaluations], [e.accuracy for e in evaluations]
+    ax.plot(ids, accuracies, ".", c="tab:gray", label="evaluation")
+    ax.plot(ids, np.maximum.accumulate(accuracies), c="tab:green", label="best so far")
+    ax.set(xlabel="evaluation", ylabel="validation accuracy", title="search progression")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(folder) / "search_progression.png", dpi=110)
+    plt.close(fig)
