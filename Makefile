@@ -19,7 +19,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
-.PHONY: pipeline compare bench test venv clean-runs ui worker images $(STAGE_TARGETS)
+.PHONY: pipeline compare bench test lint format venv clean-runs ui worker images $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -77,6 +77,15 @@ images: venv
 
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff, one line length (pyproject.toml): `make lint` checks format and lint as CI does; `make format` fixes both.
+lint: venv
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+
+format: venv
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
 
 clean-runs:
 	rm -rf runs

@@ -3,6 +3,7 @@
 Runs every comparison on the profile's real config (task math, method shears) and writes
 `<out>/bench-<profile>.parquet` (table "bench") and `.md`, then prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,13 @@ from nlsflow.errors import NlsflowError
 COMPARISONS = {"training": training, "wanda": wanda, "search": search, "generation": generation}
 
 
-def bench(profile: str, out: Path = Path("runs/bench"), repeats: int | None = None, overrides: list[str] = (),
-          only: list[str] = tuple(COMPARISONS)) -> tuple[list[dict], Path]:
+def bench(
+    profile: str,
+    out: Path = Path("runs/bench"),
+    repeats: int | None = None,
+    overrides: list[str] = (),
+    only: list[str] = tuple(COMPARISONS),
+) -> tuple[list[dict], Path]:
     """Run the comparisons in `only`; returns the rows and the Parquet file written."""
     unknown = sorted(set(only) - COMPARISONS.keys())
     if unknown:
@@ -34,8 +40,10 @@ def bench(profile: str, out: Path = Path("runs/bench"), repeats: int | None = No
     start, rows = time.perf_counter(), []
     for name in only:
         rows += COMPARISONS[name].run(ctx)
-    title = (f"nlsflow vs peers, profile {profile} ({time.perf_counter() - start:.0f} s, device {ctx.device}, "
-             f"{torch.get_num_threads()} threads)")
+    title = (
+        f"nlsflow vs peers, profile {profile} ({time.perf_counter() - start:.0f} s, device {ctx.device}, "
+        f"{torch.get_num_threads()} threads)"
+    )
     parquet, md = write_bench(rows, out, profile, title)
     render([{**r, "profile": profile} for r in rows], title)
     print(f"wrote {parquet} and {md}")
@@ -54,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not actionable here
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*"
+    )  # raised inside PEFT, not actionable here
     try:
         bench(args.profile, args.out, args.repeats, args.overrides, args.only.split(","))
     except NlsflowError as e:

@@ -1,4 +1,5 @@
-"""What every comparison needs: the profile's resolved config, its base model and tokenizer, its data, the bench sizes."""
+"""What every comparison needs: the profile's resolved config, base model, tokenizer, data and sizes."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -7,13 +8,13 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model
 
-from nlsflow.data.datasets import generate_prompt, load_train_records, wikitext2
 from nlsflow.adapters.elastic import Variable
-from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
 from nlsflow.adapters.supernet import groups_from_config, make_supernet
-from schemas import PipelineConfig
 from nlsflow.config import load_config
+from nlsflow.data.datasets import generate_prompt, load_train_records, wikitext2
 from nlsflow.layers import config_files
+from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
+from schemas import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -31,10 +32,12 @@ class BenchSettings:
 # tiny: every Wanda run is a fresh process (~6 s of imports), so 3 rounds. smollm2 (SmolLM2-135M, 2 CPU cores): a
 # training step is ~10 s and a Wanda run ~45 s, so 3 rounds of one step, and the search scores 4 records of 16
 # tokens per subnet. Other profiles get smollm2's sizes.
-SETTINGS = {"tiny": BenchSettings(repeats=3, warmup=1, train_steps=4, search_records=16, search_new_tokens=12,
-                                  search_evals=10),
-            "smollm2": BenchSettings(repeats=3, warmup=1, train_steps=1, search_records=4, search_new_tokens=16,
-                                     search_evals=6)}
+SETTINGS = {
+    "tiny": BenchSettings(repeats=3, warmup=1, train_steps=4, search_records=16, search_new_tokens=12, search_evals=10),
+    "smollm2": BenchSettings(
+        repeats=3, warmup=1, train_steps=1, search_records=4, search_new_tokens=16, search_evals=6
+    ),
+}
 
 
 @dataclass
@@ -53,8 +56,14 @@ class BenchContext:
     def lora_config(self, rank_pattern: dict[str, int] | None = None) -> LoraConfig:
         """The LoRA config `train` builds (maximal rank on train.target_modules), optionally with per-module ranks."""
         tc = self.cfg.train
-        return LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
-                          rank_pattern=rank_pattern or {}, task_type="CAUSAL_LM")
+        return LoraConfig(
+            r=tc.rank,
+            lora_alpha=tc.alpha,
+            lora_dropout=tc.dropout,
+            target_modules=tc.target_modules,
+            rank_pattern=rank_pattern or {},
+            task_type="CAUSAL_LM",
+        )
 
     def supernet(self, random_b: bool, seed: int = 0) -> tuple[object, list[Variable]]:
         """The super-adapter as `train` builds it (PEFT LoRA made elastic over train.groups) on a fresh base.
@@ -75,8 +84,9 @@ class BenchContext:
         return model, space
 
 
-def load_context(profile: str, overrides: list[str] = (), repeats: int | None = None, task: str = "math",
-                 method: str = "shears") -> BenchContext:
+def load_context(
+    profile: str, overrides: list[str] = (), repeats: int | None = None, task: str = "math", method: str = "shears"
+) -> BenchContext:
     """The profile's config (`config_files(task, profile, method)` + overrides), its base model and data."""
     cfg = load_config(config_files(task, profile, method), [f"run_dir={Path('runs') / 'bench'}", *overrides])
     if cfg.num_threads:
@@ -92,5 +102,6 @@ def load_context(profile: str, overrides: list[str] = (), repeats: int | None = 
         texts += wikitext2(root, "valid", download=download).splitlines()
     base_dir = materialize_base_model(cfg.model, texts, cfg.seed)
     revision = cfg.model.revision if base_dir == cfg.model.name_or_path else None  # a hub id, loaded as is
-    return BenchContext(cfg, settings, base_dir, revision, load_tokenizer(base_dir, revision),
-                        resolve_device(cfg.device), records)
+    return BenchContext(
+        cfg, settings, base_dir, revision, load_tokenizer(base_dir, revision), resolve_device(cfg.device), records
+    )

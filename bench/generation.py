@@ -5,6 +5,7 @@ subnet by `extract_sub_adapter` into a stock PEFT folder, loaded with `PeftModel
 merged with `merge_and_unload`. Timed with the shared greedy protocol of `nlsflow.deploy.timing` (random prompt of
 benchmark.prompt_len tokens, benchmark.new_tokens new ones, tokens/s end to end).
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -41,22 +42,55 @@ def models(ctx: BenchContext) -> dict[str, object]:
 def run(ctx: BenchContext) -> list[dict]:
     bc, s = ctx.cfg.benchmark, ctx.settings
     variants = models(ctx)
-    ids = torch.randint(4, variants["base"].config.vocab_size, (1, bc.prompt_len),
-                        generator=torch.Generator().manual_seed(0)).to(ctx.device)
+    ids = torch.randint(
+        4, variants["base"].config.vocab_size, (1, bc.prompt_len), generator=torch.Generator().manual_seed(0)
+    ).to(ctx.device)
     mask = torch.ones_like(ids)
-    same = torch.equal(greedy_tokens(variants["merged"], ids, bc.new_tokens),
-                       greedy_tokens(variants["unmerged"], ids, bc.new_tokens))
+    same = torch.equal(
+        greedy_tokens(variants["merged"], ids, bc.new_tokens), greedy_tokens(variants["unmerged"], ids, bc.new_tokens)
+    )
     decoders = {name: TorchDecoder(model) for name, model in variants.items()}
-    timings = alternate({name: (lambda d=d: repeat_timing(d, ids, mask, bc.new_tokens, warmup=0, repeats=1)[0])
-                         for name, d in decoders.items()}, s.repeats, s.warmup, desc="bench: generation")
+    timings = alternate(
+        {
+            name: (lambda d=d: repeat_timing(d, ids, mask, bc.new_tokens, warmup=0, repeats=1)[0])
+            for name, d in decoders.items()
+        },
+        s.repeats,
+        s.warmup,
+        desc="bench: generation",
+    )
     speed = {name: summarize(t) for name, t in timings.items()}
 
     def tokens_per_s(name):
         return speed[name]["tokens_per_s"], speed[name]["tokens_per_s_spread"]
 
-    note = (f"batch 1, {bc.prompt_len}-token prompt, {bc.new_tokens} new tokens, heuristic sub-adapter; merged and "
-            f"unmerged greedy tokens {'identical' if same else 'DIFFER'}")
-    return [row("generation", "merged extracted model", "base model", "tokens per second", "tok/s",
-                tokens_per_s("merged"), tokens_per_s("base"), s.repeats, equal_within(0.05), note),
-            row("generation", "merged extracted model", "base + unmerged PEFT adapter", "tokens per second", "tok/s",
-                tokens_per_s("merged"), tokens_per_s("unmerged"), s.repeats, no_worse(lower_is_better=False), note)]
+    note = (
+        f"batch 1, {bc.prompt_len}-token prompt, {bc.new_tokens} new tokens, heuristic sub-adapter; merged and "
+        f"unmerged greedy tokens {'identical' if same else 'DIFFER'}"
+    )
+    return [
+        row(
+            "generation",
+            "merged extracted model",
+            "base model",
+            "tokens per second",
+            "tok/s",
+            tokens_per_s("merged"),
+            tokens_per_s("base"),
+            s.repeats,
+            equal_within(0.05),
+            note,
+        ),
+        row(
+            "generation",
+            "merged extracted model",
+            "base + unmerged PEFT adapter",
+            "tokens per second",
+            "tok/s",
+            tokens_per_s("merged"),
+            tokens_per_s("unmerged"),
+            s.repeats,
+            no_worse(lower_is_better=False),
+            note,
+        ),
+    ]

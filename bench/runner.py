@@ -1,12 +1,14 @@
 """The alternating runner and the bench table: medians ± half ranges, ratio ours/peer, whether the target is met."""
+
 from __future__ import annotations
 
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from rich.console import Console
@@ -106,29 +108,74 @@ def no_worse(lower_is_better: bool) -> Target:
 
 
 def equal_within(tolerance: float) -> Target:
-    return Target(f"ratio within ±{tolerance:.0%} or within spread",
-                  lambda o, p: abs(o[0] / p[0] - 1) <= tolerance or _overlap(o, p))
+    return Target(
+        f"ratio within ±{tolerance:.0%} or within spread",
+        lambda o, p: abs(o[0] / p[0] - 1) <= tolerance or _overlap(o, p),
+    )
 
 
-def row(comparison: str, ours: str, peer: str, metric: str, unit: str, ours_stat: Stat, peer_stat: Stat,
-        repeats: int, target: Target | None = None, note: str = "") -> dict:
+def row(
+    comparison: str,
+    ours: str,
+    peer: str,
+    metric: str,
+    unit: str,
+    ours_stat: Stat,
+    peer_stat: Stat,
+    repeats: int,
+    target: Target | None = None,
+    note: str = "",
+) -> dict:
     """One table row (without `profile`, which `write_bench` adds)."""
-    return {"comparison": comparison, "ours": ours, "peer": peer, "metric": metric, "unit": unit,
-            "ours_median": ours_stat[0], "ours_spread": ours_stat[1], "peer_median": peer_stat[0],
-            "peer_spread": peer_stat[1], "ratio": ours_stat[0] / peer_stat[0], "target": target.text if target else "",
-            "target_met": target.met(ours_stat, peer_stat) if target else None, "repeats": repeats, "note": note}
+    return {
+        "comparison": comparison,
+        "ours": ours,
+        "peer": peer,
+        "metric": metric,
+        "unit": unit,
+        "ours_median": ours_stat[0],
+        "ours_spread": ours_stat[1],
+        "peer_median": peer_stat[0],
+        "peer_spread": peer_stat[1],
+        "ratio": ours_stat[0] / peer_stat[0],
+        "target": target.text if target else "",
+        "target_met": target.met(ours_stat, peer_stat) if target else None,
+        "repeats": repeats,
+        "note": note,
+    }
 
 
-HEADERS = ["comparison", "ours", "peer", "metric", "ours: median ± half range", "peer: median ± half range",
-           "ratio ours/peer", "target", "met", "note"]
+HEADERS = [
+    "comparison",
+    "ours",
+    "peer",
+    "metric",
+    "ours: median ± half range",
+    "peer: median ± half range",
+    "ratio ours/peer",
+    "target",
+    "met",
+    "note",
+]
 
 
 def _cells(r: dict) -> list[str]:
     def value(prefix):
         return f"{r[prefix + '_median']:.4g} ± {r[prefix + '_spread']:.2g} {r['unit']}"
+
     met = {True: "yes", False: "NO", None: "–"}[r["target_met"]]
-    return [r["comparison"], r["ours"], r["peer"], r["metric"], value("ours"), value("peer"), f"{r['ratio']:.3f}",
-            r["target"] or "–", met, r["note"]]
+    return [
+        r["comparison"],
+        r["ours"],
+        r["peer"],
+        r["metric"],
+        value("ours"),
+        value("peer"),
+        f"{r['ratio']:.3f}",
+        r["target"] or "–",
+        met,
+        r["note"],
+    ]
 
 
 def markdown(rows: list[dict], title: str) -> str:

@@ -4,6 +4,7 @@ Each run is a freshly spawned process (load, one warm-up forward, then the timed
 (max RSS, or the CUDA allocator's peak) is its own. Both must give identical masks: every run's per-linear mask
 digests are compared and any difference is an error naming the linears.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -55,7 +56,8 @@ def reference_wanda(model, calib_ids: torch.Tensor, sparsity: float, n_m: tuple[
         def record(name):
             def hook(module, args, output):
                 x = args[0].float()
-                sq_norms[name] = sq_norms[name] + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+                sq_norms[name] = sq_norms[name] + x.reshape(-1, x.shape[-1]).pow(2).sum(0)  # noqa: B023 (used in this iteration)
+
             return hook
 
         handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
@@ -84,19 +86,32 @@ def reference_wanda(model, calib_ids: torch.Tensor, sparsity: float, n_m: tuple[
 
 def mask_digests(model) -> dict[str, str]:
     """sha256 of every decoder-layer linear's zero mask, by name."""
-    return {name: hashlib.sha256((m.weight == 0).cpu().numpy().tobytes()).hexdigest()
-            for name, m in model.get_decoder().layers.named_modules() if isinstance(m, nn.Linear)}
+    return {
+        name: hashlib.sha256((m.weight == 0).cpu().numpy().tobytes()).hexdigest()
+        for name, m in model.get_decoder().layers.named_modules()
+        if isinstance(m, nn.Linear)
+    }
 
 
 def check_same_masks(ours: dict[str, str], peer: dict[str, str]) -> None:
     differ = sorted(name for name in ours.keys() | peer.keys() if ours.get(name) != peer.get(name))
     if differ:
-        raise NlsflowError(f"Wanda masks differ between nlsflow.pruning and the reference in {len(differ)} of "
-                           f"{len(ours)} linears: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}")
+        raise NlsflowError(
+            f"Wanda masks differ between nlsflow.pruning and the reference in {len(differ)} of "
+            f"{len(ours)} linears: {', '.join(differ[:5])}{' ...' if len(differ) > 5 else ''}"
+        )
 
 
-def prune_once(impl: str, model_dir: str, dtype: str, device: str, calib_ids: torch.Tensor, sparsity: float,
-               n_m: tuple[int, int] | None, num_threads: int | None) -> dict:
+def prune_once(
+    impl: str,
+    model_dir: str,
+    dtype: str,
+    device: str,
+    calib_ids: torch.Tensor,
+    sparsity: float,
+    n_m: tuple[int, int] | None,
+    num_threads: int | None,
+) -> dict:
     """Load, warm up, prune with `impl` ("ours" or "reference"): seconds, the peak memory (MB) pruning added over
     the loaded model, and the mask digests."""
     import time
@@ -114,8 +129,14 @@ def prune_once(impl: str, model_dir: str, dtype: str, device: str, calib_ids: to
     with PeakMemoryAbove(dev) as memory:
         start = time.perf_counter()
         if impl == "ours":
-            prune_model(model, calib_ids.to(dev), method="wanda", sparsity=sparsity, structure=n_m or "unstructured",
-                        progress=False)
+            prune_model(
+                model,
+                calib_ids.to(dev),
+                method="wanda",
+                sparsity=sparsity,
+                structure=n_m or "unstructured",
+                progress=False,
+            )
         else:
             reference_wanda(model, calib_ids, sparsity, n_m)
         if dev.type == "cuda":
@@ -127,36 +148,70 @@ def prune_once(impl: str, model_dir: str, dtype: str, device: str, calib_ids: to
 def calibration_ids(ctx: BenchContext) -> torch.Tensor:
     """The calibration batch `prune` draws (prune.calibration)."""
     cfg, cc = ctx.cfg, ctx.cfg.prune.calibration
-    documents = calibration_documents(Path(cfg.data.root), cc.source, train_names=cfg.data.train_sets,
-                                      contamination=cfg.data.contamination, download=cfg.data.download)
+    documents = calibration_documents(
+        Path(cfg.data.root),
+        cc.source,
+        train_names=cfg.data.train_sets,
+        contamination=cfg.data.contamination,
+        download=cfg.data.download,
+    )
     return calibration_batch(ctx.tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed)
 
 
 def run(ctx: BenchContext) -> list[dict]:
     cfg, pc, cc, s = ctx.cfg, ctx.cfg.prune, ctx.cfg.prune.calibration, ctx.settings
     if pc.targets is not None:
-        raise NlsflowError(f"prune.targets={pc.targets}: the Wanda bench prunes every decoder linear; drop the override")
+        raise NlsflowError(
+            f"prune.targets={pc.targets}: the Wanda bench prunes every decoder linear; drop the override"
+        )
     if ctx.revision:
-        raise NlsflowError("the Wanda bench loads the base in subprocesses from a folder; materialize the hub model first")
+        raise NlsflowError(
+            "the Wanda bench loads the base in subprocesses from a folder; materialize the hub model first"
+        )
     calib = calibration_ids(ctx)
 
     def variant(impl):
-        return lambda: in_subprocess(prune_once, impl=impl, model_dir=ctx.base_dir, dtype=cfg.dtype, device=cfg.device,
-                                     calib_ids=calib, sparsity=pc.sparsity, n_m=pc.n_m, num_threads=cfg.num_threads)
+        return lambda: in_subprocess(
+            prune_once,
+            impl=impl,
+            model_dir=ctx.base_dir,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            calib_ids=calib,
+            sparsity=pc.sparsity,
+            n_m=pc.n_m,
+            num_threads=cfg.num_threads,
+        )
 
     # no warm-up rounds: every run is a fresh process that warms itself up before the timed pruning
-    results = alternate({"ours": variant("ours"), "reference": variant("reference")}, s.repeats, 0,
-                        desc="bench: Wanda (a process per run)")
+    results = alternate(
+        {"ours": variant("ours"), "reference": variant("reference")},
+        s.repeats,
+        0,
+        desc="bench: Wanda (a process per run)",
+    )
     for ours, ref in zip(results["ours"], results["reference"]):
         check_same_masks(ours["masks"], ref["masks"])
     linears = len(results["ours"][0]["masks"])
-    note = (f"identical masks in all {linears} linears in every run; {cc.num_samples} x {cc.seqlen} calibration tokens, "
-            f"sparsity {pc.sparsity:g} {pc.structure}")
+    note = (
+        f"identical masks in all {linears} linears in every run; {cc.num_samples} x {cc.seqlen} calibration tokens, "
+        f"sparsity {pc.sparsity:g} {pc.structure}"
+    )
     memory = ("peak CUDA memory" if ctx.device.type == "cuda" else "peak RSS") + " above the loaded model"
     rows = []
     for metric, key, unit in (("wall time", "seconds", "s"), (memory, "peak_mb", "MB")):
-        rows.append(row("Wanda pruning", "nlsflow.pruning.prune_model", "reference Wanda (paper's algorithm)", metric,
-                        unit, median_spread([r[key] for r in results["ours"]]),
-                        median_spread([r[key] for r in results["reference"]]),
-                        s.repeats, no_worse(lower_is_better=True), note))
+        rows.append(
+            row(
+                "Wanda pruning",
+                "nlsflow.pruning.prune_model",
+                "reference Wanda (paper's algorithm)",
+                metric,
+                unit,
+                median_spread([r[key] for r in results["ours"]]),
+                median_spread([r[key] for r in results["reference"]]),
+                s.repeats,
+                no_worse(lower_is_better=True),
+                note,
+            )
+        )
     return rows

@@ -6,6 +6,7 @@ disk (as trained, and the deployable sub-adapter), total and non-zero parameters
 deployable model, accuracy of the extracted model, and training time. Writes <runs>/compare-<task>-<profile>
 .parquet and .md, and prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,17 +18,25 @@ from rich.table import Table
 
 from flows.pipeline import pipeline
 from flows.runners import RUNNERS
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import read_manifest, stage_dir, write_table
+from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_write_text
 from nlsflow.layers import config_files
 
 METHODS = ("shears", "lonas", "nola", "heterolora")
 COLUMNS = {  # column -> header
-    "method": "method", "trainable_params": "trainable params", "train_adapter_bytes": "adapter bytes (trained)",
-    "adapter_bytes": "adapter bytes (extracted, stock)", "compact_bytes": "NOLA compact bytes", "params": "params", "nonzero_params": "non-zero params",
-    "macs_per_token": "MACs/token", "nonzero_macs_per_token": "non-zero MACs/token", "accuracy": "accuracy",
-    "accuracy_strict": "accuracy (strict)", "train_seconds": "train time (s)",
+    "method": "method",
+    "trainable_params": "trainable params",
+    "train_adapter_bytes": "adapter bytes (trained)",
+    "adapter_bytes": "adapter bytes (extracted, stock)",
+    "compact_bytes": "NOLA compact bytes",
+    "params": "params",
+    "nonzero_params": "non-zero params",
+    "macs_per_token": "MACs/token",
+    "nonzero_macs_per_token": "non-zero MACs/token",
+    "accuracy": "accuracy",
+    "accuracy_strict": "accuracy (strict)",
+    "train_seconds": "train time (s)",
 }
 
 
@@ -36,36 +45,66 @@ def method_row(run_dir: Path, method: str) -> dict:
     train, extract, bench = (read_manifest(stage_dir(run_dir, s), s) for s in ("train", "extract", "benchmark"))
     try:
         deployed = bench.metrics["results"].get("extracted_merged") or bench.metrics["results"]["extracted_adapter"]
-        return {"method": method, "trainable_params": train.metrics["trainable_params"],
-                "train_adapter_bytes": train.metrics["adapter_bytes"], "adapter_bytes": extract.metrics["adapter_bytes"],
-                "compact_bytes": extract.metrics.get("nola_bytes"), "params": deployed["params"],
-                "nonzero_params": deployed["nonzero_params"], "macs_per_token": deployed["macs_per_token"],
-                "nonzero_macs_per_token": deployed["nonzero_macs_per_token"],
-                "accuracy": extract.metrics["average_accuracy"], "accuracy_strict": extract.metrics["average_accuracy_strict"],
-                "train_seconds": train.duration_s}
+        return {
+            "method": method,
+            "trainable_params": train.metrics["trainable_params"],
+            "train_adapter_bytes": train.metrics["adapter_bytes"],
+            "adapter_bytes": extract.metrics["adapter_bytes"],
+            "compact_bytes": extract.metrics.get("nola_bytes"),
+            "params": deployed["params"],
+            "nonzero_params": deployed["nonzero_params"],
+            "macs_per_token": deployed["macs_per_token"],
+            "nonzero_macs_per_token": deployed["nonzero_macs_per_token"],
+            "accuracy": extract.metrics["average_accuracy"],
+            "accuracy_strict": extract.metrics["average_accuracy_strict"],
+            "train_seconds": train.duration_s,
+        }
     except KeyError as e:
-        raise NlsflowError(f"{run_dir} lacks the metric {e} (made by an older nlsflow, or extract.evaluate=false); "
-                           "re-run it with --force") from None
+        raise NlsflowError(
+            f"{run_dir} lacks the metric {e} (made by an older nlsflow, or extract.evaluate=false); "
+            "re-run it with --force"
+        ) from None
 
 
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
-        cells = ["–" if r[c] is None else f"{r[c]:,}" if isinstance(r[c], int) else f"{r[c]:.4f}" if c.startswith("accuracy")
-                 else f"{r[c]:.1f}" if isinstance(r[c], float) else str(r[c]) for c in COLUMNS]
+        cells = [
+            "–"
+            if r[c] is None
+            else f"{r[c]:,}"
+            if isinstance(r[c], int)
+            else f"{r[c]:.4f}"
+            if c.startswith("accuracy")
+            else f"{r[c]:.1f}"
+            if isinstance(r[c], float)
+            else str(r[c])
+            for c in COLUMNS
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def compare(task: str, profile: str, methods=METHODS, runs: Path = Path("runs"), overrides=(), runner: str = "local",
-            force: bool = False, runner_options: dict | None = None, existing: bool = False) -> list[dict]:
+def compare(
+    task: str,
+    profile: str,
+    methods=METHODS,
+    runs: Path = Path("runs"),
+    overrides=(),
+    runner: str = "local",
+    force: bool = False,
+    runner_options: dict | None = None,
+    existing: bool = False,
+) -> list[dict]:
     """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing."""
     rows = []
     for method in methods:
         run_dir = runs / f"{task}-{profile}-{method}"
         if not existing:
             files = [str(f) for f in config_files(task, profile, method)]
-            state = pipeline(files, [f"run_dir={run_dir}", *overrides], runner, force, runner_options, return_state=True)
+            state = pipeline(
+                files, [f"run_dir={run_dir}", *overrides], runner, force, runner_options, return_state=True
+            )
             if state.is_failed():
                 raise NlsflowError(f"{method}: {state.message}")
         rows.append(method_row(run_dir, method))
@@ -94,8 +133,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", help="docker: GPUs per stage container (all, a count, device=0,1, none)")
     parser.add_argument("--image", help="docker: image name with {stage}")
     parser.add_argument("--force", action="store_true", help="re-run every stage of every method")
-    parser.add_argument("--existing", action="store_true", help="tabulate the runs as they are (each made by `make "
-                        "pipeline ... METHOD=<method>`, maybe at other times); run nothing")
+    parser.add_argument(
+        "--existing",
+        action="store_true",
+        help="tabulate the runs as they are (each made by `make "
+        "pipeline ... METHOD=<method>`, maybe at other times); run nothing",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -103,8 +146,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     try:
         options = {k: v for k, v in {"gpus": args.gpus, "image": args.image}.items() if v}
-        rows = compare(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.force, options,
-                       args.existing)
+        rows = compare(
+            args.task,
+            args.profile,
+            methods,
+            Path(args.runs),
+            args.overrides,
+            args.runner,
+            args.force,
+            options,
+            args.existing,
+        )
     except NlsflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

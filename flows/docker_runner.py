@@ -6,24 +6,34 @@ paths, so the resolved <run_dir>/config.yaml means the same thing inside: the ru
 read-write, the data root, a local model folder and a search-space file read-only. The container runs as the
 calling user (its files in the run folder stay yours) and is removed whatever happens.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
-import docker
 from docker.errors import APIError, DockerException, ImageNotFound
 from docker.types import DeviceRequest, Mount
 from requests.exceptions import RequestException
 
+import docker
 from flows.stage_process import STAGE_ENV, StageInterrupted, stage_args, stream_lines
-from nlsflow.models import cache_root
-from nlsflow.errors import NlsflowError
-from schemas import PipelineConfig
 from nlsflow.config import load_config
+from nlsflow.errors import NlsflowError
+from nlsflow.models import cache_root
+from schemas import PipelineConfig
 
-PASSED_ENV = ("NLSFLOW_", "HF_", "TRANSFORMERS_", "TQDM_", "OMP_", "MKL_", "PYTORCH_", "PYTHONHASHSEED")  # host variables a stage sees
+PASSED_ENV = (
+    "NLSFLOW_",
+    "HF_",
+    "TRANSFORMERS_",
+    "TQDM_",
+    "OMP_",
+    "MKL_",
+    "PYTORCH_",
+    "PYTHONHASHSEED",
+)  # host variables a stage sees
 LABEL = "nlsflow.stage"
 
 
@@ -64,12 +74,16 @@ def connect() -> docker.DockerClient:
         if client is not None:
             client.close()
         reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise NlsflowError(f"no Docker engine at {where} ({reason}); start one or set DOCKER_HOST, "
-                           "or run the stages here with RUNNER=local") from None
+        raise NlsflowError(
+            f"no Docker engine at {where} ({reason}); start one or set DOCKER_HOST, "
+            "or run the stages here with RUNNER=local"
+        ) from None
     return client
 
 
-def stage_mounts(config_file: Path, cfg: PipelineConfig, given: Sequence[Mount] = (), only_given: bool = False) -> list[Mount]:
+def stage_mounts(
+    config_file: Path, cfg: PipelineConfig, given: Sequence[Mount] = (), only_given: bool = False
+) -> list[Mount]:
     """The host paths a stage of this config reads (read-only) or writes, at the same paths in the container,
     then the `given` mounts, which replace those under their targets (a shared volume at /runs, say).
 
@@ -85,8 +99,10 @@ def stage_mounts(config_file: Path, cfg: PipelineConfig, given: Sequence[Mount] 
     covered = [Path(m["Target"]) for m in given]
     if only_given:
         if stray := [str(p) for p in sorted(writable) if not any(p.is_relative_to(c) for c in covered)]:
-            raise NlsflowError(f"{', '.join(stray)} not under the given mounts {[str(c) for c in covered]}: put run_dir, "
-                               "the model cache and data.root there (NLSFLOW_DOCKER_MOUNTS)")
+            raise NlsflowError(
+                f"{', '.join(stray)} not under the given mounts {[str(c) for c in covered]}: put run_dir, "
+                "the model cache and data.root there (NLSFLOW_DOCKER_MOUNTS)"
+            )
         return list(given)
     for path in writable:
         path.mkdir(parents=True, exist_ok=True)
@@ -105,11 +121,19 @@ class DockerRunner:
 
     name = "docker"
 
-    def __init__(self, image: str | None = None, gpus: str = "none", mounts: Sequence[str] = (),
-                 env: dict[str, str] | None = None, network: str | None = None):
+    def __init__(
+        self,
+        image: str | None = None,
+        gpus: str = "none",
+        mounts: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        network: str | None = None,
+    ):
         self.requests = device_requests(gpus)
         self.gpus = gpus
-        self.image = image or os.environ.get("NLSFLOW_IMAGE") or f"nlsflow-{{stage}}:{'cuda' if self.requests else 'cpu'}"
+        self.image = (
+            image or os.environ.get("NLSFLOW_IMAGE") or f"nlsflow-{{stage}}:{'cuda' if self.requests else 'cpu'}"
+        )
         mounts = mounts or [m for m in os.environ.get("NLSFLOW_DOCKER_MOUNTS", "").split(",") if m.strip()]
         self.mounts = [parse_mount(m) for m in mounts]
         self.only_given = os.environ.get("NLSFLOW_DOCKER_ONLY_GIVEN_MOUNTS", "") not in ("", "0", "false")
@@ -125,10 +149,15 @@ class DockerRunner:
         container, started = None, False
         try:
             container = client.containers.create(
-                image, stage_args(config_file, force), mounts=stage_mounts(config_file, cfg, self.mounts, self.only_given),
+                image,
+                stage_args(config_file, force),
+                mounts=stage_mounts(config_file, cfg, self.mounts, self.only_given),
                 environment=STAGE_ENV | {"HF_HOME": f"{cache}/hf"} | self.env | {"NLSFLOW_CACHE": cache},
-                device_requests=self.requests or None, user=f"{os.getuid()}:{os.getgid()}", network_mode=self.network,
-                labels={LABEL: stage, "nlsflow.config": str(config_file)})
+                device_requests=self.requests or None,
+                user=f"{os.getuid()}:{os.getgid()}",
+                network_mode=self.network,
+                labels={LABEL: stage, "nlsflow.config": str(config_file)},
+            )
             container.start()
             started = True
             out = stream_lines(container.logs(stream=True, follow=True), log)
@@ -136,12 +165,18 @@ class DockerRunner:
             container.reload()
             oom_killed = container.attrs["State"].get("OOMKilled", False)
         except ImageNotFound:
-            raise NlsflowError(f"image {image} is not on the engine; build it with `make images` "
-                               "(FLAVOR=cuda for GPU hosts) or pass --image") from None
+            raise NlsflowError(
+                f"image {image} is not on the engine; build it with `make images` "
+                "(FLAVOR=cuda for GPU hosts) or pass --image"
+            ) from None
         except APIError as e:
             if started:
                 raise StageInterrupted(f"the engine failed while running stage '{stage}': {e.explanation}") from None
-            hint = f" (asked for GPUs: {self.gpus}; without the NVIDIA container toolkit use GPUS=none)" if self.requests else ""
+            hint = (
+                f" (asked for GPUs: {self.gpus}; without the NVIDIA container toolkit use GPUS=none)"
+                if self.requests
+                else ""
+            )
             raise NlsflowError(f"stage '{stage}' container could not start: {e.explanation}{hint}") from None
         except RequestException as e:
             raise StageInterrupted(f"lost the engine while running stage '{stage}': {e}") from None
@@ -153,6 +188,8 @@ class DockerRunner:
                     pass
             client.close()
         if code > 128 or oom_killed:
-            raise StageInterrupted(f"stage '{stage}' container was killed (exit {code}{', out of memory' if oom_killed else ''})")
+            raise StageInterrupted(
+                f"stage '{stage}' container was killed (exit {code}{', out of memory' if oom_killed else ''})"
+            )
         if code != 0:
             raise out.failure(stage, code)

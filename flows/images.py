@@ -1,11 +1,12 @@
 """`make images`: build the six stage images through the Docker SDK.
 
-    python -m flows.images                       nlsflow-<stage>:cpu   from docker/Dockerfile
-    python -m flows.images --flavor cuda         nlsflow-<stage>:cuda  (CUDA runtime base, torch's CUDA wheel)
-    python -m flows.images --flavor mounted --base nlsflow-root:bookworm
-                                                 nlsflow-<stage>:mounted from docker/Dockerfile.mounted: no install,
-                                                 the checkout and its interpreter are mounted by the runner
+python -m flows.images                       nlsflow-<stage>:cpu   from docker/Dockerfile
+python -m flows.images --flavor cuda         nlsflow-<stage>:cuda  (CUDA runtime base, torch's CUDA wheel)
+python -m flows.images --flavor mounted --base nlsflow-root:bookworm
+                                             nlsflow-<stage>:mounted from docker/Dockerfile.mounted: no install,
+                                             the checkout and its interpreter are mounted by the runner
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,15 @@ from docker.errors import APIError
 
 from flows.docker_runner import connect
 from flows.stage_process import REPO_ROOT
-from schemas import STAGES
 from nlsflow.errors import NlsflowError
+from schemas import STAGES
 
 FLAVORS = {
     "cpu": {"BASE": "python:3.11-slim", "TORCH_INDEX": "https://download.pytorch.org/whl/cpu"},
-    "cuda": {"BASE": "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04", "TORCH_INDEX": "https://download.pytorch.org/whl/cu128"},
+    "cuda": {
+        "BASE": "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04",
+        "TORCH_INDEX": "https://download.pytorch.org/whl/cu128",
+    },
     "mounted": {},
 }
 
@@ -33,9 +37,10 @@ def interpreter_prefix() -> Path:
     return Path(sys.base_prefix).resolve()
 
 
-def build_images(flavor: str = "cpu", base: str | None = None, build_args: dict | None = None,
-                 network: str | None = None, log=print) -> list[str]:
-    """Build nlsflow-base:<flavor> (what the Prefect server and worker run) and nlsflow-<stage>:<flavor>; return the tags."""
+def build_images(
+    flavor: str = "cpu", base: str | None = None, build_args: dict | None = None, network: str | None = None, log=print
+) -> list[str]:
+    """Build nlsflow-base:<flavor> (the Prefect server and worker) and nlsflow-<stage>:<flavor>; return the tags."""
     if flavor not in FLAVORS:
         raise NlsflowError(f"unknown image flavor {flavor!r}; choose from {sorted(FLAVORS)}")
     if flavor == "mounted" and not base:
@@ -48,8 +53,9 @@ def build_images(flavor: str = "cpu", base: str | None = None, build_args: dict 
             log(f"building {tag}")
             if flavor == "mounted":
                 dockerfile = (REPO_ROOT / "docker" / "Dockerfile.mounted").read_bytes()
-                build = dict(fileobj=io.BytesIO(dockerfile),
-                             buildargs=args | {"PROJECT": str(REPO_ROOT), "STAGE": stage})
+                build = dict(
+                    fileobj=io.BytesIO(dockerfile), buildargs=args | {"PROJECT": str(REPO_ROOT), "STAGE": stage}
+                )
             else:
                 build = dict(path=str(REPO_ROOT), dockerfile="docker/Dockerfile", target=stage, buildargs=args)
             try:
@@ -68,8 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.images", description=__doc__.splitlines()[0])
     parser.add_argument("--flavor", default="cpu", choices=sorted(FLAVORS))
     parser.add_argument("--base", help="the base image (defaults per flavor; required for mounted)")
-    parser.add_argument("--build-arg", action="append", default=[], metavar="KEY=VALUE",
-                        help="e.g. TORCH_INDEX=..., PIP_FIND_LINKS=http://host/wheels/ (a local wheelhouse)")
+    parser.add_argument(
+        "--build-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="e.g. TORCH_INDEX=..., PIP_FIND_LINKS=http://host/wheels/ (a local wheelhouse)",
+    )
     parser.add_argument("--network", help="network for RUN steps, e.g. host where the engine has no bridge")
     args = parser.parse_args(argv)
     if bad := [a for a in args.build_arg if "=" not in a]:

@@ -5,6 +5,7 @@
 
 A stage whose manifest already matches its config and its inputs' digests is skipped, so a re-run resumes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,20 +14,23 @@ import sys
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.states import Failed
 
 from flows.runners import RUNNERS, get_runner
 from flows.stage_process import StageInterrupted
 from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
-from schemas import STAGES
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import is_up_to_date, read_manifest, read_table, stage_dir
-from nlsflow.config import load_config
-from nlsflow.config import dump_config
-from nlsflow.layers import config_files
+from nlsflow.config import dump_config, load_config
+from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_write_text
-
+from nlsflow.layers import config_files
+from schemas import STAGES
 
 PROGRESS = re.compile(r"^(train|search):\s+(\d+)%\|")  # the stages' tqdm bars, as streamed by the runner
 
@@ -45,7 +49,9 @@ def _interrupted(task, task_run, state) -> bool:
 # Resume is by content: a stage is skipped when its manifest matches its config and its inputs' digests
 # (schemas.manifest.is_up_to_date), so Prefect's own result cache stays off: it could not see a deleted run folder.
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=_interrupted, cache_policy=None)
-def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = False, runner_options: dict | None = None) -> dict:
+def run_stage(
+    stage: str, config_file: Path, runner_name: str, force: bool = False, runner_options: dict | None = None
+) -> dict:
     """Run one stage through the runner unless it is up to date; return its status, time and metrics."""
     logger = get_run_logger()
     cfg = load_config([config_file])
@@ -59,7 +65,9 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
             logger.info(line)
             if (match := PROGRESS.match(line)) and match[1] == stage:
                 if stage not in progress:
-                    progress[stage] = create_progress_artifact(0.0, key=f"{stage}-progress", description=f"{stage} progress")
+                    progress[stage] = create_progress_artifact(
+                        0.0, key=f"{stage}-progress", description=f"{stage} progress"
+                    )
                 update_progress_artifact(progress[stage], float(match[2]))
 
         try:
@@ -72,8 +80,13 @@ def run_stage(stage: str, config_file: Path, runner_name: str, force: bool = Fal
 
 
 @flow(name="nlsflow-pipeline", log_prints=True)
-def pipeline(config_files: list[str], overrides: list[str] | None = None, runner: str = "local",
-             force: bool = False, runner_options: dict | None = None) -> list[dict]:
+def pipeline(
+    config_files: list[str],
+    overrides: list[str] | None = None,
+    runner: str = "local",
+    force: bool = False,
+    runner_options: dict | None = None,
+) -> list[dict]:
     """Resolve the config once, write it to <run_dir>/config.yaml, and run the six stages in order.
 
     `runner` is local (subprocesses) or docker (a container per stage; `runner_options` gives its image, gpus,
@@ -91,25 +104,41 @@ def pipeline(config_files: list[str], overrides: list[str] | None = None, runner
         results.append(state.result())
     about = f"{cfg.task} / {cfg.profile} / {cfg.method}"
     create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=about)
-    create_table_artifact(accuracy_table(results), key="nlsflow-accuracy", description=f"accuracy per test set, {about}")
+    create_table_artifact(
+        accuracy_table(results), key="nlsflow-accuracy", description=f"accuracy per test set, {about}"
+    )
     evaluations = read_table(stage_dir(cfg.run_dir, "search") / "evaluations.parquet", "evaluations").to_pylist()
-    create_table_artifact(pareto_table(evaluations), key="nlsflow-pareto-front",
-                          description=f"search: Pareto-optimal subnets (accuracy vs cost), {about}")
-    create_markdown_artifact(benchmark_markdown(stage_dir(cfg.run_dir, "benchmark")), key="nlsflow-benchmark",
-                             description=f"benchmark: every variant, {about}")
+    create_table_artifact(
+        pareto_table(evaluations),
+        key="nlsflow-pareto-front",
+        description=f"search: Pareto-optimal subnets (accuracy vs cost), {about}",
+    )
+    create_markdown_artifact(
+        benchmark_markdown(stage_dir(cfg.run_dir, "benchmark")),
+        key="nlsflow-benchmark",
+        description=f"benchmark: every variant, {about}",
+    )
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--config", action="append", default=[], help="YAML file(s), merged in order")
-    parser.add_argument("--task", help="with --profile and --method: the files nlsflow/layers.py names, before any --config")
+    parser.add_argument(
+        "--task", help="with --profile and --method: the files nlsflow/layers.py names, before any --config"
+    )
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--method", default="shears")
-    parser.add_argument("--runner", default="local", choices=sorted(RUNNERS),
-                        help="where stages run: local subprocesses (default) or a container per stage")
+    parser.add_argument(
+        "--runner",
+        default="local",
+        choices=sorted(RUNNERS),
+        help="where stages run: local subprocesses (default) or a container per stage",
+    )
     parser.add_argument("--gpus", help="docker: GPUs per stage container: all, a count, device=0,1, or none (default)")
-    parser.add_argument("--image", help="docker: image name with {stage}, default nlsflow-{stage}:cpu (:cuda with --gpus)")
+    parser.add_argument(
+        "--image", help="docker: image name with {stage}, default nlsflow-{stage}:cpu (:cuda with --gpus)"
+    )
     parser.add_argument("--mount", action="append", default=[], help="docker: extra /host[:/container][:ro] mount")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")

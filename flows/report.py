@@ -1,7 +1,8 @@
 """Markdown tables of a finished run's measured numbers, read from its manifests (what the README quotes).
 
-    python -m flows.report runs/math-smollm2 [runs/commonsense-smollm2 ...]
+python -m flows.report runs/math-smollm2 [runs/commonsense-smollm2 ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,24 +30,37 @@ def run_report(run_dir: Path) -> str:
     shared = prune.config["shared"]
     model = shared["model"]["gguf_file"] or shared["model"]["name_or_path"]
     pc = prune.config["prune"]
-    pruning = (f"{pc['method'].capitalize()} {pc['sparsity']:.0%} {pc['structure']}: WikiText-2 perplexity "
-               f"{prune.metrics['ppl_dense']:.2f} → {prune.metrics['ppl_pruned']:.2f}" if pc["sparsity"] else
-               f"dense base (no pruning), WikiText-2 perplexity {prune.metrics['ppl_dense']:.2f}")
-    narrowed = (f" on the base narrowed to MLP widths {sorted(set(extract['mlp_widths']))} ({extract['base_params']:,} "
-                f"of {prune.metrics['params']:,} base parameters)" if "mlp_widths" in extract else "")
-    lines = [f"### {shared['task']} on {model} ({run_dir.name})", "",
-             f"{pruning}; super-adapter {train.metrics['steps']} steps on {train.metrics['train_records']} records, final "
-             f"loss {train.metrics['final_loss']:.3f}; search: {search['evaluations']} subnets on {search['cost']}; "
-             f"extracted adapter {extract['adapter_params']:,} parameters{narrowed}, max |Δlogit| vs super-network "
-             f"{extract['max_abs_logit_diff']:.1e}.", ""]
+    pruning = (
+        f"{pc['method'].capitalize()} {pc['sparsity']:.0%} {pc['structure']}: WikiText-2 perplexity "
+        f"{prune.metrics['ppl_dense']:.2f} → {prune.metrics['ppl_pruned']:.2f}"
+        if pc["sparsity"]
+        else f"dense base (no pruning), WikiText-2 perplexity {prune.metrics['ppl_dense']:.2f}"
+    )
+    narrowed = (
+        f" on the base narrowed to MLP widths {sorted(set(extract['mlp_widths']))} ({extract['base_params']:,} "
+        f"of {prune.metrics['params']:,} base parameters)"
+        if "mlp_widths" in extract
+        else ""
+    )
+    lines = [
+        f"### {shared['task']} on {model} ({run_dir.name})",
+        "",
+        f"{pruning}; super-adapter {train.metrics['steps']} steps on {train.metrics['train_records']} records, final "
+        f"loss {train.metrics['final_loss']:.3f}; search: {search['evaluations']} subnets on {search['cost']}; "
+        f"extracted adapter {extract['adapter_params']:,} parameters{narrowed}, max |Δlogit| vs super-network "
+        f"{extract['max_abs_logit_diff']:.1e}.",
+        "",
+    ]
     rows = _accuracy_rows(run_dir, "pruned" if pc["sparsity"] else "dense")
     tasks = list(rows[-1][1]["accuracy"])
     lines.append("| model | " + " | ".join(tasks) + " | average | average (strict) |")
     lines.append("|---" * (len(tasks) + 3) + "|")
     for name, m in rows:
         cells = [f"{100 * m['accuracy'][t]:.1f}" for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * m['average_accuracy']:.1f} | "
-                     f"{100 * m['average_accuracy_strict']:.1f} |")
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {100 * m['average_accuracy']:.1f} | "
+            f"{100 * m['average_accuracy_strict']:.1f} |"
+        )
     benchmark = stage_dir(run_dir, "benchmark") / "results.md"
     if benchmark.is_file():
         lines += ["", "Benchmark:", "", benchmark.read_text().rstrip()]

@@ -1,12 +1,13 @@
 """Runners start one stage somewhere and stream its output: a local subprocess (the default), or a container."""
+
 from __future__ import annotations
 
 import inspect
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from flows.stage_process import REPO_ROOT, STAGE_ENV, StageInterrupted, StageRunner, stage_command, stream_lines
 from nlsflow.errors import NlsflowError
@@ -19,8 +20,15 @@ class LocalRunner:
 
     def run(self, stage: str, config_file: Path, log: Callable[[str], None], force: bool = False) -> None:
         env = STAGE_ENV | dict(os.environ)
-        proc = subprocess.Popen([sys.executable, *stage_command(stage, Path(config_file).resolve(), force)], cwd=REPO_ROOT,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            [sys.executable, *stage_command(stage, Path(config_file).resolve(), force)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         out = stream_lines(proc.stdout, log)
         if proc.wait() < 0:
             raise StageInterrupted(f"stage '{stage}' was killed by signal {-proc.returncode}")
@@ -28,8 +36,9 @@ class LocalRunner:
             raise out.failure(stage, proc.returncode)
 
 
-def _docker_runner(image: str | None = None, gpus: str = "none", mounts=(), env: dict | None = None,
-                   network: str | None = None) -> StageRunner:
+def _docker_runner(
+    image: str | None = None, gpus: str = "none", mounts=(), env: dict | None = None, network: str | None = None
+) -> StageRunner:
     from flows.docker_runner import DockerRunner  # the Docker SDK is only imported when containers are asked for
 
     return DockerRunner(image, gpus, mounts, env, network)

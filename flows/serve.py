@@ -7,6 +7,7 @@ key=value overrides (defaults from NLSFLOW_RUNNER, NLSFLOW_GPUS and NLSFLOW_RUNS
 The process registers the deployment with the server, polls it for scheduled runs and executes each (the pipeline
 flow as a subflow), until stopped with Ctrl-C.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,15 @@ RUNS = Path(os.environ.get("NLSFLOW_RUNS", REPO_ROOT / "runs"))  # where runs go
 
 
 @flow(name="nlsflow")
-def nlsflow(task: str = "math", profile: str = "tiny", method: str = "shears",
-            runner: str = os.environ.get("NLSFLOW_RUNNER", "local"), gpus: str = os.environ.get("NLSFLOW_GPUS", "none"),
-            run_dir: str = "", overrides: list[str] | None = None) -> list[dict]:
+def nlsflow(
+    task: str = "math",
+    profile: str = "tiny",
+    method: str = "shears",
+    runner: str = os.environ.get("NLSFLOW_RUNNER", "local"),
+    gpus: str = os.environ.get("NLSFLOW_GPUS", "none"),
+    run_dir: str = "",
+    overrides: list[str] | None = None,
+) -> list[dict]:
     """The pipeline for a (task, profile, method), in `run_dir` (default $NLSFLOW_RUNS/<task>-<profile>-<method>).
 
     runner: local (this machine) or docker (a container per stage, `gpus` each: all, a count, device=0,1, none).

@@ -1,11 +1,13 @@
 """What every runner shares: a stage's command line, its environment, and its output streamed as lines."""
+
 from __future__ import annotations
 
 import codecs
 import re
 from collections import deque
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 from nlsflow.errors import NlsflowError
 
@@ -70,5 +72,3 @@ def stream_lines(chunks: Iterable[str | bytes], log: Callable[[str], None]) -> O
 
 # PEFT writes adapter_config.json's target_modules from a set: a fixed hash seed makes it byte-identical run to run.
 STAGE_ENV = {"PYTHONUNBUFFERED": "1", "PYTHONHASHSEED": "0", "TQDM_MININTERVAL": "5"}
-
-

@@ -1,4 +1,5 @@
 """Reading and writing what stages exchange: manifests (verified by digest) and Parquet tables (by schema)."""
+
 from __future__ import annotations
 
 import functools
@@ -30,7 +31,9 @@ def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def list_outputs(folder: Path) -> list[OutputFile]:
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
-    return [OutputFile(path=p.relative_to(folder).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size) for p in files]
+    return [
+        OutputFile(path=p.relative_to(folder).as_posix(), sha256=sha256_file(p), bytes=p.stat().st_size) for p in files
+    ]
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> None:
@@ -41,16 +44,22 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
     """Load and validate `<folder>/manifest.json`; with verify, check every output file's digest."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
-        raise NlsflowError(f"missing input manifest {path}: run the '{stage}' stage first (make pipeline runs all stages in order)")
+        raise NlsflowError(
+            f"missing input manifest {path}: run the '{stage}' stage first (make pipeline runs all stages in order)"
+        )
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise NlsflowError(f"{path} is not valid JSON ({e.msg}); delete {folder} and re-run the '{stage}' stage") from None
+        raise NlsflowError(
+            f"{path} is not valid JSON ({e.msg}); delete {folder} and re-run the '{stage}' stage"
+        ) from None
     if not isinstance(raw, dict):
         raise NlsflowError(f"{path} holds a JSON {type(raw).__name__}, not a manifest; re-run the '{stage}' stage")
     if raw.get("schema_name") != MANIFEST_SCHEMA or raw.get("schema_version") != MANIFEST_VERSION:
-        raise NlsflowError(f"{path} has schema {raw.get('schema_name')} v{raw.get('schema_version')}, expected "
-                           f"{MANIFEST_SCHEMA} v{MANIFEST_VERSION}; re-run the '{stage}' stage with this version of nlsflow")
+        raise NlsflowError(
+            f"{path} has schema {raw.get('schema_name')} v{raw.get('schema_version')}, expected "
+            f"{MANIFEST_SCHEMA} v{MANIFEST_VERSION}; re-run the '{stage}' stage with this version of nlsflow"
+        )
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as e:
@@ -64,7 +73,9 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
                 raise NlsflowError(f"{file} listed in {path} is missing; re-run the '{stage}' stage")
             stat = file.stat()
             if stat.st_size != out.bytes or _cached_sha256(str(file), stat.st_size, stat.st_mtime_ns) != out.sha256:
-                raise NlsflowError(f"{file} does not match its sha256 in {path} (corrupt or modified); re-run the '{stage}' stage")
+                raise NlsflowError(
+                    f"{file} does not match its sha256 in {path} (corrupt or modified); re-run the '{stage}' stage"
+                )
     return manifest
 
 
@@ -74,13 +85,15 @@ def read_inputs(run_dir: Path, stage: str) -> dict[str, Manifest]:
 
 
 def is_up_to_date(run_dir: Path, stage: str, config: dict[str, Any]) -> bool:
-    """True when the stage's manifest matches this config and the current upstream fingerprints, and its files are intact."""
+    """True when the stage's manifest matches this config and the current upstream fingerprints, files intact."""
     try:
         inputs = read_inputs(run_dir, stage)
         done = read_manifest(stage_dir(run_dir, stage), stage)
     except NlsflowError:
         return False
-    return done.config == json.loads(json.dumps(config)) and done.inputs == {k: m.fingerprint() for k, m in inputs.items()}
+    return done.config == json.loads(json.dumps(config)) and done.inputs == {
+        k: m.fingerprint() for k, m in inputs.items()
+    }
 
 
 def write_table(path: Path, name: str, rows: list[dict[str, Any]]) -> None:
@@ -106,9 +119,13 @@ def read_table(path: Path, name: str) -> pa.Table:
         raise NlsflowError(f"{path} is not a readable Parquet file ({e}); re-run the stage that writes it") from None
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if meta.get("nlsflow.table") != name or meta.get("nlsflow.table_version") != TABLE_VERSION:
-        raise NlsflowError(f"{path} holds table {meta.get('nlsflow.table')!r} v{meta.get('nlsflow.table_version')}, "
-                           f"expected {name!r} v{TABLE_VERSION}; re-run the stage that writes it")
+        raise NlsflowError(
+            f"{path} holds table {meta.get('nlsflow.table')!r} v{meta.get('nlsflow.table_version')}, "
+            f"expected {name!r} v{TABLE_VERSION}; re-run the stage that writes it"
+        )
     expected = TABLES[name]
     if not table.schema.remove_metadata().equals(expected):
-        raise NlsflowError(f"{path} columns {table.schema.names} differ from table {name!r} {expected.names}; re-run the stage")
+        raise NlsflowError(
+            f"{path} columns {table.schema.names} differ from table {name!r} {expected.names}; re-run the stage"
+        )
     return table

@@ -1,4 +1,5 @@
 """Loading a run's config: YAML files merged in order, dotted `key=value` overrides, validated into PipelineConfig."""
+
 from __future__ import annotations
 
 import re
@@ -25,8 +26,9 @@ class _Yaml12Loader(yaml.SafeLoader):
             if not isinstance(key, Hashable):
                 break  # the base class reports unhashable keys
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})",
-                                                        key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
+                )
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -35,11 +37,20 @@ _Yaml12Loader.yaml_implicit_resolvers = {
     first: [(tag, regex) for tag, regex in resolvers if not (tag.endswith((":int", ":float")) and regex.match("2:4"))]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-for _tag, _pattern, _first in [("tag:yaml.org,2002:int", r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
-                                 "-+0123456789"),
-                                ("tag:yaml.org,2002:float", r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
-                                 r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
-                                 r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+)$", "-+0123456789.")]:
+for _tag, _pattern, _first in [
+    (
+        "tag:yaml.org,2002:int",
+        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
+        "-+0123456789",
+    ),
+    (
+        "tag:yaml.org,2002:float",
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
+        r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+        r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+)$",
+        "-+0123456789.",
+    ),
+]:
     _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
 
 
@@ -59,7 +70,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     for key in parents:
         node = tree.setdefault(key, {})
         if not isinstance(node, dict):
-            raise NlsflowError(f"override {dotted}: '{key}' is not a section; use a key inside a section like prune.sparsity=0.5")
+            raise NlsflowError(
+                f"override {dotted}: '{key}' is not a section; use a key inside a section like prune.sparsity=0.5"
+            )
         tree = node
     tree[leaf] = value
 
@@ -103,15 +116,17 @@ def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
     from nlsflow.data.datasets import EVAL_DATASETS
 
     if unknown := [d for d in cfg.evaluate.datasets if d not in EVAL_DATASETS]:
-        raise NlsflowError(f"config error in {where}: evaluate.datasets: unknown datasets {unknown}; choose from "
-                           f"{sorted(EVAL_DATASETS)}")
+        raise NlsflowError(
+            f"config error in {where}: evaluate.datasets: unknown datasets {unknown}; choose from "
+            f"{sorted(EVAL_DATASETS)}"
+        )
     return cfg
 
 
 def _expand_search_space_file(tree: dict) -> None:
     """Resolve `train.search_space_file` into inline groups, so the resolved config (and resume) sees its content.
 
-    Its `search` block (num_evals, population, ref_acc, acc_delta) gives defaults that the YAML's own `search` overrides.
+    Its `search` block (num_evals, population, ref_acc, acc_delta) gives defaults the YAML's own `search` overrides.
     """
     train = tree.get("train") or {}
     if not train.get("search_space_file"):

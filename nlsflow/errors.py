@@ -1,4 +1,5 @@
 """The one error users see: a line naming the problem and the fix."""
+
 from __future__ import annotations
 
 from pydantic import ValidationError

@@ -1,4 +1,5 @@
 """Atomic writes and content digests: nothing half-written ever sits at a final path."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

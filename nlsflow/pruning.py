@@ -98,8 +98,7 @@ def prune_model(
             model.train(was_training)
     table = [_measure(name, lin) for subset in linears for name, lin in subset]
     zeros, total = sum(t.zeros for t in table), sum(t.in_features * t.out_features for t in table)
-    logger.info("%s pruned %d linears (%s): %.2f%% zeros", method, len(table), structure,
-                100 * zeros / max(total, 1))
+    logger.info("%s pruned %d linears (%s): %.2f%% zeros", method, len(table), structure, 100 * zeros / max(total, 1))
     return table
 
 
@@ -107,8 +106,9 @@ def prune_model(
 def perplexity(model: nn.Module, input_ids: torch.Tensor, seqlen: int, batch_size: int = 1) -> float:
     """exp(mean token NLL) over non-overlapping `seqlen` windows of `input_ids` [1, N] (Wanda's eval_ppl)."""
     if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < seqlen or seqlen < 2:
-        raise ValueError(f"input_ids must be [1, N] with N >= seqlen >= 2, "
-                         f"got {tuple(input_ids.shape)} and seqlen={seqlen}")
+        raise ValueError(
+            f"input_ids must be [1, N] with N >= seqlen >= 2, got {tuple(input_ids.shape)} and seqlen={seqlen}"
+        )
     n_windows = input_ids.shape[1] // seqlen
     windows = input_ids[0, : n_windows * seqlen].reshape(n_windows, seqlen)
     dev = model.get_input_embeddings().weight.device
@@ -156,8 +156,14 @@ def _target_linears(model: nn.Module, targets: Sequence[str] | None) -> list[lis
     if layers is None:
         raise ValueError(f"{type(model).__name__}: decoder has no `.layers`; cannot find decoder layers")
     full = {mod: name for name, mod in model.named_modules()}
-    out = [[(full[mod], mod) for mod in layer.modules()
-            if isinstance(mod, nn.Linear) and (targets is None or _matches(full[mod], targets))] for layer in layers]
+    out = [
+        [
+            (full[mod], mod)
+            for mod in layer.modules()
+            if isinstance(mod, nn.Linear) and (targets is None or _matches(full[mod], targets))
+        ]
+        for layer in layers
+    ]
     missing = [t for t in targets or () if not any(_matches(n, [t]) for sub in out for n, _ in sub)]
     if missing:
         raise ValueError(f"targets {missing} match no nn.Linear in the decoder layers")
@@ -168,8 +174,14 @@ def _matches(name: str, suffixes: Sequence[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _prune_wanda(model: nn.Module, linears: list[list[tuple[str, nn.Linear]]], calib_input_ids: torch.Tensor,
-                 sparsity: float, structure: Structure, progress: bool) -> None:
+def _prune_wanda(
+    model: nn.Module,
+    linears: list[list[tuple[str, nn.Linear]]],
+    calib_input_ids: torch.Tensor,
+    sparsity: float,
+    structure: Structure,
+    progress: bool,
+) -> None:
     """Prune layer by layer, each calibrated on the outputs of the already-pruned layers before it."""
     layers = model.get_decoder().layers
     inps, kwargs = _capture_layer0_inputs(model, layers[0], calib_input_ids)
@@ -218,8 +230,9 @@ def _capture_layer0_inputs(model: nn.Module, layer0: nn.Module, ids: torch.Tenso
     return inps, captured["kwargs"]
 
 
-def _input_sq_norms(layer: nn.Module, subset: Sequence[tuple[str, nn.Linear]], inps: torch.Tensor,
-                    kwargs: dict) -> dict[str, torch.Tensor]:
+def _input_sq_norms(
+    layer: nn.Module, subset: Sequence[tuple[str, nn.Linear]], inps: torch.Tensor, kwargs: dict
+) -> dict[str, torch.Tensor]:
     """Wanda's `scaler_row`: per input channel, sum over all tokens of x^2, divided by n_samples."""
     sums: dict[str, torch.Tensor] = {}
 
@@ -228,6 +241,7 @@ def _input_sq_norms(layer: nn.Module, subset: Sequence[tuple[str, nn.Linear]], i
             x = args[0].float()
             sq = x.reshape(-1, x.shape[-1]).pow(2).sum(0)
             sums[name] = sums[name] + sq if name in sums else sq
+
         return fn
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in subset]

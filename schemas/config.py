@@ -1,4 +1,5 @@
 """One validated config per stage, composed into the pipeline config that YAML files and `key=value` overrides build."""
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,12 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 
 # The config sections each stage's result depends on (beyond the shared fields).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
-    "prune": ("prune",), "train": ("train",), "evaluate": ("evaluate",), "search": ("search",),
-    "extract": ("extract", "evaluate"), "benchmark": ("benchmark", "evaluate"),
+    "prune": ("prune",),
+    "train": ("train",),
+    "evaluate": ("evaluate",),
+    "search": ("search",),
+    "extract": ("extract", "evaluate"),
+    "benchmark": ("benchmark", "evaluate"),
 }
 
 
@@ -44,16 +49,22 @@ class ModelConfig(Strict):
     gguf_file: str | None = Field(None, description="GGUF file inside name_or_path, converted once to safetensors")
     revision: str | None = Field(None, description="hub revision")
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="shape of the 'tiny' model")
-    cache_dir: str | None = Field(None, description="where built or converted models are cached (default $NLSFLOW_CACHE or ~/.cache/nlsflow)")
+    cache_dir: str | None = Field(
+        None, description="where built or converted models are cached (default $NLSFLOW_CACHE or ~/.cache/nlsflow)"
+    )
 
 
 class DataConfig(Strict):
-    root: str = Field(default_factory=lambda: os.environ.get("NLSFLOW_DATA_ROOT", "../shared/data"), validate_default=True,
-                      description="root of the LLM-Adapters / GSM8K / WikiText-2 files (default $NLSFLOW_DATA_ROOT "
-                                  "or ../shared/data)")
+    root: str = Field(
+        default_factory=lambda: os.environ.get("NLSFLOW_DATA_ROOT", "../shared/data"),
+        validate_default=True,
+        description="root of the LLM-Adapters / GSM8K / WikiText-2 files (default $NLSFLOW_DATA_ROOT "
+        "or ../shared/data)",
+    )
     train_sets: list[str] = Field(description="registered training sets, e.g. [gsm8k_train, mawps_train] or [math_10k]")
-    contamination: Literal["refuse", "drop"] = Field("refuse", description="training questions found in a test set: "
-                                                     "refuse to train, or drop them and report")
+    contamination: Literal["refuse", "drop"] = Field(
+        "refuse", description="training questions found in a test set: refuse to train, or drop them and report"
+    )
     download: bool = Field(True, description="fetch missing registered files from their source (with checksums)")
 
     @field_validator("root")
@@ -63,8 +74,10 @@ class DataConfig(Strict):
 
 
 class CalibrationConfig(Strict):
-    source: Literal["wikitext2", "task", "c4"] = Field("wikitext2", description="WikiText-2 validation, the task's "
-                                                       "training prompts, or C4 (Wanda's choice; downloaded)")
+    source: Literal["wikitext2", "task", "c4"] = Field(
+        "wikitext2",
+        description="WikiText-2 validation, the task's training prompts, or C4 (Wanda's choice; downloaded)",
+    )
     num_samples: int = Field(128, gt=0, description="calibration sequences")
     seqlen: int = Field(2048, gt=0, description="tokens per calibration sequence")
     seed: int = Field(0, description="which windows are drawn")
@@ -74,12 +87,19 @@ class PruneConfig(Strict):
     method: Literal["wanda", "magnitude"] = Field("wanda", description="importance score")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of weights zeroed in every output row")
     structure: str = Field("unstructured", description="'unstructured' or 'N:M' (e.g. '2:4')")
-    targets: list[str] | None = Field(None, description="linear-module suffixes to prune (default: all in decoder layers)")
+    targets: list[str] | None = Field(
+        None, description="linear-module suffixes to prune (default: all in decoder layers)"
+    )
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="calibration data")
-    reorder_mlp_channels: bool = Field(False, description="sort MLP channels by calibration importance (function-"
-                                       "preserving), so that elastic width (LoNAS) keeps the most important channels")
+    reorder_mlp_channels: bool = Field(
+        False,
+        description="sort MLP channels by calibration importance (function-"
+        "preserving), so that elastic width (LoNAS) keeps the most important channels",
+    )
     perplexity_seqlen: int = Field(2048, gt=0, description="window for WikiText-2 test perplexity")
-    perplexity_max_windows: int | None = Field(None, gt=0, description="cap on perplexity windows (None: whole test set)")
+    perplexity_max_windows: int | None = Field(
+        None, gt=0, description="cap on perplexity windows (None: whole test set)"
+    )
 
     @field_validator("structure")
     @classmethod
@@ -96,11 +116,13 @@ class PruneConfig(Strict):
         return None if self.structure == "unstructured" else tuple(map(int, self.structure.split(":")))
 
     @model_validator(mode="after")
-    def _nm_sparsity(self) -> "PruneConfig":
+    def _nm_sparsity(self) -> PruneConfig:
         if self.n_m:
             n, m = self.n_m
             if abs(self.sparsity - n / m) > 1e-9:
-                raise ValueError(f"structure {self.structure} zeroes {n}/{m} of the weights; set prune.sparsity={n / m:g}")
+                raise ValueError(
+                    f"structure {self.structure} zeroes {n}/{m} of the weights; set prune.sparsity={n / m:g}"
+                )
         return self
 
 
@@ -115,49 +137,87 @@ class NolaConfig(Strict):
     num_basis_a: int = Field(1024, gt=0, description="random basis matrices each LoRA A is a combination of")
     num_basis_b: int = Field(1024, gt=0, description="random basis matrices each LoRA B is a combination of")
     seed: int = Field(0, description="seed of the bases (regenerated, never stored)")
-    bits: int | None = Field(None, ge=1, le=8, description="quantize the coefficients to 2**bits levels (NOLA's "
-                             "quantized variant, trained with a straight-through estimator); null: float")
-    max_basis_gb: float = Field(16.0, gt=0, description="refuse to start when the bases would take more memory than "
-                                "this (they are regenerated and held for the whole run)")
+    bits: int | None = Field(
+        None,
+        ge=1,
+        le=8,
+        description="quantize the coefficients to 2**bits levels (NOLA's "
+        "quantized variant, trained with a straight-through estimator); null: float",
+    )
+    max_basis_gb: float = Field(
+        16.0,
+        gt=0,
+        description="refuse to start when the bases would take more memory than "
+        "this (they are regenerated and held for the whole run)",
+    )
 
 
 class HeteroLoraConfig(Strict):
-    mode: Literal["off", "static", "dynamic"] = Field("off", description="static: choose the modules once before "
-                                                      "training; dynamic: re-choose every realloc_every of an epoch")
-    proxy: Literal["constant", "snip", "synflow", "grad_norm", "alpha_test"] = Field("grad_norm", description="saliency proxy")
-    batches: int = Field(8, gt=0, description="training micro-batches each scoring uses (the seed's imp-limit-test-batches)")
-    select: Literal["top_fraction", "rank_budget"] = Field("top_fraction", description="top_fraction: enable the top "
-                                                           "turn_on_percentile; rank_budget (static): ranks from the "
-                                                           "groups' choices, proportional to the scores, under rank_budget")
+    mode: Literal["off", "static", "dynamic"] = Field(
+        "off",
+        description="static: choose the modules once before "
+        "training; dynamic: re-choose every realloc_every of an epoch",
+    )
+    proxy: Literal["constant", "snip", "synflow", "grad_norm", "alpha_test"] = Field(
+        "grad_norm", description="saliency proxy"
+    )
+    batches: int = Field(
+        8, gt=0, description="training micro-batches each scoring uses (the seed's imp-limit-test-batches)"
+    )
+    select: Literal["top_fraction", "rank_budget"] = Field(
+        "top_fraction",
+        description="top_fraction: enable the top "
+        "turn_on_percentile; rank_budget (static): ranks from the "
+        "groups' choices, proportional to the scores, under rank_budget",
+    )
     turn_on_percentile: float = Field(0.25, gt=0, le=1, description="fraction of the modules enabled")
-    rank_budget: float = Field(0.5, gt=0, le=1, description="rank_budget: parameters allowed, as a fraction of every "
-                               "candidate at full rank")
+    rank_budget: float = Field(
+        0.5, gt=0, le=1, description="rank_budget: parameters allowed, as a fraction of every candidate at full rank"
+    )
     realloc_every: float = Field(0.2, gt=0, description="dynamic: epochs between re-selections (the seed's realloc-N)")
-    ranking: Literal["combined", "separate"] = Field("combined", description="rank LoRA and shortcut modules together, "
-                                                     "or enable the top fraction of each")
+    ranking: Literal["combined", "separate"] = Field(
+        "combined", description="rank LoRA and shortcut modules together, or enable the top fraction of each"
+    )
     shortcuts: bool = Field(True, description="add a low-rank shortcut across every decoder layer as a candidate")
     shortcut_rank: int = Field(8, gt=0, description="rank of the shortcut modules (fixed, not elastic)")
     probe_std: float = Field(0.01, gt=0, description="std of the random B a still-zero module is scored with")
 
 
 class TrainConfig(Strict):
-    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description="LoRA targets")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description="LoRA targets"
+    )
     rank: int = Field(32, gt=0, description="super-adapter (maximum) rank")
     alpha: float = Field(64, gt=0, description="LoRA alpha; scaling alpha/rank is kept for every sub-rank")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     groups: list[GroupConfig] = Field([], description="elastic search space: groups of modules and their rank choices")
-    width_groups: list[GroupConfig] = Field([], description="LoNAS elastic base width: MLP projections whose output "
-                                            "channels shrink together (e.g. [gate_proj, up_proj]; down_proj follows), "
-                                            "choices from the full width down")
-    search_space_file: str | None = Field(None, description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain "
-                                          "YAML search space; fills `groups` (and `search` defaults) when the config loads")
-    sparsity_preserving: bool = Field(False, description="mask the adapter's delta by the base's zeros (SQFT-style), so "
-                                      "the merged model keeps the pruned base's sparsity exactly")
-    adapter: Literal["lora", "nola"] = Field("lora", description="lora: trained factors; nola: factors are combinations "
-                                             "of seeded random bases and only the coefficients train (train.nola)")
+    width_groups: list[GroupConfig] = Field(
+        [],
+        description="LoNAS elastic base width: MLP projections whose output "
+        "channels shrink together (e.g. [gate_proj, up_proj]; down_proj follows), "
+        "choices from the full width down",
+    )
+    search_space_file: str | None = Field(
+        None,
+        description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain "
+        "YAML search space; fills `groups` (and `search` defaults) when the config loads",
+    )
+    sparsity_preserving: bool = Field(
+        False,
+        description="mask the adapter's delta by the base's zeros (SQFT-style), so "
+        "the merged model keeps the pruned base's sparsity exactly",
+    )
+    adapter: Literal["lora", "nola"] = Field(
+        "lora",
+        description="lora: trained factors; nola: factors are combinations "
+        "of seeded random bases and only the coefficients train (train.nola)",
+    )
     nola: NolaConfig = Field(default_factory=NolaConfig, description="NOLA settings (with adapter: nola)")
-    heterolora: HeteroLoraConfig = Field(default_factory=HeteroLoraConfig, description="HeteroLoRA: which LoRA and "
-                                         "shortcut modules train, chosen by a saliency proxy (mode: off by default)")
+    heterolora: HeteroLoraConfig = Field(
+        default_factory=HeteroLoraConfig,
+        description="HeteroLoRA: which LoRA and "
+        "shortcut modules train, chosen by a saliency proxy (mode: off by default)",
+    )
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (HF Trainer default 1.0; None: off)")
@@ -173,22 +233,31 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0, description="steps between loss-log rows")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TrainConfig":
+    def _consistent(self) -> TrainConfig:
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})")
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
         if not self.groups:
             raise ValueError("train.groups is empty: list the elastic groups or set train.search_space_file")
         if self.adapter == "nola" and (self.width_groups or self.sparsity_preserving):
-            raise ValueError("train.adapter=nola cannot be combined with train.width_groups or train.sparsity_preserving "
-                             "yet; drop those or use adapter: lora")
+            raise ValueError(
+                "train.adapter=nola cannot be combined with train.width_groups or train.sparsity_preserving "
+                "yet; drop those or use adapter: lora"
+            )
         hetero = self.heterolora
         if hetero.mode != "off" and self.adapter == "nola":
-            raise ValueError("train.heterolora cannot be combined with train.adapter=nola yet; set train.heterolora.mode=off")
+            raise ValueError(
+                "train.heterolora cannot be combined with train.adapter=nola yet; set train.heterolora.mode=off"
+            )
         if hetero.mode == "dynamic" and hetero.select == "rank_budget":
-            raise ValueError("train.heterolora.select=rank_budget is static only; use mode=static or select=top_fraction")
+            raise ValueError(
+                "train.heterolora.select=rank_budget is static only; use mode=static or select=top_fraction"
+            )
         if self.width_groups and self.sparsity_preserving:
-            raise ValueError("train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; "
-                             "drop one of them")
+            raise ValueError(
+                "train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; drop one of them"
+            )
         owners: dict[str, str] = {}
         for g in self.width_groups:
             for m in g.modules:
@@ -205,7 +274,9 @@ class TrainConfig(Strict):
                 raise ValueError(f"group '{g.name}': the first choice {g.choices[0]} must equal train.rank={self.rank}")
             stray = [m for m in g.modules if m not in self.target_modules]
             if stray:
-                raise ValueError(f"group '{g.name}': modules {stray} are not in train.target_modules {self.target_modules}")
+                raise ValueError(
+                    f"group '{g.name}': modules {stray} are not in train.target_modules {self.target_modules}"
+                )
         return self
 
 
@@ -216,10 +287,14 @@ class GenerationConfig(Strict):
 
 
 class EvaluateConfig(Strict):
-    subnet: Literal["heuristic", "maximal", "minimal"] = Field("heuristic", description="subnet of the super-adapter to evaluate")
+    subnet: Literal["heuristic", "maximal", "minimal"] = Field(
+        "heuristic", description="subnet of the super-adapter to evaluate"
+    )
     baselines: list[Literal["dense", "pruned"]] = Field([], description="also score these base models without adapter")
-    datasets: list[str] = Field(min_length=1, description="evaluation sets (names from nlsflow.data.datasets.EVAL_DATASETS, "
-                                "checked when the config loads)")
+    datasets: list[str] = Field(
+        min_length=1,
+        description="evaluation sets (names from nlsflow.data.datasets.EVAL_DATASETS, checked when the config loads)",
+    )
     max_samples: int | None = Field(None, gt=0, description="records per dataset (None: all)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
@@ -228,30 +303,43 @@ class SearchConfig(Strict):
     algorithm: Literal["nsga2"] = "nsga2"
     population: int = Field(5, gt=1)
     num_evals: int = Field(200, gt=1, description="distinct subnets to evaluate (at most the size of the space)")
-    cost: Literal["params", "macs"] = Field("params", description="second objective: adapter parameters or MACs per token")
+    cost: Literal["params", "macs"] = Field(
+        "params", description="second objective: adapter parameters or MACs per token"
+    )
     val_samples: int | None = Field(None, gt=0, description="validation records per evaluation (None: all held out)")
     ref_acc: float | None = Field(None, description="reference accuracy (None: the heuristic subnet's)")
     acc_delta: float = Field(0.01, ge=0, description="chosen: lowest cost with accuracy >= ref_acc - acc_delta")
     rule: Literal["min_cost_within_delta", "max_accuracy", "max_accuracy_within_budget"] = Field(
-        "min_cost_within_delta", description="how the chosen subnet is picked: the seeds' rule (lowest cost within "
-        "acc_delta of ref_acc), the most accurate, or the most accurate within cost_budget")
-    cost_budget: float | None = Field(None, gt=0, le=1, description="max_accuracy_within_budget: the largest cost, as "
-                                      "a fraction of the maximal subnet's")
+        "min_cost_within_delta",
+        description="how the chosen subnet is picked: the seeds' rule (lowest cost within "
+        "acc_delta of ref_acc), the most accurate, or the most accurate within cost_budget",
+    )
+    cost_budget: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="max_accuracy_within_budget: the largest cost, as a fraction of the maximal subnet's",
+    )
 
     @model_validator(mode="after")
-    def _budget(self) -> "SearchConfig":
+    def _budget(self) -> SearchConfig:
         if (self.rule == "max_accuracy_within_budget") != (self.cost_budget is not None):
             raise ValueError("search.cost_budget goes with search.rule=max_accuracy_within_budget (and only with it)")
         return self
+
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
 
 
 class ExtractConfig(Strict):
     subnet: Literal["searched", "heuristic", "maximal", "minimal"] | dict[str, int] = Field(
-        "searched", description="which subnet to extract: a named one, or a mapping variable -> choice (as search/chosen.json)")
+        "searched",
+        description="which subnet to extract: a named one, or a mapping variable -> choice (as search/chosen.json)",
+    )
     merge: bool = Field(True, description="also write the adapter merged into the base at extract/merged/")
     evaluate: bool = Field(True, description="score the extracted model on the test sets (evaluate's settings)")
-    tolerance: float = Field(1e-4, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)")
+    tolerance: float = Field(
+        1e-4, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)"
+    )
     merge_tolerance: float = Field(1e-3, gt=0, description="max |logit| difference, merged vs super-network (float32)")
 
 
@@ -263,7 +351,9 @@ class BenchmarkConfig(Strict):
     repeats: int = Field(3, gt=0, description="timed passes; tables give the median and ± half the range")
     super_adapter: bool = Field(True, description="also measure the super-adapter, unmerged, at evaluate.subnet")
     openvino: list[Literal["fp32", "int8", "int4"]] = Field(
-        ["fp32", "int8", "int4"], description="OpenVINO exports of the deployable model (NNCF weight compression), on CPU")
+        ["fp32", "int8", "int4"],
+        description="OpenVINO exports of the deployable model (NNCF weight compression), on CPU",
+    )
     int4_group_size: int = Field(64, gt=0, description="NNCF INT4 group size")
     int4_ratio: float = Field(1.0, gt=0, le=1, description="share of weights in INT4 (the rest INT8)")
     openvino_accuracy: bool = Field(True, description="score the OpenVINO exports on evaluate's test sets (greedy)")
@@ -280,12 +370,19 @@ class BenchmarkConfig(Strict):
 class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
-    method: Literal["shears", "lonas", "nola", "heterolora"] = Field("shears", description="configs/methods/<method>.yaml, a label for humans: "
-                                              "what the method does is in the prune and train settings")
+    method: Literal["shears", "lonas", "nola", "heterolora"] = Field(
+        "shears",
+        description="configs/methods/<method>.yaml, a label for humans: "
+        "what the method does is in the prune and train settings",
+    )
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
     data: DataConfig
     seed: int = Field(0)
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
+        description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     num_threads: int | None = Field(None, description="torch CPU threads (None: torch's default)")
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -1,4 +1,5 @@
 """The manifest every stage writes: what it was given, what it wrote (with digests), what it measured."""
+
 from __future__ import annotations
 
 import hashlib
@@ -35,6 +36,12 @@ class Manifest(BaseModel):
 
     def fingerprint(self) -> str:
         """Content identity: config, inputs and output digests (not timings), so downstream stages can key on it."""
-        identity = {"stage": self.stage, "config": self.config, "inputs": self.inputs,
-                    "outputs": [o.model_dump() for o in self.outputs]}
-        return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+        identity = {
+            "stage": self.stage,
+            "config": self.config,
+            "inputs": self.inputs,
+            "outputs": [o.model_dump() for o in self.outputs],
+        }
+        return hashlib.sha256(
+            json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str).encode()
+        ).hexdigest()

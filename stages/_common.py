@@ -1,4 +1,5 @@
 """What every stage shares: CLI parsing, resume check, atomic stage folder, manifest writing."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,17 +10,17 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from schemas import STAGE_INPUTS, Manifest, PipelineConfig
-from nlsflow.errors import NlsflowError
-from nlsflow.artifacts import is_up_to_date, read_inputs, stage_dir
+from nlsflow.artifacts import is_up_to_date, list_outputs, read_inputs, stage_dir, write_manifest
 from nlsflow.config import load_config
+from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_dir, atomic_write_text
-from nlsflow.artifacts import list_outputs, write_manifest
+from schemas import STAGE_INPUTS, Manifest, PipelineConfig
 
 log = logging.getLogger("nlsflow")
 
@@ -27,6 +28,7 @@ log = logging.getLogger("nlsflow")
 @dataclass
 class StageContext:
     """What a stage's `run` gets: the config, where to write, and its upstream manifests and folders."""
+
     cfg: PipelineConfig
     stage: str
     out_dir: Path
@@ -82,9 +84,15 @@ def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False)
     start = time.perf_counter()
     with atomic_dir(stage_dir(run_dir, stage)) as tmp:
         metrics = fn(StageContext(cfg=cfg, stage=stage, out_dir=tmp, inputs=inputs))
-        manifest = Manifest(stage=stage, config=config, inputs={k: m.fingerprint() for k, m in inputs.items()},
-                            outputs=list_outputs(tmp), metrics=metrics, duration_s=round(time.perf_counter() - start, 3),
-                            versions=_versions())
+        manifest = Manifest(
+            stage=stage,
+            config=config,
+            inputs={k: m.fingerprint() for k, m in inputs.items()},
+            outputs=list_outputs(tmp),
+            metrics=metrics,
+            duration_s=round(time.perf_counter() - start, 3),
+            versions=_versions(),
+        )
         write_manifest(tmp, manifest)
     (run_dir / f"{stage}.error.log").unlink(missing_ok=True)  # a stale trace from an earlier failure
     log.info("%s: done in %.1fs", stage, manifest.duration_s)
@@ -92,14 +100,18 @@ def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False)
 
 
 def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=f"nlsflow stage '{stage}' "
-                                     f"(reads: {', '.join(STAGE_INPUTS[stage]) or 'nothing'})")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=f"nlsflow stage '{stage}' (reads: {', '.join(STAGE_INPUTS[stage]) or 'nothing'})",
+    )
     parser.add_argument("--config", action="append", type=Path, required=True, help="YAML file(s), merged in order")
     parser.add_argument("--force", action="store_true", help="run even if the manifest is up to date")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. prune.sparsity=0.6")
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # raised inside PEFT, not actionable here
+    warnings.filterwarnings(
+        "ignore", message=".*is_gradient_checkpointing.*"
+    )  # raised inside PEFT, not actionable here
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file loading bars drown the stage's own progress
@@ -115,7 +127,10 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
     except NlsflowError as e:
         print(f"error: {stage}: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError) as e:  # bad input caught deep in a library: one line here, the trace in a file
+    except (
+        FileNotFoundError,
+        ValueError,
+    ) as e:  # bad input caught deep in a library: one line here, the trace in a file
         trace = Path(cfg.run_dir) / f"{stage}.error.log"
         atomic_write_text(trace, traceback.format_exc())
         print(f"error: {stage}: {e} (traceback: {trace})", file=sys.stderr)

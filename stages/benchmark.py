@@ -7,6 +7,7 @@ at every batch size (prefill, decode per token, tokens/s: medians ± half range 
 its peak memory. Writes `results.parquet`, `results.md`, `throughput_vs_macs.png`, `accuracy_vs_macs.png`, the
 OpenVINO exports under `openvino/`, and the exports' test-set predictions.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,11 +15,11 @@ import logging
 
 from tqdm.auto import tqdm
 
-from nlsflow.deploy.report import plot_results, results_markdown, with_speedups
-from nlsflow.deploy.measure import Variant, measure_in_subprocess
-from nlsflow.models import resolve_device
 from nlsflow.artifacts import write_table
+from nlsflow.deploy.measure import Variant, measure_in_subprocess
+from nlsflow.deploy.report import plot_results, results_markdown, with_speedups
 from nlsflow.io import atomic_write_text
+from nlsflow.models import resolve_device
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -28,18 +29,35 @@ def pytorch_variants(ctx: StageContext) -> list[Variant]:
     cfg = ctx.cfg
     pruned, extracted, train = ctx.input_dir("prune") / "model", ctx.input_dir("extract"), ctx.input_dir("train")
     prune = ctx.inputs["prune"].metrics
-    variants = [Variant("dense", prune["base_model"], weights=cfg.dtype, revision=prune.get("base_revision")),
-                Variant("pruned", str(pruned), weights=cfg.dtype)]
+    variants = [
+        Variant("dense", prune["base_model"], weights=cfg.dtype, revision=prune.get("base_revision")),
+        Variant("pruned", str(pruned), weights=cfg.dtype),
+    ]
     if cfg.benchmark.super_adapter:
         subnet = ctx.inputs["evaluate"].metrics["subnet"]
-        variants.append(Variant("super_adapter", str(pruned), weights=cfg.dtype, adapter_dir=str(train / "adapter"),
-                                search_space=str(train / "search_space.json"), subnet=tuple(sorted(subnet.items())),
-                                sparsity_preserving=cfg.train.sparsity_preserving))
+        variants.append(
+            Variant(
+                "super_adapter",
+                str(pruned),
+                weights=cfg.dtype,
+                adapter_dir=str(train / "adapter"),
+                search_space=str(train / "search_space.json"),
+                subnet=tuple(sorted(subnet.items())),
+                sparsity_preserving=cfg.train.sparsity_preserving,
+            )
+        )
     if (extracted / "merged").is_dir():
         variants.append(Variant("extracted_merged", str(extracted / "merged"), weights=cfg.dtype))
     adapter_base = extracted / "base" if (extracted / "base").is_dir() else pruned  # LoNAS: the narrowed base
-    variants.append(Variant("extracted_adapter", str(adapter_base), weights=cfg.dtype, adapter_dir=str(extracted / "adapter"),
-                            sparsity_preserving=cfg.train.sparsity_preserving))  # as extract scored it
+    variants.append(
+        Variant(
+            "extracted_adapter",
+            str(adapter_base),
+            weights=cfg.dtype,
+            adapter_dir=str(extracted / "adapter"),
+            sparsity_preserving=cfg.train.sparsity_preserving,
+        )
+    )  # as extract scored it
     return variants
 
 
@@ -56,24 +74,36 @@ def semi_structured_variants(ctx: StageContext, variants: list[Variant]) -> tupl
     pairs = []
     for v in variants:
         if v.name in sparse:
-            pairs += [Variant(f"{v.name}@fp16", v.model_dir, weights="float16", dtype="float16"),
-                      Variant(f"{v.name}@2:4", v.model_dir, weights="float16, 2:4 sparse kernels", dtype="float16",
-                              semi_structured=True)]
+            pairs += [
+                Variant(f"{v.name}@fp16", v.model_dir, weights="float16", dtype="float16"),
+                Variant(
+                    f"{v.name}@2:4",
+                    v.model_dir,
+                    weights="float16, 2:4 sparse kernels",
+                    dtype="float16",
+                    semi_structured=True,
+                ),
+            ]
     return pairs, "measured"
 
 
 def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure) -> tuple[list[dict], list[dict], str]:
     """Export the deployable model to OpenVINO (NNCF weight compression), time it, and score it on the test sets."""
+    from nlsflow.deploy.openvino_format import OpenVINODecoder, export_openvino_formats
     from nlsflow.evaluation.scoring import evaluate_test_sets
     from nlsflow.models import load_tokenizer
-    from nlsflow.deploy.openvino_format import OpenVINODecoder, export_openvino_formats
 
     bc, ec, rows, predictions = ctx.cfg.benchmark, ctx.cfg.evaluate, [], []
     folders = {weights: ctx.out_dir / "openvino" / weights for weights in bc.openvino}
-    exports = export_openvino_formats(source.model_dir, folders, group_size=bc.int4_group_size, int4_ratio=bc.int4_ratio)
+    exports = export_openvino_formats(
+        source.model_dir, folders, group_size=bc.int4_group_size, int4_ratio=bc.int4_ratio
+    )
     score = bc.openvino_accuracy and ec.generation.num_beams == 1
-    status = "measured on CPU" + ("" if score or not bc.openvino_accuracy else
-                                  f"; not scored: greedy only, evaluate.generation.num_beams={ec.generation.num_beams}")
+    status = "measured on CPU" + (
+        ""
+        if score or not bc.openvino_accuracy
+        else f"; not scored: greedy only, evaluate.generation.num_beams={ec.generation.num_beams}"
+    )
     stats = {k: source_row[k] for k in ("params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token")}
     for weights, folder in tqdm(folders.items(), desc="openvino"):
         name = f"{source.name}@openvino-{weights}"
@@ -81,11 +111,22 @@ def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure)
         scored = {}
         if score:
             decoder = OpenVINODecoder(folder, ctx.cfg.num_threads)
-            found, scored = evaluate_test_sets(None, load_tokenizer(source.model_dir), ctx.data_root, ec, name, decoder=decoder)
+            found, scored = evaluate_test_sets(
+                None, load_tokenizer(source.model_dir), ctx.data_root, ec, name, decoder=decoder
+            )
             predictions += found
-        rows += [{**stats, **measure(Variant(name, str(folder), runtime="openvino", weights=weights), batch_size),
-                  "model": name, "runtime": "openvino", "weights": weights, **_accuracy(scored), "note": "CPU"}
-                 for batch_size in bc.batch_sizes]
+        rows += [
+            {
+                **stats,
+                **measure(Variant(name, str(folder), runtime="openvino", weights=weights), batch_size),
+                "model": name,
+                "runtime": "openvino",
+                "weights": weights,
+                **_accuracy(scored),
+                "note": "CPU",
+            }
+            for batch_size in bc.batch_sizes
+        ]
     return rows, predictions, status
 
 
@@ -107,8 +148,16 @@ def known_accuracies(ctx: StageContext) -> dict[str, dict]:
 def run(ctx: StageContext) -> dict:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
     vocab_size = json.loads((ctx.input_dir("prune") / "model" / "config.json").read_text())["vocab_size"]
-    settings = dict(dtype=cfg.dtype, device=cfg.device, vocab_size=vocab_size, prompt_len=bc.prompt_len,
-                    new_tokens=bc.new_tokens, warmup=bc.warmup, repeats=bc.repeats, num_threads=cfg.num_threads)
+    settings = dict(
+        dtype=cfg.dtype,
+        device=cfg.device,
+        vocab_size=vocab_size,
+        prompt_len=bc.prompt_len,
+        new_tokens=bc.new_tokens,
+        warmup=bc.warmup,
+        repeats=bc.repeats,
+        num_threads=cfg.num_threads,
+    )
 
     def measure(variant: Variant, batch_size: int) -> dict:
         return measure_in_subprocess(variant, batch_size=batch_size, **settings)
@@ -119,8 +168,13 @@ def run(ctx: StageContext) -> dict:
     for variant in tqdm(variants + extra, desc="benchmark"):
         accuracy = _accuracy(known.get(variant.name.split("@")[0]))  # 2:4 kernels run the same weights
         for batch_size in bc.batch_sizes:
-            row = {**measure(variant, batch_size), "model": variant.name, "runtime": "pytorch", "weights": variant.weights,
-                   **accuracy}
+            row = {
+                **measure(variant, batch_size),
+                "model": variant.name,
+                "runtime": "pytorch",
+                "weights": variant.weights,
+                **accuracy,
+            }
             log.info("%s, batch %d: %.1f tokens/s", variant.name, batch_size, row["tokens_per_s"])
             rows.append(row)
 
@@ -132,16 +186,24 @@ def run(ctx: StageContext) -> dict:
         source_row = next(r for r in rows if r["model"] == deployable.name)
         found, predictions, openvino = openvino_rows(ctx, deployable, source_row, measure)
         rows += found
-    rows = with_speedups(rows, unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0,
-                         same_device=resolve_device(cfg.device).type == "cpu")
+    rows = with_speedups(
+        rows,
+        unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0,
+        same_device=resolve_device(cfg.device).type == "cpu",
+    )
     write_table(ctx.out_dir / "results.parquet", "results", rows)
     if predictions:
         write_table(ctx.out_dir / "predictions.parquet", "predictions", predictions)
     atomic_write_text(ctx.out_dir / "results.md", results_markdown(rows))
     plot_results(rows, ctx.out_dir)
     by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
-    return {"results": by_batch[bc.batch_sizes[0]], "results_by_batch": {str(bs): v for bs, v in by_batch.items()},
-            "openvino": openvino, "semi_structured": semi_structured, "settings": bc.model_dump()}
+    return {
+        "results": by_batch[bc.batch_sizes[0]],
+        "results_by_batch": {str(bs): v for bs, v in by_batch.items()},
+        "openvino": openvino,
+        "semi_structured": semi_structured,
+        "settings": bc.model_dump(),
+    }
 
 
 if __name__ == "__main__":

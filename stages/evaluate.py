@@ -3,17 +3,18 @@
 Writes `evaluate/predictions.parquet`; per-task and average accuracy (LLM-Adapters reference rules and the strict
 rules) go into the manifest. With `evaluate.baselines`, the dense and/or pruned base without adapter are scored too.
 """
+
 from __future__ import annotations
 
 import logging
 
-from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
 from nlsflow.adapters.elastic import activate
-from nlsflow.evaluation.scoring import evaluate_test_sets
-from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from nlsflow.adapters.shortcuts import shortcuts_off
 from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
 from nlsflow.artifacts import write_table
+from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
+from nlsflow.evaluation.scoring import evaluate_test_sets
+from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -23,9 +24,14 @@ def run(ctx: StageContext) -> dict:
     cfg, ec = ctx.cfg, ctx.cfg.evaluate
     device = resolve_device(cfg.device)
     train_dir = ctx.input_dir("train")
-    model, tokenizer, space = load_supernet(ctx.input_dir("prune") / "model", train_dir / "adapter",
-                                            train_dir / "search_space.json", cfg.dtype, device,
-                                            cfg.train.sparsity_preserving)
+    model, tokenizer, space = load_supernet(
+        ctx.input_dir("prune") / "model",
+        train_dir / "adapter",
+        train_dir / "search_space.json",
+        cfg.dtype,
+        device,
+        cfg.train.sparsity_preserving,
+    )
     subnet = NAMED_SUBNETS[ec.subnet](space)
     activate(model, space, subnet)
     rows, metrics = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, ec.subnet)
@@ -39,12 +45,20 @@ def run(ctx: StageContext) -> dict:
         del model
         prune = ctx.inputs["prune"].metrics
         dense = load_causal_lm(prune["base_model"], cfg.dtype, device, prune.get("base_revision"))
-        dense_rows, baselines["dense"] = evaluate_test_sets(dense, load_tokenizer(prune["base_model"], prune.get("base_revision")),
-                                                            ctx.data_root, ec, "dense")
+        dense_rows, baselines["dense"] = evaluate_test_sets(
+            dense, load_tokenizer(prune["base_model"], prune.get("base_revision")), ctx.data_root, ec, "dense"
+        )
         rows += dense_rows
     write_table(ctx.out_dir / "predictions.parquet", "predictions", rows)
-    return {"protocols": [REFERENCE_PROTOCOL, STRICT_PROTOCOL], "subnet_name": ec.subnet, "subnet": subnet, **metrics,
-            "baselines": baselines, "samples": len(rows), "generation": ec.generation.model_dump()}
+    return {
+        "protocols": [REFERENCE_PROTOCOL, STRICT_PROTOCOL],
+        "subnet_name": ec.subnet,
+        "subnet": subnet,
+        **metrics,
+        "baselines": baselines,
+        "samples": len(rows),
+        "generation": ec.generation.model_dump(),
+    }
 
 
 if __name__ == "__main__":

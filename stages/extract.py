@@ -1,4 +1,4 @@
-"""Stage 5, extract: the chosen subnet as a clean PEFT adapter (and optionally merged), checked against the super-network.
+"""Stage 5, extract: the chosen subnet as a clean PEFT adapter (optionally merged), checked against the super-network.
 
 Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code),
 with `extract.merge` `extract/merged/` (HF folder), and with `extract.evaluate` `extract/predictions.parquet`
@@ -9,6 +9,7 @@ With elastic base width (LoNAS) the inactive MLP channels are cut out: `extract/
 adapter belongs to, and `extract/merged/` is narrowed too (a stock HF folder when every layer has one width,
 else `per_layer_llama` with its code in the folder).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,24 +19,26 @@ import shutil
 import torch
 from peft import PeftModel
 
-from nlsflow.data.datasets import generate_prompt
 from nlsflow.adapters.elastic import activate, extract_sub_adapter, validate_subnet
-from nlsflow.evaluation.scoring import evaluate_test_sets
-from nlsflow.models import DTYPES, load_causal_lm, resolve_device
+from nlsflow.adapters.masking import make_sparsity_preserving, masked_merge, require_sparsity
 from nlsflow.adapters.nola import is_nola
 from nlsflow.adapters.shortcuts import copy_shortcuts, has_shortcuts, load_shortcuts
-from nlsflow.pruning import sparsity_table
-from nlsflow.adapters.masking import make_sparsity_preserving, masked_merge, require_sparsity
 from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
 from nlsflow.adapters.width import narrow_model, save_narrowed
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import read_table, write_table
+from nlsflow.data.datasets import generate_prompt
+from nlsflow.errors import NlsflowError
+from nlsflow.evaluation.scoring import evaluate_test_sets
 from nlsflow.io import folder_bytes
+from nlsflow.models import DTYPES, load_causal_lm, resolve_device
+from nlsflow.pruning import sparsity_table
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
 PROBE_RECORDS = 8
-CHECK_DTYPE = "float32"  # the equivalence check runs in float32 whatever the run's dtype: bf16 kernels differ in rounding
+CHECK_DTYPE = (
+    "float32"  # the equivalence check runs in float32 whatever the run's dtype: bf16 kernels differ in rounding
+)
 
 
 @torch.inference_mode()
@@ -57,8 +60,9 @@ def run(ctx: StageContext) -> dict:
     device = resolve_device(cfg.device)
     base_dir, train_dir = ctx.input_dir("prune") / "model", ctx.input_dir("train")
     sparse = cfg.train.sparsity_preserving
-    model, tokenizer, space = load_supernet(base_dir, train_dir / "adapter", train_dir / "search_space.json", CHECK_DTYPE,
-                                            device, sparse)
+    model, tokenizer, space = load_supernet(
+        base_dir, train_dir / "adapter", train_dir / "search_space.json", CHECK_DTYPE, device, sparse
+    )
     if isinstance(xc.subnet, dict):
         subnet, subnet_name = xc.subnet, "given"
     elif xc.subnet == "searched":
@@ -84,8 +88,13 @@ def run(ctx: StageContext) -> dict:
         save_narrowed(narrow, sizes, base_dir)
         tokenizer.save_pretrained(base_dir)
         del narrow
-    extract_sub_adapter(model, space, subnet, adapter_dir,
-                        base_model_name_or_path=str(ctx.input_dir("extract") / "base") if sizes else None)
+    extract_sub_adapter(
+        model,
+        space,
+        subnet,
+        adapter_dir,
+        base_model_name_or_path=str(ctx.input_dir("extract") / "base") if sizes else None,
+    )
     with_shortcuts = has_shortcuts(train_dir / "adapter")  # HeteroLoRA: not mergeable, they travel as files
     if with_shortcuts:
         copy_shortcuts(train_dir / "adapter", adapter_dir)
@@ -95,12 +104,19 @@ def run(ctx: StageContext) -> dict:
     diff = (logits(sub, batch) - expected).abs().max().item()
     log.info("extracted adapter vs super-network subnet: max |Δlogit| = %.3g", diff)
     if diff > xc.tolerance:
-        raise NlsflowError(f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
-                           f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}")
-    metrics = {"subnet_name": subnet_name, "subnet": subnet, "max_abs_logit_diff": diff, "check_dtype": CHECK_DTYPE,
-               "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n) + shortcut_params,
-               "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n),
-               "shortcuts": with_shortcuts}
+        raise NlsflowError(
+            f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
+            f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}"
+        )
+    metrics = {
+        "subnet_name": subnet_name,
+        "subnet": subnet,
+        "max_abs_logit_diff": diff,
+        "check_dtype": CHECK_DTYPE,
+        "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n) + shortcut_params,
+        "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n),
+        "shortcuts": with_shortcuts,
+    }
     if sizes:
         metrics["mlp_widths"] = sizes
     metrics["adapter_bytes"] = folder_bytes(adapter_dir)
@@ -112,8 +128,10 @@ def run(ctx: StageContext) -> dict:
         merged = masked_merge(sub) if sparse else sub.merge_and_unload()
         merged_diff = (logits(merged, batch) - expected).abs().max().item()
         if merged_diff > xc.merge_tolerance:
-            raise NlsflowError(f"merged model differs from the super-network by {merged_diff:.3g} > extract.merge_tolerance="
-                               f"{xc.merge_tolerance:g}; set extract.merge=false to keep the adapter only")
+            raise NlsflowError(
+                f"merged model differs from the super-network by {merged_diff:.3g} > extract.merge_tolerance="
+                f"{xc.merge_tolerance:g}; set extract.merge=false to keep the adapter only"
+            )
         if sparse:  # fails loudly, naming the first layer that lost zeros
             pruned = read_table(ctx.input_dir("prune") / "sparsity.parquet", "sparsity").to_pylist()
             require_sparsity(merged, {r["layer"]: r["zeros"] for r in pruned})

@@ -2,15 +2,22 @@
 
 Writes `prune/model/` (HF folder, safetensors, with tokenizer) and `prune/sparsity.parquet`.
 """
+
 from __future__ import annotations
 
 import logging
 
-from nlsflow.data.datasets import calibration_batch, calibration_documents, generate_prompt, load_train_records, wikitext2
-from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
-from nlsflow.pruning import perplexity, prune_model, sparsity_table
 from nlsflow.adapters.width import reorder_mlp_channels
 from nlsflow.artifacts import write_table
+from nlsflow.data.datasets import (
+    calibration_batch,
+    calibration_documents,
+    generate_prompt,
+    load_train_records,
+    wikitext2,
+)
+from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
+from nlsflow.pruning import perplexity, prune_model, sparsity_table
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -38,30 +45,46 @@ def run(ctx: StageContext) -> dict:
     calib = None
     if pc.sparsity > 0 or pc.reorder_mlp_channels:
         cc = pc.calibration
-        documents = calibration_documents(root, cc.source, train_names=cfg.data.train_sets,
-                                          contamination=cfg.data.contamination, download=download)
+        documents = calibration_documents(
+            root, cc.source, train_names=cfg.data.train_sets, contamination=cfg.data.contamination, download=download
+        )
         calib = calibration_batch(tokenizer, documents, cc.num_samples, cc.seqlen, cc.seed).to(device)
     if pc.reorder_mlp_channels:  # before pruning, so that N:M groups are formed in the new channel order
         log.info("reordered the channels of %d MLPs by calibration importance", reorder_mlp_channels(model, calib))
     if pc.sparsity == 0:  # LoNAS: no pruning, the base is passed on dense
         layers, ppl_pruned = sparsity_table(model, pc.targets), ppl_dense
     else:
-        layers = prune_model(model, calib, method=pc.method, sparsity=pc.sparsity,
-                             structure=pc.n_m or "unstructured", targets=pc.targets)
+        layers = prune_model(
+            model, calib, method=pc.method, sparsity=pc.sparsity, structure=pc.n_m or "unstructured", targets=pc.targets
+        )
         ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
     log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
 
     model.save_pretrained(ctx.out_dir / "model")
     tokenizer.save_pretrained(ctx.out_dir / "model")
-    rows = [{"layer": l.name, "in_features": l.in_features, "out_features": l.out_features, "zeros": l.zeros,
-             "sparsity": l.sparsity} for l in layers]
+    rows = [
+        {
+            "layer": l.name,
+            "in_features": l.in_features,
+            "out_features": l.out_features,
+            "zeros": l.zeros,
+            "sparsity": l.sparsity,
+        }
+        for l in layers
+    ]
     write_table(ctx.out_dir / "sparsity.parquet", "sparsity", rows)
     pruned_weights = sum(l.in_features * l.out_features for l in layers)
     params = sum(p.numel() for p in model.parameters())
-    return {"base_model": base, "base_revision": revision, "params": params,
-            "nonzero_params": int(sum((p != 0).sum().item() for p in model.parameters())),
-            "pruned_layers": len(layers), "sparsity": sum(l.zeros for l in layers) / max(pruned_weights, 1),
-            "ppl_dense": ppl_dense, "ppl_pruned": ppl_pruned}
+    return {
+        "base_model": base,
+        "base_revision": revision,
+        "params": params,
+        "nonzero_params": int(sum((p != 0).sum().item() for p in model.parameters())),
+        "pruned_layers": len(layers),
+        "sparsity": sum(l.zeros for l in layers) / max(pruned_weights, 1),
+        "ppl_dense": ppl_dense,
+        "ppl_pruned": ppl_pruned,
+    }
 
 
 if __name__ == "__main__":

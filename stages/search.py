@@ -4,6 +4,7 @@ Writes `search/evaluations.parquet` (every evaluated subnet, its objectives, Par
 `search/search_progression.{csv,png}` as the seeds do, and `search/pareto_front.png` (heuristic, maximal, minimal
 and the chosen subnet marked). Evaluations are cached as they happen: a killed search resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import csv
@@ -12,12 +13,12 @@ import json
 import logging
 
 from nlsflow.adapters.elastic import adapter_parameters, linear_macs_per_token
-from nlsflow.evaluation.scoring import subnet_accuracy
-from nlsflow.models import resolve_device
-from nlsflow.search.nsga2 import SubnetEvaluator, choose, nsga2_search, plot_search
 from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
 from nlsflow.artifacts import read_table, write_table
+from nlsflow.evaluation.scoring import subnet_accuracy
 from nlsflow.io import atomic_write_text, sha256_json
+from nlsflow.models import resolve_device
+from nlsflow.search.nsga2 import SubnetEvaluator, choose, nsga2_search, plot_search
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,27 @@ log = logging.getLogger(__name__)
 def run(ctx: StageContext) -> dict:
     cfg, sc = ctx.cfg, ctx.cfg.search
     train_dir = ctx.input_dir("train")
-    model, tokenizer, space = load_supernet(ctx.input_dir("prune") / "model", train_dir / "adapter",
-                                            train_dir / "search_space.json", cfg.dtype, resolve_device(cfg.device),
-                                            cfg.train.sparsity_preserving)
+    model, tokenizer, space = load_supernet(
+        ctx.input_dir("prune") / "model",
+        train_dir / "adapter",
+        train_dir / "search_space.json",
+        cfg.dtype,
+        resolve_device(cfg.device),
+        cfg.train.sparsity_preserving,
+    )
     validation = read_table(train_dir / "validation.parquet", "records").to_pylist()[: sc.val_samples]
 
     def accuracy(subnet) -> float:
-        return subnet_accuracy(model, tokenizer, space, validation, subnet, max_new_tokens=sc.generation.max_new_tokens,
-                               num_beams=sc.generation.num_beams, batch_size=sc.generation.batch_size)
+        return subnet_accuracy(
+            model,
+            tokenizer,
+            space,
+            validation,
+            subnet,
+            max_new_tokens=sc.generation.max_new_tokens,
+            num_beams=sc.generation.num_beams,
+            batch_size=sc.generation.batch_size,
+        )
 
     def params(subnet) -> int:
         return adapter_parameters(model, space, subnet)
@@ -43,23 +57,52 @@ def run(ctx: StageContext) -> dict:
 
     # Evaluations persist outside the stage folder (which appears only when the stage completes), keyed by what an
     # accuracy depends on: a killed search resumes from them, and a changed population or budget reuses them.
-    cache_key = sha256_json({"inputs": {k: m.fingerprint() for k, m in ctx.inputs.items()}, "cost": sc.cost,
-                             "val_samples": sc.val_samples, "generation": sc.generation.model_dump(), "dtype": cfg.dtype})
+    cache_key = sha256_json(
+        {
+            "inputs": {k: m.fingerprint() for k, m in ctx.inputs.items()},
+            "cost": sc.cost,
+            "val_samples": sc.val_samples,
+            "generation": sc.generation.model_dump(),
+            "dtype": cfg.dtype,
+        }
+    )
     cache_path = ctx.run_dir / ".cache" / f"search-{cache_key[:16]}.parquet"
     evaluate = SubnetEvaluator(accuracy, params if sc.cost == "params" else macs, cache_path=cache_path)
     seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
-    evaluations = nsga2_search(space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds)
+    evaluations = nsga2_search(
+        space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds
+    )
     heuristic = next(e for e in evaluations if e.label == "heuristic")
     ref_acc = heuristic.accuracy if sc.ref_acc is None else sc.ref_acc
     maximal = next(e for e in evaluations if e.label == "maximal")
     max_cost = None if sc.cost_budget is None else sc.cost_budget * maximal.cost
     chosen = choose(evaluations, ref_acc, sc.acc_delta, sc.rule, max_cost)
-    log.info("chosen subnet: accuracy %.4f, %s %d (heuristic: %.4f, %d)", chosen.accuracy, sc.cost, chosen.cost,
-             heuristic.accuracy, heuristic.cost)
+    log.info(
+        "chosen subnet: accuracy %.4f, %s %d (heuristic: %.4f, %d)",
+        chosen.accuracy,
+        sc.cost,
+        chosen.cost,
+        heuristic.accuracy,
+        heuristic.cost,
+    )
 
-    write_table(ctx.out_dir / "evaluations.parquet", "evaluations",
-                [{"eval_id": e.eval_id, "config": e.key, "accuracy": e.accuracy, "params": params(e.subnet),
-                  "macs": macs(e.subnet), "pareto": e.pareto, "label": e.label, "seconds": e.seconds} for e in evaluations])
+    write_table(
+        ctx.out_dir / "evaluations.parquet",
+        "evaluations",
+        [
+            {
+                "eval_id": e.eval_id,
+                "config": e.key,
+                "accuracy": e.accuracy,
+                "params": params(e.subnet),
+                "macs": macs(e.subnet),
+                "pareto": e.pareto,
+                "label": e.label,
+                "seconds": e.seconds,
+            }
+            for e in evaluations
+        ],
+    )
     atomic_write_text(ctx.out_dir / "chosen.json", json.dumps(chosen.subnet, indent=2))
     progression = io.StringIO()
     writer = csv.writer(progression)
@@ -67,11 +110,21 @@ def run(ctx: StageContext) -> dict:
     writer.writerows([e.eval_id, e.accuracy, e.cost, e.pareto, e.label, e.key] for e in evaluations)
     atomic_write_text(ctx.out_dir / "search_progression.csv", progression.getvalue())
     plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
-    return {"evaluations": len(evaluations), "resumed_from_cache": evaluate.resumed,
-            "pareto_size": sum(e.pareto for e in evaluations), "val_samples": len(validation),
-            "ref_acc": ref_acc, "rule": sc.rule, "max_cost": max_cost,
-            "chosen": chosen.subnet, "chosen_accuracy": chosen.accuracy, "chosen_cost": chosen.cost,
-            "cost": sc.cost, "heuristic_accuracy": heuristic.accuracy, "heuristic_cost": heuristic.cost}
+    return {
+        "evaluations": len(evaluations),
+        "resumed_from_cache": evaluate.resumed,
+        "pareto_size": sum(e.pareto for e in evaluations),
+        "val_samples": len(validation),
+        "ref_acc": ref_acc,
+        "rule": sc.rule,
+        "max_cost": max_cost,
+        "chosen": chosen.subnet,
+        "chosen_accuracy": chosen.accuracy,
+        "chosen_cost": chosen.cost,
+        "cost": sc.cost,
+        "heuristic_accuracy": heuristic.accuracy,
+        "heuristic_cost": heuristic.cost,
+    }
 
 
 if __name__ == "__main__":

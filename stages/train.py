@@ -7,6 +7,7 @@ With train.heterolora a saliency proxy chooses which LoRA and shortcut modules t
 or every realloc_every of an epoch (dynamic); `train/heterolora.json` is the chosen configuration with its scores,
 `train/heterolora_log.parquet` the history, and the adapter holds the enabled modules only.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,18 +21,18 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
-from nlsflow.data.datasets import check_contamination, load_train_records, split_validation, tokenize_for_training
 from nlsflow.adapters import selection as hetero
 from nlsflow.adapters.elastic import activate, maximal_subnet, pattern_key, random_subnet
-from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
+from nlsflow.adapters.masking import make_sparsity_preserving
 from nlsflow.adapters.nola import NolaSpec, basis_floats, make_nola, save_nola
 from nlsflow.adapters.shortcuts import attach_shortcuts, decoder_layers
-from nlsflow.adapters.masking import make_sparsity_preserving
 from nlsflow.adapters.supernet import groups_from_config, make_supernet, save_search_space
 from nlsflow.adapters.width import WidthGroup
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import write_table
+from nlsflow.data.datasets import check_contamination, load_train_records, split_validation, tokenize_for_training
+from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_write_text, folder_bytes
+from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def run(ctx: StageContext) -> dict:
     train_records, val_records = split_validation(records, tc.val_size, cfg.seed)
     train_records = train_records[: tc.max_train_samples]
     if len(train_records) < tc.batch_size:
-        raise NlsflowError(f"{len(train_records)} training records left after holding out {len(val_records)}: fewer than "
-                           f"train.batch_size={tc.batch_size}; lower train.batch_size or train.val_size")
+        raise NlsflowError(
+            f"{len(train_records)} training records left after holding out {len(val_records)}: fewer than "
+            f"train.batch_size={tc.batch_size}; lower train.batch_size or train.val_size"
+        )
     examples = [tokenize_for_training(tokenizer, r, tc.cutoff_len, tc.train_on_inputs) for r in train_records]
 
     collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
@@ -58,11 +61,14 @@ def run(ctx: StageContext) -> dict:
     def scoring_batches(step: int) -> list[dict]:  # HeteroLoRA's proxies: a fresh, seeded draw each time
         ids = torch.randperm(len(examples), generator=torch.Generator().manual_seed(cfg.seed + step)).tolist()
         size = tc.micro_batch_size
-        return [collate([examples[j] for j in ids[i * size : (i + 1) * size]]).to(device)
-                for i in range(min(hc.batches, len(ids) // size))]
+        return [
+            collate([examples[j] for j in ids[i * size : (i + 1) * size]]).to(device)
+            for i in range(min(hc.batches, len(ids) // size))
+        ]
 
-    lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules,
-                      task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=tc.target_modules, task_type="CAUSAL_LM"
+    )
     model = get_peft_model(model, lora)
     groups, width_groups = groups_from_config(tc.groups), groups_from_config(tc.width_groups, WidthGroup)
     hc, shortcuts, choice = tc.heterolora, None, None
@@ -70,14 +76,21 @@ def run(ctx: StageContext) -> dict:
         shortcuts = attach_shortcuts(model, list(range(len(decoder_layers(model)))), hc.shortcut_rank, tc.alpha)
     if hc.mode == "static":  # choose once on the full candidate set, then build only what was chosen
         cands = hetero.candidates(model, shortcuts)
-        choice = hetero.choose(model, cands, scoring_batches(0), hc, hetero.candidate_rank_choices(cands, groups), cfg.seed)
+        choice = hetero.choose(
+            model, cands, scoring_batches(0), hc, hetero.candidate_rank_choices(cands, groups), cfg.seed
+        )
         log.info("HeteroLoRA (static, %s): %d of %d modules on", hc.proxy, len(choice.enabled), len(cands))
         lora_modules, shortcut_layers = choice.lora_modules(cands), choice.shortcut_layers(cands)
         if shortcuts is not None:
             shortcuts.detach()
-        lora = LoraConfig(r=tc.rank, lora_alpha=tc.alpha, lora_dropout=tc.dropout, target_modules=lora_modules,
-                          rank_pattern={pattern_key(n): choice.ranks[n] for n in lora_modules if choice.ranks[n] != tc.rank},
-                          task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=tc.rank,
+            lora_alpha=tc.alpha,
+            lora_dropout=tc.dropout,
+            target_modules=lora_modules,
+            rank_pattern={pattern_key(n): choice.ranks[n] for n in lora_modules if choice.ranks[n] != tc.rank},
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model.unload(), lora)
         groups = hetero.groups_with_modules(groups, lora_modules)
         shortcuts = attach_shortcuts(model, shortcut_layers, hc.shortcut_rank, tc.alpha) if shortcut_layers else None
@@ -88,8 +101,10 @@ def run(ctx: StageContext) -> dict:
         nola = NolaSpec(**tc.nola.model_dump(exclude={"max_basis_gb"}))
         basis_gb = basis_floats(model, nola) * next(model.parameters()).element_size() / 1e9
         if basis_gb > tc.nola.max_basis_gb:
-            raise NlsflowError(f"NOLA bases would take {basis_gb:.1f} GB > train.nola.max_basis_gb={tc.nola.max_basis_gb:g}; "
-                               "lower train.nola.num_basis_a/num_basis_b, train.rank or train.target_modules")
+            raise NlsflowError(
+                f"NOLA bases would take {basis_gb:.1f} GB > train.nola.max_basis_gb={tc.nola.max_basis_gb:g}; "
+                "lower train.nola.num_basis_a/num_basis_b, train.rank or train.target_modules"
+            )
         log.info("NOLA: %d coefficients replace the LoRA factors", make_nola(model, nola))
     cands = hetero.candidates(model, shortcuts) if hc.mode != "off" else []
     choices = hetero.candidate_rank_choices(cands, groups)
@@ -106,13 +121,18 @@ def run(ctx: StageContext) -> dict:
     rng = random.Random(cfg.seed)
     order_rng = torch.Generator().manual_seed(cfg.seed)
 
-    reselect = (hetero.Reselection(model, cands, hc, choices, steps_per_epoch, scoring_batches, cfg.seed)
-                if hc.mode == "dynamic" else None)
+    reselect = (
+        hetero.Reselection(model, cands, hc, choices, steps_per_epoch, scoring_batches, cfg.seed)
+        if hc.mode == "dynamic"
+        else None
+    )
     model.train()
     log_rows, recent = [], []
     order: list[int] = []
     for step in tqdm(range(1, total_steps + 1), desc="train", unit="step"):
-        if reselect and reselect.due(step):  # HeteroLoRA dynamic: every realloc_every of an epoch, at the maximal subnet
+        if reselect and reselect.due(
+            step
+        ):  # HeteroLoRA dynamic: every realloc_every of an epoch, at the maximal subnet
             activate(model, space, maximal_subnet(space))
             reselect(step)
         subnet = random_subnet(space, rng)  # the super-network trains one sampled subnet per optimizer step
@@ -135,8 +155,15 @@ def run(ctx: StageContext) -> dict:
         optimizer.zero_grad(set_to_none=True)
         recent.append(loss_sum)
         if step % tc.log_every == 0 or step == total_steps:
-            log_rows.append({"step": step, "epoch": step / steps_per_epoch, "loss": sum(recent) / len(recent),
-                             "learning_rate": learning_rate, "active_config": json.dumps(subnet)})
+            log_rows.append(
+                {
+                    "step": step,
+                    "epoch": step / steps_per_epoch,
+                    "loss": sum(recent) / len(recent),
+                    "learning_rate": learning_rate,
+                    "active_config": json.dumps(subnet),
+                }
+            )
             recent = []
 
     hetero_metrics = {}
@@ -145,14 +172,23 @@ def run(ctx: StageContext) -> dict:
         lora_modules, shortcut_layers = choice.lora_modules(cands), choice.shortcut_layers(cands)
         hetero.save_adapter(model, lora_modules, shortcuts, shortcut_layers, ctx.out_dir / "adapter")
         groups, space = hetero.groups_with_modules(groups, lora_modules), hetero.space_with_modules(space, lora_modules)
-        atomic_write_text(ctx.out_dir / "heterolora.json", json.dumps(
-            {**hc.model_dump(), "enabled": sorted(choice.enabled), "ranks": choice.ranks, "scores": choice.scores}, indent=2))
+        atomic_write_text(
+            ctx.out_dir / "heterolora.json",
+            json.dumps(
+                {**hc.model_dump(), "enabled": sorted(choice.enabled), "ranks": choice.ranks, "scores": choice.scores},
+                indent=2,
+            ),
+        )
         if hetero_rows:
             write_table(ctx.out_dir / "heterolora_log.parquet", "heterolora_log", hetero_rows)
         trainable = sum(c.A.numel() + c.B.numel() for c in cands if c.name in choice.enabled)
-        hetero_metrics = {"heterolora_enabled": len(choice.enabled), "heterolora_candidates": len(choice.scores),
-                          "heterolora_reallocations": len(hetero_rows), "enabled_lora_modules": len(lora_modules),
-                          "enabled_shortcuts": len(shortcut_layers)}
+        hetero_metrics = {
+            "heterolora_enabled": len(choice.enabled),
+            "heterolora_candidates": len(choice.scores),
+            "heterolora_reallocations": len(hetero_rows),
+            "enabled_lora_modules": len(lora_modules),
+            "enabled_shortcuts": len(shortcut_layers),
+        }
     elif tc.adapter == "nola":
         save_nola(model, nola, ctx.out_dir / "adapter")
     else:
@@ -160,13 +196,25 @@ def run(ctx: StageContext) -> dict:
     adapter_bytes = folder_bytes(ctx.out_dir / "adapter")
     save_search_space(ctx.out_dir / "search_space.json", groups, width_groups, space)
     write_table(ctx.out_dir / "training_log.parquet", "training_log", log_rows)
-    write_table(ctx.out_dir / "validation.parquet", "records",
-                [{k: r[k] for k in ("source", "instruction", "input", "output", "answer")} for r in val_records])
-    return {"steps": total_steps, "final_loss": log_rows[-1]["loss"], "trainable_params": trainable,
-            "adapter": tc.adapter, "adapter_bytes": adapter_bytes,
-            "train_records": len(train_records), "val_records": len(val_records), "search_variables": len(space),
-            "width_variables": sum(v.kind == "width" for v in space),
-            "train_sets": cfg.data.train_sets, "contamination": contamination, **hetero_metrics}
+    write_table(
+        ctx.out_dir / "validation.parquet",
+        "records",
+        [{k: r[k] for k in ("source", "instruction", "input", "output", "answer")} for r in val_records],
+    )
+    return {
+        "steps": total_steps,
+        "final_loss": log_rows[-1]["loss"],
+        "trainable_params": trainable,
+        "adapter": tc.adapter,
+        "adapter_bytes": adapter_bytes,
+        "train_records": len(train_records),
+        "val_records": len(val_records),
+        "search_variables": len(space),
+        "width_variables": sum(v.kind == "width" for v in space),
+        "train_sets": cfg.data.train_sets,
+        "contamination": contamination,
+        **hetero_metrics,
+    }
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Shared fixtures: a private Prefect home and model cache, the data root, and one tiny pipeline run per session."""
+
 from __future__ import annotations
 
 import os

@@ -1,6 +1,7 @@
 """A Docker engine for the container tests: the one DOCKER_HOST (or the default socket) names, else a private
 `dockerd` started here (Debian's docker.io, as root) on its own socket and data root, stopped by its pid afterwards.
 With no registry, the stage images are the `mounted` flavor on a root file system made with debootstrap."""
+
 from __future__ import annotations
 
 import os
@@ -42,10 +43,25 @@ def docker_engine(scratch: Path):
     scratch.mkdir(parents=True, exist_ok=True)
     host = f"unix://{scratch}/docker.sock"
     log = open(scratch / "dockerd.log", "w")
-    daemon = subprocess.Popen(["dockerd", "--bridge=none", "--iptables=false", "--ip-masq=false",
-                               "--data-root", str(scratch / "data"), "--exec-root", str(scratch / "exec"),
-                               "--pidfile", str(scratch / "dockerd.pid"), "-H", host],
-                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    daemon = subprocess.Popen(
+        [
+            "dockerd",
+            "--bridge=none",
+            "--iptables=false",
+            "--ip-masq=false",
+            "--data-root",
+            str(scratch / "data"),
+            "--exec-root",
+            str(scratch / "exec"),
+            "--pidfile",
+            str(scratch / "dockerd.pid"),
+            "-H",
+            host,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not _ping(host):
@@ -75,8 +91,18 @@ def root_image(client, scratch: Path) -> str:
     suite = release.get("VERSION_CODENAME", "bookworm").strip('"')
     rootfs = scratch / "rootfs"
     # The interpreter is mounted from the host, so the root needs only the shared libraries CPython links against.
-    done = subprocess.run(["debootstrap", "--variant=minbase", "--include=libssl3,libffi8,libsqlite3-0,libbz2-1.0",
-                           suite, str(rootfs), "http://deb.debian.org/debian"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=libssl3,libffi8,libsqlite3-0,libbz2-1.0",
+            suite,
+            str(rootfs),
+            "http://deb.debian.org/debian",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise NoEngine(f"debootstrap {suite} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}")
     archive = scratch / "rootfs.tar"

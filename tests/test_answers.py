@@ -1,9 +1,18 @@
 """Both scoring protocols on realistic generations: the LLM-Adapters rules with their known quirks, and the
 strict rules, side by side where they agree and where they disagree."""
+
 import pytest
 
-from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL, extract_prediction, extract_strict, is_correct, score, score_strict
 from nlsflow.data.datasets import EVAL_DATASETS
+from nlsflow.evaluation.answers import (
+    REFERENCE_PROTOCOL,
+    STRICT_PROTOCOL,
+    extract_prediction,
+    extract_strict,
+    is_correct,
+    score,
+    score_strict,
+)
 
 
 def test_protocol_names():

@@ -1,4 +1,5 @@
 """Bad input fails with one clear line naming the problem and the fix, and leaves no partial artifact behind."""
+
 from __future__ import annotations
 
 import json
@@ -7,17 +8,22 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, TINY_CONFIGS, tiny_config, tiny_overrides
-from nlsflow.errors import NlsflowError
+
 from nlsflow.artifacts import read_manifest, stage_dir
+from nlsflow.errors import NlsflowError
 from stages._common import run_stage
 
 
 def _stage_cli(stage: str, run_dir, *extra: str) -> subprocess.CompletedProcess:
     configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *configs, *tiny_overrides(run_dir, *extra)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *configs, *tiny_overrides(run_dir, *extra)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -94,14 +100,28 @@ def test_failed_rerun_keeps_the_previous_complete_stage(math_run, tmp_path):
     assert not _leftovers(run)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.sparsity_preserving=true", "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [172, 86]}]"],
-     "train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined"),
-    (["train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [86, 172]}]"],
-     "group 'w': choices [86, 172] must be positive and strictly descending"),
-    (["search.rule=max_accuracy_within_budget"], "search.cost_budget goes with search.rule=max_accuracy_within_budget"),
-    (["search.cost_budget=0.5"], "search.cost_budget goes with"),
-], ids=["lonas+shears", "ascending widths", "rule without budget", "budget without rule"])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            [
+                "train.sparsity_preserving=true",
+                "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [172, 86]}]",
+            ],
+            "train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined",
+        ),
+        (
+            ["train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [86, 172]}]"],
+            "group 'w': choices [86, 172] must be positive and strictly descending",
+        ),
+        (
+            ["search.rule=max_accuracy_within_budget"],
+            "search.cost_budget goes with search.rule=max_accuracy_within_budget",
+        ),
+        (["search.cost_budget=0.5"], "search.cost_budget goes with"),
+    ],
+    ids=["lonas+shears", "ascending widths", "rule without budget", "budget without rule"],
+)
 def test_impossible_method_settings(tmp_path, overrides, message):
     with pytest.raises(NlsflowError) as error:
         tiny_config(tmp_path, *overrides)
@@ -112,12 +132,19 @@ def test_width_choices_must_start_at_the_module_size(tmp_path):
     from stages import prune, train
     from stages._common import run_stage
 
-    cfg = tiny_config(tmp_path, "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]",
-                      "train.groups=[{name: all, modules: [q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj], choices: [8, 4]}]",
-                      "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [128, 64]}]", "train.max_steps=1")
+    cfg = tiny_config(
+        tmp_path,
+        "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]",
+        "train.groups=[{name: all, modules: [q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj], choices: [8, 4]}]",
+        "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [128, 64]}]",
+        "train.max_steps=1",
+    )
     run_stage("prune", prune.run, cfg)
-    with pytest.raises(NlsflowError, match=r"width group 'w': choices \[128, 64\] start at 128, but .*gate_proj has 172 "
-                                           r"outputs; the first choice must be the full size"):
+    with pytest.raises(
+        NlsflowError,
+        match=r"width group 'w': choices \[128, 64\] start at 128, but .*gate_proj has 172 "
+        r"outputs; the first choice must be the full size",
+    ):
         run_stage("train", train.run, cfg)
 
 
@@ -126,13 +153,17 @@ def test_yaml_merge_keys_still_load_and_overlapping_width_groups_are_refused(tmp
 
     assert yaml_load("a: &x {b: 1}\nc: {<<: *x, d: 2}\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
     with pytest.raises(NlsflowError, match="module 'up_proj' is in width groups 'a' and 'b'; list it in one"):
-        tiny_config(tmp_path, "train.width_groups=[{name: a, modules: [gate_proj, up_proj], choices: [172, 86]}, "
-                              "{name: b, modules: [up_proj], choices: [172, 86]}]")
+        tiny_config(
+            tmp_path,
+            "train.width_groups=[{name: a, modules: [gate_proj, up_proj], choices: [172, 86]}, "
+            "{name: b, modules: [up_proj], choices: [172, 86]}]",
+        )
 
 
 def test_relative_search_space_file_on_the_command_line_is_made_absolute(tmp_path, monkeypatch):
-    (tmp_path / "space.yaml").write_text("groups:\n  - {name: all, modules: [q_proj, k_proj, v_proj, up_proj, down_proj], "
-                                         "choices: [8, 4]}\n")
+    (tmp_path / "space.yaml").write_text(
+        "groups:\n  - {name: all, modules: [q_proj, k_proj, v_proj, up_proj, down_proj], choices: [8, 4]}\n"
+    )
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path / "run", "train.search_space_file=space.yaml")
     assert cfg.train.search_space_file == str(tmp_path / "space.yaml")

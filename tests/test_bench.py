@@ -1,4 +1,5 @@
 """`make bench`: the tiny bench end to end, and the checks its comparisons rest on (no timing assertions)."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,10 +26,15 @@ def test_tiny_bench_writes_the_table(tmp_path):
     assert main(["--profile", "tiny", "--repeats", "1", "--out", str(tmp_path), *OVERRIDES]) == 0
     rows = read_table(tmp_path / "bench-tiny.parquet", "bench").to_pylist()  # checks the schema too
     assert [(r["comparison"], r["metric"]) for r in rows] == [
-        ("training step", "step time"), ("training step", "step time"), ("Wanda pruning", "wall time"),
-        ("Wanda pruning", "peak RSS above the loaded model"), ("search throughput", "subnet evaluations per minute"),
-        ("search throughput", "subnet evaluations per minute"), ("generation", "tokens per second"),
-        ("generation", "tokens per second")]
+        ("training step", "step time"),
+        ("training step", "step time"),
+        ("Wanda pruning", "wall time"),
+        ("Wanda pruning", "peak RSS above the loaded model"),
+        ("search throughput", "subnet evaluations per minute"),
+        ("search throughput", "subnet evaluations per minute"),
+        ("generation", "tokens per second"),
+        ("generation", "tokens per second"),
+    ]
     for r in rows:
         assert r["profile"] == "tiny" and r["repeats"] == 1 and r["ours_spread"] == r["peer_spread"] == 0
         assert r["ours_median"] > 0 and r["peer_median"] > 0
@@ -64,8 +70,8 @@ def test_search_cached_and_uncached_give_the_same_accuracies(ctx):
     from bench.search import measure
 
     m = measure(ctx, repeats=1)
-    (_, ours), = m["results"]["ours"]
-    (_, uncached), = m["results"]["no cache"]
+    ((_, ours),) = m["results"]["ours"]
+    ((_, uncached),) = m["results"]["no cache"]
     assert len(ours) == m["requests"] > m["distinct"]  # NSGA-II asked for some subnets again: the cache answered
     assert ours == uncached
     assert len(set(ours)) > 1  # the subnets really score differently, so equal lists mean something

@@ -1,19 +1,25 @@
 """`make compare`: the methods run through the flow on one task and profile, and one table compares them."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import DATA_ROOT, NO_OPENVINO, needs_data
+
 from flows.compare import COLUMNS, compare, markdown
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
+from nlsflow.errors import NlsflowError
 
 pytestmark = [pytest.mark.slow, needs_data]
 
 
 def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
-    overrides = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "benchmark.repeats=1",
-                 NO_OPENVINO]
+    overrides = [
+        f"data.root={DATA_ROOT}",
+        "train.max_steps=20",
+        "search.num_evals=4",
+        "benchmark.repeats=1",
+        NO_OPENVINO,
+    ]
     rows = compare("math", "tiny", ("shears", "nola"), tmp_path, overrides)
     assert [r["method"] for r in rows] == ["shears", "nola"]
     table = read_table(tmp_path / "compare-math-tiny.parquet", "comparison").to_pylist()
@@ -23,7 +29,10 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
         train = read_manifest(stage_dir(run_dir, "train"), "train")
         assert row["trainable_params"] == train.metrics["trainable_params"] and row["train_seconds"] == train.duration_s
     shears, nola = rows
-    assert nola["trainable_params"] < shears["trainable_params"] and nola["train_adapter_bytes"] < shears["train_adapter_bytes"]
+    assert (
+        nola["trainable_params"] < shears["trainable_params"]
+        and nola["train_adapter_bytes"] < shears["train_adapter_bytes"]
+    )
     assert nola["nonzero_params"] > shears["nonzero_params"]  # NOLA keeps the dense base, Shears prunes half
     assert shears["nonzero_macs_per_token"] < shears["macs_per_token"] == nola["macs_per_token"]  # same shapes
     assert nola["nonzero_macs_per_token"] > shears["nonzero_macs_per_token"]

@@ -1,4 +1,5 @@
 """Prompt template, test and training sets, source inference, contamination, splitting, tokenization, calibration."""
+
 import gzip
 import json
 import random
@@ -6,13 +7,30 @@ import shutil
 
 import pytest
 import torch
+from conftest import DATA_ROOT, needs_data
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import PreTrainedTokenizerFast
 
-from nlsflow.data.datasets import EVAL_DATASETS, TASK_EVAL_SETS, TRAIN_DEFAULTS, ContaminationError, calibration_batch, calibration_documents, check_contamination, generate_prompt, infer_source, load_eval_records, load_records, load_train_records, normalize_question, question_key, split_validation, tokenize_for_training, wikitext2
+from nlsflow.data.datasets import (
+    EVAL_DATASETS,
+    TASK_EVAL_SETS,
+    TRAIN_DEFAULTS,
+    ContaminationError,
+    calibration_batch,
+    calibration_documents,
+    check_contamination,
+    generate_prompt,
+    infer_source,
+    load_eval_records,
+    load_records,
+    load_train_records,
+    normalize_question,
+    question_key,
+    split_validation,
+    tokenize_for_training,
+    wikitext2,
+)
 from nlsflow.data.registry import DATA_FILES, MissingDataError
-
-from conftest import DATA_ROOT, needs_data
 
 INDENT = " " * 16
 
@@ -147,12 +165,19 @@ def test_mawps_equations_to_solve_and_fractions_read_well():
 def test_math_contamination_is_dropped_and_reported(math_records):
     kept, report = check_contamination(math_records, DATA_ROOT, mode="drop")
     # MAWPS train repeats questions of four test sets; GSM8K train none. 1192 distinct records, 706 MAWPS left.
-    assert report == {"checked": CHECKED, "skipped": ["hellaswag_full_test"], "overlaps": MATH_OVERLAPS,
-                      "dropped": 1192}
+    assert report == {
+        "checked": CHECKED,
+        "skipped": ["hellaswag_full_test"],
+        "overlaps": MATH_OVERLAPS,
+        "dropped": 1192,
+    }
     assert len(kept) == 7473 + 1898 - 1192
     assert sum(r["source"] == "gsm8k" for r in kept) == 7473
-    test_keys = {question_key(r["instruction"]) for name in ("mawps", "AddSub", "MultiArith", "SingleEq")
-                 for r in load_eval_records(DATA_ROOT, name)}
+    test_keys = {
+        question_key(r["instruction"])
+        for name in ("mawps", "AddSub", "MultiArith", "SingleEq")
+        for r in load_eval_records(DATA_ROOT, name)
+    }
     assert not any(question_key(r["instruction"]) in test_keys for r in kept)
 
     again, report = check_contamination(kept, DATA_ROOT, mode="refuse")  # clean data passes untouched
@@ -163,9 +188,11 @@ def test_math_contamination_is_dropped_and_reported(math_records):
 def test_refusal_is_one_line_with_counts_and_the_fix(math_records):
     with pytest.raises(ContaminationError) as err:
         check_contamination(math_records, DATA_ROOT, mode="refuse")
-    assert str(err.value) == ("1192 training records ask test questions (mawps_test 27, AddSub_test 412, "
-                              "MultiArith_test 446, SingleEq_test 510): set data.contamination=drop to drop and "
-                              "report them")
+    assert str(err.value) == (
+        "1192 training records ask test questions (mawps_test 27, AddSub_test 412, "
+        "MultiArith_test 446, SingleEq_test 510): set data.contamination=drop to drop and "
+        "report them"
+    )
     with pytest.raises(ValueError, match="mode must be"):
         check_contamination(math_records, DATA_ROOT, mode="keep")
 
@@ -174,15 +201,21 @@ def test_refusal_is_one_line_with_counts_and_the_fix(math_records):
 def test_question_key_finds_what_whitespace_normalization_misses(math_records):
     mawps = math_records[7473:]
     # (test set, MAWPS train records found by normalize_question, by question_key)
-    for name, by_normalized, by_key in (("mawps", 27, 27), ("AddSub", 403, 412), ("MultiArith", 0, 446),
-                                        ("SingleEq", 0, 510), ("SVAMP", 0, 0)):
+    for name, by_normalized, by_key in (
+        ("mawps", 27, 27),
+        ("AddSub", 403, 412),
+        ("MultiArith", 0, 446),
+        ("SingleEq", 0, 510),
+        ("SVAMP", 0, 0),
+    ):
         test = load_eval_records(DATA_ROOT, name)
         normalized = {normalize_question(r["instruction"]) for r in test}
         keys = {question_key(r["instruction"]) for r in test}
         assert sum(normalize_question(r["instruction"]) in normalized for r in mawps) == by_normalized, name
         assert sum(question_key(r["instruction"]) in keys for r in mawps) == by_key, name
-    assert question_key("Benny worked 3 hours for 6 days . How many hours ?") == \
-        question_key(" benny worked 3 hours for 6 days. How many  hours?")
+    assert question_key("Benny worked 3 hours for 6 days . How many hours ?") == question_key(
+        " benny worked 3 hours for 6 days. How many  hours?"
+    )
     assert question_key("a part - time job") == question_key("a part-time job") != question_key("a parttime job")
 
 
@@ -201,8 +234,12 @@ def test_contamination_skips_and_lists_missing_test_sets(tmp_path):
     records = [{"instruction": "Q?", "output": "", "answer": "1"}]
     kept, report = check_contamination(records, tmp_path, mode="refuse")
     assert kept == records
-    assert report == {"checked": [], "skipped": [n for n, e in DATA_FILES.items() if e.role == "test"],
-                      "overlaps": {}, "dropped": 0}
+    assert report == {
+        "checked": [],
+        "skipped": [n for n, e in DATA_FILES.items() if e.role == "test"],
+        "overlaps": {},
+        "dropped": 0,
+    }
 
 
 @needs_data
@@ -211,8 +248,10 @@ def test_contamination_checks_the_test_sets_present(tmp_path):
     (tmp_path / relpath).parent.mkdir(parents=True)
     shutil.copy(DATA_ROOT / relpath, tmp_path / relpath)
     question = load_eval_records(tmp_path, "SingleEq", 1)[0]["instruction"]
-    records = [{"instruction": question.upper().replace(".", " . "), "answer": "1"},
-               {"instruction": "Q?", "answer": "2"}]
+    records = [
+        {"instruction": question.upper().replace(".", " . "), "answer": "1"},
+        {"instruction": "Q?", "answer": "2"},
+    ]
     kept, report = check_contamination(records, tmp_path, mode="drop")
     assert kept == records[1:]
     assert report["checked"] == ["SingleEq_test"] and report["overlaps"] == {"SingleEq_test": 1}
@@ -225,29 +264,54 @@ def _write_json(path, records):
 
 
 def test_source_is_inferred_per_record_for_mixed_sets(tmp_path):
-    math = [{"instruction": f"m{i}", "input": "", "output": f"... The answer is {a}.", "answer": a}
-            for i, a in enumerate(["18", "B", "1,250.5", "-3"])]
-    commonsense = [{"instruction": f"c{i}", "input": "", "output": f"the correct answer is {a}", "answer": a}
-                   for i, a in enumerate(["true", "false", "answer3", "solution2", "option1", "ending4", "answer5"])]
+    math = [
+        {"instruction": f"m{i}", "input": "", "output": f"... The answer is {a}.", "answer": a}
+        for i, a in enumerate(["18", "B", "1,250.5", "-3"])
+    ]
+    commonsense = [
+        {"instruction": f"c{i}", "input": "", "output": f"the correct answer is {a}", "answer": a}
+        for i, a in enumerate(["true", "false", "answer3", "solution2", "option1", "ending4", "answer5"])
+    ]
     _write_json(tmp_path / DATA_FILES["math_10k"].path, math)
     _write_json(tmp_path / DATA_FILES["commonsense_170k"].path, commonsense)
     records = load_train_records(tmp_path, ["math_10k", "commonsense_170k"], download=False)
-    assert [r["source"] for r in records] == ["gsm8k", "AQuA", "gsm8k", "gsm8k", "boolq", "boolq", "social_i_qa",
-                                              "piqa", "winogrande", "hellaswag", "social_i_qa"]
+    assert [r["source"] for r in records] == [
+        "gsm8k",
+        "AQuA",
+        "gsm8k",
+        "gsm8k",
+        "boolq",
+        "boolq",
+        "social_i_qa",
+        "piqa",
+        "winogrande",
+        "hellaswag",
+        "social_i_qa",
+    ]
     for r in records:  # each label is one its source's scoring reads
         dataset = EVAL_DATASETS[r["source"]]
         assert r["answer"] in dataset.keywords if dataset.kind == "choice" else True
     assert records[0] == {**math[0], "source": "gsm8k"}
 
-    _write_json(tmp_path / DATA_FILES["commonsense_15k"].path,
-                [*commonsense[:2], {**commonsense[0], "answer": "maybe"}])
+    _write_json(
+        tmp_path / DATA_FILES["commonsense_15k"].path, [*commonsense[:2], {**commonsense[0], "answer": "maybe"}]
+    )
     with pytest.raises(ValueError, match="commonsense_15k record 2: no evaluation set scores the answer 'maybe'"):
         load_train_records(tmp_path, ["commonsense_15k"], download=False)
 
 
 def test_infer_source_labels():
-    assert [infer_source(a) for a in ("72", "-0.5", "1,080", "A", "E", "True", " false ", "answer1", "ending2")] == \
-        ["gsm8k", "gsm8k", "gsm8k", "AQuA", "AQuA", "boolq", "boolq", "social_i_qa", "hellaswag"]
+    assert [infer_source(a) for a in ("72", "-0.5", "1,080", "A", "E", "True", " false ", "answer1", "ending2")] == [
+        "gsm8k",
+        "gsm8k",
+        "gsm8k",
+        "AQuA",
+        "AQuA",
+        "boolq",
+        "boolq",
+        "social_i_qa",
+        "hellaswag",
+    ]
     for bad in ("nan", "inf", "F", "AB", "", "answer6"):
         with pytest.raises(ValueError, match="no evaluation set scores"):
             infer_source(bad)
@@ -259,10 +323,14 @@ def test_training_set_names_are_checked(tmp_path):
             load_train_records(tmp_path, [name])
     with pytest.raises(ValueError, match="no training sets named"):
         load_train_records(tmp_path, [])
-    with pytest.raises(MissingDataError, match=r"math_10k\.json \(math_10k\) and downloads are off: fetch "
-                                               r"https://raw\.githubusercontent\.com/AGI-Edgerunners/LLM-Adapters/"
-                                               r"main/ft-training_set/math_10k\.json"):
+    with pytest.raises(
+        MissingDataError,
+        match=r"math_10k\.json \(math_10k\) and downloads are off: fetch "
+        r"https://raw\.githubusercontent\.com/AGI-Edgerunners/LLM-Adapters/"
+        r"main/ft-training_set/math_10k\.json",
+    ):
         load_train_records(tmp_path, ["math_10k"], download=False)
+
 
 def test_split_validation_is_deterministic_and_disjoint():
     records = [{"i": i} for i in range(100)]
@@ -284,8 +352,9 @@ def char_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 RECORD = {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. The answer is 5."}
@@ -361,7 +430,7 @@ def test_calibration_batch_from_one_document(char_tokenizer):
     assert batch.shape == (8, 16) and batch.dtype == torch.long
     ids = char_tokenizer(text, add_special_tokens=False)["input_ids"]
     rng = random.Random(0)  # the windows stages/prune.py drew before: randrange(0, n - seqlen)
-    assert batch.tolist() == [ids[s: s + 16] for s in (rng.randrange(0, len(ids) - 16) for _ in range(8))]
+    assert batch.tolist() == [ids[s : s + 16] for s in (rng.randrange(0, len(ids) - 16) for _ in range(8))]
     assert torch.equal(calibration_batch(char_tokenizer, text, 8, 16, seed=0), batch)  # a str is one document
     assert not torch.equal(calibration_batch(char_tokenizer, [text], 8, 16, seed=1), batch)
     with pytest.raises(ValueError, match="calibration text has 16 tokens, not more than seqlen=16"):
@@ -380,7 +449,7 @@ def _wanda_get_c4(tokenizer, documents, nsamples, seed, seqlen):
             if enc.shape[1] > seqlen:
                 break
         i = random.randint(0, enc.shape[1] - seqlen - 1)
-        windows.append(enc[:, i: i + seqlen])
+        windows.append(enc[:, i : i + seqlen])
     random.setstate(state)
     return torch.cat(windows)
 
@@ -395,8 +464,11 @@ def test_calibration_batch_samples_documents_as_wanda(char_tokenizer):
         rows = {char_tokenizer.decode(row) for row in batch.tolist()}
         assert all(set(row) <= set("abde") for row in rows)  # only documents longer than seqlen ("c" * 20 is not)
     assert len({char_tokenizer.decode(row)[0] for row in batch.tolist()}) > 1  # several documents drawn
-    with pytest.raises(ValueError, match=r"no calibration document has more than seqlen=20 tokens \(the longest "
-                                         r"has 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"no calibration document has more than seqlen=20 tokens \(the longest "
+        r"has 5\)",
+    ):
         calibration_batch(char_tokenizer, ["1111", "22222", "33"], 2, 20, seed=0)
     with pytest.raises(ValueError, match="no calibration documents"):
         calibration_batch(char_tokenizer, [], 2, 20, seed=0)

@@ -1,5 +1,6 @@
 """RUNNER=docker: option parsing and the missing-engine error everywhere; with an engine (tests/docker_engine.py),
 the whole tiny pipeline in containers through the flow, compared with the in-process run, and the failure paths."""
+
 from __future__ import annotations
 
 import json
@@ -16,21 +17,31 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import MATH_RUN, REPO, TINY_CONFIGS, needs_data, tiny_config, tiny_overrides
 from docker_engine import NoEngine, docker_engine, root_image
+
 from flows.docker_runner import LABEL, DockerRunner, device_requests, parse_mount, stage_mounts
 from flows.runners import get_runner
 from flows.stage_process import StageInterrupted
-from schemas import STAGES
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import read_manifest, stage_dir
 from nlsflow.config import dump_config
+from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_write_text
+from schemas import STAGES
 
 # timings and what is made of them, not results
-MEASURED = {"seconds", "prefill_ms", "decode_ms_per_token", "tokens_per_s", "peak_memory_mb", "prefill_ms_spread",
-            "decode_ms_per_token_spread", "tokens_per_s_spread", "speedup", "note"}
+MEASURED = {
+    "seconds",
+    "prefill_ms",
+    "decode_ms_per_token",
+    "tokens_per_s",
+    "peak_memory_mb",
+    "prefill_ms_spread",
+    "decode_ms_per_token_spread",
+    "tokens_per_s_spread",
+    "speedup",
+    "note",
+}
 MEASURED_FILES = {"results.md", "throughput_vs_macs.png", "accuracy_vs_macs.png"}
 
 
@@ -45,7 +56,12 @@ def test_gpu_requests_follow_docker_run():
 
 
 def test_mount_specs():
-    assert parse_mount("/srv/data:ro") == {"Target": "/srv/data", "Source": "/srv/data", "Type": "bind", "ReadOnly": True}
+    assert parse_mount("/srv/data:ro") == {
+        "Target": "/srv/data",
+        "Source": "/srv/data",
+        "Type": "bind",
+        "ReadOnly": True,
+    }
     assert parse_mount("/srv/runs:/runs")["Target"] == "/runs"
     assert parse_mount("nlsflow-artifacts:/runs")["Type"] == "volume"
     for bad in ("relative/path", "vol", "/a:/b:/c", ":/x"):
@@ -87,8 +103,22 @@ def test_missing_engine_names_the_local_runner(tmp_path, monkeypatch):
     with pytest.raises(NlsflowError, match="no Docker engine at unix://.*RUNNER=local") as err:
         DockerRunner().run("prune", config_file, print)
     assert "\n" not in str(err.value)
-    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--runner", "docker", "--task", "math",
-                           *tiny_overrides(tmp_path / "run")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.pipeline",
+            "--runner",
+            "docker",
+            "--task",
+            "math",
+            *tiny_overrides(tmp_path / "run"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert "no Docker engine" in done.stderr and "RUNNER=local" in done.stderr
 
@@ -98,8 +128,13 @@ def test_compose_file_is_valid():
     if not compose:
         pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
     env = {**os.environ, "DATA_ROOT": "/srv/nlsflow/data"}
-    done = subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [compose, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     services = yaml.safe_load(done.stdout)["services"]
     assert {"prefect-server", "worker", *STAGES} <= set(services)
@@ -109,15 +144,23 @@ def test_compose_file_is_valid():
         assert devices[0]["capabilities"] == ["gpu"] and devices[0]["count"] == "all"
         assert "artifacts:/runs" in json.dumps(services[stage]["volumes"])
     worker = services["worker"]
-    assert "/var/run/docker.sock" in json.dumps(worker["volumes"]) and worker["environment"]["NLSFLOW_RUNNER"] == "docker"
+    assert (
+        "/var/run/docker.sock" in json.dumps(worker["volumes"]) and worker["environment"]["NLSFLOW_RUNNER"] == "docker"
+    )
     assert worker["environment"]["NLSFLOW_DOCKER_MOUNTS"] == "nlsflow-artifacts:/runs,/srv/nlsflow/data:/data:ro"
     env.pop("DATA_ROOT")
-    done = subprocess.run([compose, "-f", str(REPO / "docker-compose.yml"), "config"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    done = subprocess.run(
+        [compose, "-f", str(REPO / "docker-compose.yml"), "config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode != 0 and "set DATA_ROOT" in done.stderr
 
 
 # ---- with an engine ---------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def engine():
@@ -168,8 +211,9 @@ def _same_content(a: Path, b: Path, a_root: str, b_root: str) -> bool:
     text_a, text_b = a.read_text().replace(a_root, "<run>"), b.read_text().replace(b_root, "<run>")
     if a.name == "adapter_config.json":  # PEFT writes target_modules from a set: its order follows the hash seed
         doc_a, doc_b = json.loads(text_a), json.loads(text_b)
-        return doc_a | {"target_modules": sorted(doc_a["target_modules"])} == \
-            doc_b | {"target_modules": sorted(doc_b["target_modules"])}
+        return doc_a | {"target_modules": sorted(doc_a["target_modules"])} == doc_b | {
+            "target_modules": sorted(doc_b["target_modules"])
+        }
     if a.name == "openvino_model.xml":
         text_a, text_b = (re.sub(r'(name="[^"]*?)_?\d+"', r'\1"', text) for text in (text_a, text_b))
     return text_a == text_b
@@ -182,8 +226,13 @@ def test_pipeline_in_containers_matches_the_local_run(engine, math_run, tmp_path
 
     client, options = engine
     run_dir = tmp_path / "in-containers"
-    state = pipeline([str(p) for p in TINY_CONFIGS], tiny_overrides(run_dir, *MATH_RUN), "docker",
-                     runner_options=options, return_state=True)
+    state = pipeline(
+        [str(p) for p in TINY_CONFIGS],
+        tiny_overrides(run_dir, *MATH_RUN),
+        "docker",
+        runner_options=options,
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     assert [r["status"] for r in state.result()] == ["ran"] * len(STAGES)
     assert _leftover_containers(client) == []
@@ -193,8 +242,12 @@ def test_pipeline_in_containers_matches_the_local_run(engine, math_run, tmp_path
         assert [o.path for o in ours.outputs] == [o.path for o in local.outputs], stage
         for o, l in zip(ours.outputs, local.outputs):
             if o.sha256 != l.sha256:  # only measured timings or the run folder's path may differ
-                assert _same_content(stage_dir(run_dir, stage) / o.path, stage_dir(math_run.run_dir, stage) / l.path,
-                                     str(run_dir), str(math_run.run_dir)), f"{stage}/{o.path}"
+                assert _same_content(
+                    stage_dir(run_dir, stage) / o.path,
+                    stage_dir(math_run.run_dir, stage) / l.path,
+                    str(run_dir),
+                    str(math_run.run_dir),
+                ), f"{stage}/{o.path}"
         weights = [(o.sha256, l.sha256) for o, l in zip(ours.outputs, local.outputs) if o.path.endswith(".safetensors")]
         assert all(a == b for a, b in weights), stage  # weights: bit for bit
     assert any(o.path.endswith(".safetensors") for o in read_manifest(stage_dir(run_dir, "train"), "train").outputs)
@@ -216,7 +269,7 @@ def test_stage_output_streams_and_errors_are_the_stage_s(engine, tmp_path):
 def test_a_killed_container_is_interrupted_and_removed(engine, tmp_path):
     client, options = engine
 
-    def kill_on_first_line(line, done=threading.Event()):
+    def kill_on_first_line(line, done=threading.Event()):  # noqa: B008 (one event for the whole run)
         if not done.is_set():
             done.set()
             for c in _leftover_containers(client):
@@ -232,7 +285,9 @@ def test_a_killed_container_is_interrupted_and_removed(engine, tmp_path):
 def test_bad_image_or_gpu_request_leaves_no_container(engine, tmp_path):
     client, options = engine
     config_file = _config_file(tmp_path / "run")
-    with pytest.raises(NlsflowError, match="image nlsflow-prune:absent is not on the engine; build it with `make images`"):
+    with pytest.raises(
+        NlsflowError, match="image nlsflow-prune:absent is not on the engine; build it with `make images`"
+    ):
         DockerRunner(**{**options, "image": "nlsflow-{stage}:absent"}).run("prune", config_file, print)
     if "nvidia" in client.info().get("Runtimes", {}):
         pytest.skip("this engine has the NVIDIA runtime: a GPU request would start")

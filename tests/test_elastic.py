@@ -11,7 +11,23 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow.adapters.elastic import ElasticGroup, ElasticLinear, Variable, activate, active_subnet, adapter_parameters, extract_sub_adapter, heuristic_subnet, linear_macs_per_token, make_elastic, maximal_subnet, minimal_subnet, random_subnet, resolve_space, validate_subnet
+from nlsflow.adapters.elastic import (
+    ElasticGroup,
+    ElasticLinear,
+    Variable,
+    activate,
+    active_subnet,
+    adapter_parameters,
+    extract_sub_adapter,
+    heuristic_subnet,
+    linear_macs_per_token,
+    make_elastic,
+    maximal_subnet,
+    minimal_subnet,
+    random_subnet,
+    resolve_space,
+    validate_subnet,
+)
 
 GROUPS = [
     ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 6, 4)),
@@ -24,8 +40,12 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])
 def _base() -> LlamaForCausalLM:
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -122,7 +142,7 @@ def test_activate_matches_zeroed_rows(elastic):
     with torch.no_grad():
         for v in space:
             for name in v.modules:
-                modules[name].lora_A["default"].weight[subnet[v.name]:] = 0
+                modules[name].lora_A["default"].weight[subnet[v.name] :] = 0
     activate(model, space, subnet)
     assert active_subnet(model, space) == subnet
     assert torch.allclose(_logits(model), _logits(reference), atol=1e-5)

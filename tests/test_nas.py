@@ -1,4 +1,5 @@
 """NSGA-II search on a synthetic objective: budget, cache, Pareto flags and the seeds' choice rule."""
+
 from __future__ import annotations
 
 import itertools
@@ -34,8 +35,10 @@ def test_search_respects_budget_caches_and_flags_the_true_front():
     assert len(calls) == len(results) == len({tuple(sorted(c.items())) for c in calls})  # each subnet scored once
     assert {r.label for r in results} >= {"heuristic", "maximal", "minimal"}
     for r in results:
-        dominated = any(o.accuracy >= r.accuracy and o.cost <= r.cost and (o.accuracy, o.cost) != (r.accuracy, r.cost)
-                        for o in results)
+        dominated = any(
+            o.accuracy >= r.accuracy and o.cost <= r.cost and (o.accuracy, o.cost) != (r.accuracy, r.cost)
+            for o in results
+        )
         assert r.pareto == (not dominated)
 
 
@@ -48,16 +51,24 @@ def test_search_stops_when_the_space_is_exhausted():
 
 
 def test_choose_lowest_cost_within_delta_else_most_accurate():
-    evals = [Evaluation(0, {"a": 8}, 0.50, 100, 0.0), Evaluation(1, {"a": 6}, 0.49, 80, 0.0),
-             Evaluation(2, {"a": 4}, 0.45, 60, 0.0), Evaluation(3, {"a": 2}, 0.495, 80, 0.0)]
+    evals = [
+        Evaluation(0, {"a": 8}, 0.50, 100, 0.0),
+        Evaluation(1, {"a": 6}, 0.49, 80, 0.0),
+        Evaluation(2, {"a": 4}, 0.45, 60, 0.0),
+        Evaluation(3, {"a": 2}, 0.495, 80, 0.0),
+    ]
     assert choose(evals, ref_acc=0.50, acc_delta=0.01).eval_id == 3  # cost 80 ties: the more accurate
     assert choose(evals, ref_acc=0.50, acc_delta=0.06).eval_id == 2
     assert choose(evals, ref_acc=0.90, acc_delta=0.01).eval_id == 0
 
 
 def test_choose_alternative_rules():
-    evals = [Evaluation(0, {"a": 8}, 0.50, 100, 0.0), Evaluation(1, {"a": 6}, 0.52, 90, 0.0),
-             Evaluation(2, {"a": 4}, 0.45, 60, 0.0), Evaluation(3, {"a": 2}, 0.52, 70, 0.0)]
+    evals = [
+        Evaluation(0, {"a": 8}, 0.50, 100, 0.0),
+        Evaluation(1, {"a": 6}, 0.52, 90, 0.0),
+        Evaluation(2, {"a": 4}, 0.45, 60, 0.0),
+        Evaluation(3, {"a": 2}, 0.52, 70, 0.0),
+    ]
     assert choose(evals, 0.5, 0.01, rule="max_accuracy").eval_id == 3  # 0.52 twice: the cheaper
     assert choose(evals, 0.5, 0.01, rule="max_accuracy_within_budget", max_cost=65).eval_id == 2
     assert choose(evals, 0.5, 0.01, rule="max_accuracy_within_budget", max_cost=95).eval_id == 3

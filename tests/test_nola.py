@@ -1,5 +1,6 @@
 """NOLA on a tiny random Llama: seeded basis never saved, coefficient-only training, quantized levels, round
 trips through the saved coefficients and through a materialized stock PEFT LoRA adapter."""
+
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -7,7 +8,17 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from nlsflow.adapters.elastic import ElasticGroup, activate, make_elastic, resolve_space
-from nlsflow.adapters.nola import CONFIG_FILE, WEIGHTS_FILE, NolaSpec, basis_floats, coefficient_state, load_nola, make_nola, materialize, save_nola
+from nlsflow.adapters.nola import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    NolaSpec,
+    basis_floats,
+    coefficient_state,
+    load_nola,
+    make_nola,
+    materialize,
+    save_nola,
+)
 from nlsflow.errors import NlsflowError
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -17,8 +28,14 @@ SPEC = NolaSpec(num_basis_a=16, num_basis_b=12, seed=7)
 
 def _lora(rank: int = 8) -> PeftModel:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     base = LlamaForCausalLM(cfg).eval()
     return get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
 
@@ -64,7 +81,9 @@ def test_basis_comes_from_the_seed_and_only_coefficients_train():
 
 def test_basis_size_is_known_before_it_is_made():
     model = _lora()
-    per_layer = 16 * (8 * 64) * 3 + 12 * 8 * (64 + 32 + 128)  # A: r × hidden for q, v, up; B: out × r (v has 2 kv heads)
+    per_layer = 16 * (8 * 64) * 3 + 12 * 8 * (
+        64 + 32 + 128
+    )  # A: r × hidden for q, v, up; B: out × r (v has 2 kv heads)
     assert basis_floats(model, SPEC) == 2 * per_layer
     make_nola(model, SPEC)
     assert sum(b.numel() for b in _bases(model).values()) == 2 * per_layer
@@ -132,7 +151,9 @@ def test_elastic_ranks_work_on_nola_factors():
     make_elastic(model)
     make_nola(model, SPEC)
     _train(model)
-    space = resolve_space(model, [ElasticGroup("qv", ("q_proj", "v_proj"), (8, 4)), ElasticGroup("up", ("up_proj",), (8, 4))])
+    space = resolve_space(
+        model, [ElasticGroup("qv", ("q_proj", "v_proj"), (8, 4)), ElasticGroup("up", ("up_proj",), (8, 4))]
+    )
     full = _logits(model)
     activate(model, space, {v.name: 4 for v in space})
     assert not torch.allclose(_logits(model), full)

@@ -1,4 +1,5 @@
 """OpenVINO export and decoding on a tiny random Llama: same greedy tokens as PyTorch, smaller compressed weights."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,11 @@ import pytest
 import torch
 import transformers
 
-from nlsflow.models import load_causal_lm
-from nlsflow.deploy.openvino_format import MODEL_BIN, OpenVINODecoder, export_openvino, openvino_available
 from nlsflow.adapters.shortcuts import attach_shortcuts, load_shortcuts, save_shortcuts
+from nlsflow.deploy.openvino_format import MODEL_BIN, OpenVINODecoder, export_openvino, openvino_available
 from nlsflow.deploy.timing import TorchDecoder, position_ids, repeat_timing
 from nlsflow.errors import NlsflowError
+from nlsflow.models import load_causal_lm
 
 pytestmark = pytest.mark.skipif(not openvino_available(), reason="openvino/nncf not installed")
 
@@ -21,8 +22,15 @@ CPU = torch.device("cpu")
 
 def _tiny_llama(folder, shortcut_layers=()):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(folder)
     if shortcut_layers:
@@ -75,15 +83,19 @@ def test_fp32_matches_torch(tiny, fp32_export, padded):
     tokens = _greedy(decoder, ids, mask)
     assert tokens.dtype == torch.long and tokens.shape == (2, 8)
     assert torch.equal(tokens, _greedy(TorchDecoder(model), ids, mask))
-    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False,
-                               pad_token_id=0)[:, ids.shape[1]:]
+    generated = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+    )[:, ids.shape[1] :]
     assert torch.equal(tokens, generated)  # positions numbered as generate numbers them, left pads included
     # the last decode step's logits, read through seven cache hand-overs between the two infer requests
     seen = torch.cat([ids, tokens[:, :-1]], dim=1)
     seen_mask = torch.cat([mask, torch.ones_like(tokens[:, :-1])], dim=1)
     with torch.no_grad():
-        expected = model(input_ids=seen, attention_mask=seen_mask,
-                         position_ids=position_ids(seen_mask, seen.shape[1])).logits[:, -1].numpy()
+        expected = (
+            model(input_ids=seen, attention_mask=seen_mask, position_ids=position_ids(seen_mask, seen.shape[1]))
+            .logits[:, -1]
+            .numpy()
+        )
     np.testing.assert_allclose(decoder.logits, expected, atol=1e-4)
     decoder.prefill(ids, mask)
     with torch.no_grad():
@@ -97,8 +109,10 @@ def test_compressed_exports_are_smaller(tiny, fp32_export, tmp_path):
     fp32_bytes = (fp32_export[0] / MODEL_BIN).stat().st_size
     ids, mask = _prompt()
     # group_size 128 does not divide hidden_size 64: those weights fall back to groups of 64
-    for weights, group_size, max_ratio, formats in [("int8", 64, 0.30, {"u8": 16}),
-                                                     ("int4", 128, 0.20, {"u4/g128": 2, "u4/g64": 12, "u8": 2})]:
+    for weights, group_size, max_ratio, formats in [
+        ("int8", 64, 0.30, {"u8": 16}),
+        ("int4", 128, 0.20, {"u4/g128": 2, "u4/g64": 12, "u8": 2}),
+    ]:
         out = tmp_path / weights
         report = export_openvino(tiny, out, weights, group_size=group_size)
         ratio = (out / MODEL_BIN).stat().st_size / fp32_bytes  # measured: int8 0.26, int4 0.16

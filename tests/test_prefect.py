@@ -1,5 +1,6 @@
 """Prefect for real: retries on a killed stage only, and a Prefect server on loopback that a pipeline run and the
 served deployment report to, read back through its REST API."""
+
 from __future__ import annotations
 
 import os
@@ -11,15 +12,15 @@ import time
 
 import httpx
 import pytest
+from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from prefect.client.base import PrefectHttpxSyncClient
 
-from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from flows import runners
 from flows.runners import LocalRunner
 from flows.stage_process import StageInterrupted
-from schemas import STAGES
-from nlsflow.errors import NlsflowError
 from nlsflow.artifacts import stage_dir
+from nlsflow.errors import NlsflowError
+from schemas import STAGES
 
 pytestmark = [pytest.mark.slow, needs_data]
 
@@ -37,8 +38,11 @@ class FlakyRunner(LocalRunner):
         super().run(stage, config_file, log, force)
 
 
-@pytest.mark.parametrize("fail_with, calls, completed", [(StageInterrupted, 2, True), (NlsflowError, 1, False)],
-                         ids=["killed: retried", "stage error: not retried"])
+@pytest.mark.parametrize(
+    "fail_with, calls, completed",
+    [(StageInterrupted, 2, True), (NlsflowError, 1, False)],
+    ids=["killed: retried", "stage error: not retried"],
+)
 def test_only_interrupted_stages_are_retried(math_run, tmp_path, monkeypatch, fail_with, calls, completed):
     from flows.pipeline import pipeline
 
@@ -81,11 +85,19 @@ def prefect_server(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_API_URL": api}
     env.pop("PREFECT_API_URL", None)
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
-        _wait(lambda: server.poll() is None and httpx.get(f"{api}/health", timeout=5).status_code == 200, 180,
-              f"the Prefect server (log: {tmp_path / 'server.log'})")
+        _wait(
+            lambda: server.poll() is None and httpx.get(f"{api}/health", timeout=5).status_code == 200,
+            180,
+            f"the Prefect server (log: {tmp_path / 'server.log'})",
+        )
         with PrefectHttpxSyncClient(base_url=api, timeout=30) as client:
             yield api, client
     finally:
@@ -104,17 +116,45 @@ TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "e
 def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_path):
     (api, client), run_dir = prefect_server, tmp_path / "run"
     env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "client-home")}
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--task", "math", "--profile", "tiny", "--method", "shears",
-                           f"run_dir={run_dir}", *TINY], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.pipeline",
+            "--task",
+            "math",
+            "--profile",
+            "tiny",
+            "--method",
+            "shears",
+            f"run_dir={run_dir}",
+            *TINY,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
     (flow_run,) = client.post("/flow_runs/filter", json={}).json()
     assert flow_run["state"]["type"] == "COMPLETED"
     task_runs = client.post("/task_runs/filter", json={"flow_runs": {"id": {"any_": [flow_run["id"]]}}}).json()
-    assert sorted(t["name"] for t in task_runs) == sorted(STAGES) and {t["state"]["type"] for t in task_runs} == {"COMPLETED"}
+    assert sorted(t["name"] for t in task_runs) == sorted(STAGES) and {t["state"]["type"] for t in task_runs} == {
+        "COMPLETED"
+    }
     artifacts = {a["key"]: a for a in client.post("/artifacts/filter", json={}).json() if a["key"]}
-    assert {"nlsflow-summary", "nlsflow-accuracy", "nlsflow-pareto-front", "nlsflow-benchmark", "train-progress"} <= set(artifacts)
-    assert artifacts["nlsflow-summary"]["type"] == "markdown" and "chosen subnet" in artifacts["nlsflow-summary"]["data"]
+    assert {
+        "nlsflow-summary",
+        "nlsflow-accuracy",
+        "nlsflow-pareto-front",
+        "nlsflow-benchmark",
+        "train-progress",
+    } <= set(artifacts)
+    assert (
+        artifacts["nlsflow-summary"]["type"] == "markdown" and "chosen subnet" in artifacts["nlsflow-summary"]["data"]
+    )
     assert artifacts["train-progress"]["type"] == "progress" and artifacts["train-progress"]["data"] == 100
     assert '"model": "heuristic subnet"' in artifacts["nlsflow-accuracy"]["data"]
     assert '"label"' in artifacts["nlsflow-pareto-front"]["data"]
@@ -124,15 +164,29 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
     # the served deployment: a run started through the API with the UI's parameters; the run folder is finished,
     # so every stage is skipped by its content digests
     mtimes = {s: (stage_dir(run_dir, s) / "manifest.json").stat().st_mtime_ns for s in STAGES}
-    worker = subprocess.Popen([sys.executable, "-m", "flows.serve"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        deployment = _wait(lambda: client.get("/deployments/name/nlsflow/nlsflow").json()["id"], 120,
-                           "the nlsflow deployment")
+        deployment = _wait(
+            lambda: client.get("/deployments/name/nlsflow/nlsflow").json()["id"], 120, "the nlsflow deployment"
+        )
         parameters = {"task": "math", "profile": "tiny", "method": "shears", "run_dir": str(run_dir), "overrides": TINY}
         run = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters}).json()
-        final = _wait(lambda: (r := client.get(f"/flow_runs/{run['id']}").json())["state"]["type"] in
-                      ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and r, 300, "the deployment's flow run")
+        final = _wait(
+            lambda: (
+                (r := client.get(f"/flow_runs/{run['id']}").json())["state"]["type"]
+                in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                and r
+            ),
+            300,
+            "the deployment's flow run",
+        )
     finally:
         worker.terminate()
         worker.wait(30)

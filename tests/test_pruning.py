@@ -16,8 +16,14 @@ VOCAB = 128
 @pytest.fixture
 def tiny_llama() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -41,6 +47,7 @@ def _reference_sq_norms(model: LlamaForCausalLM, i: int, calib: torch.Tensor) ->
             row *= n / (n + 1)
             stats[name][1] = n + 1
             row += torch.norm(x, p=2, dim=1) ** 2 / (n + 1)
+
         return fn
 
     handles = [lin.register_forward_hook(hook(name)) for name, lin in _linears(model.model.layers[i]).items()]
@@ -118,25 +125,27 @@ def test_embeddings_head_untouched_and_zero_sparsity_is_noop(tiny_llama, calib):
 
 def test_targets_and_bfloat16(tiny_llama, calib):
     model = tiny_llama.to(torch.bfloat16)
-    table = prune_model(model, calib, method="wanda", sparsity=0.5, targets=["q_proj", "mlp.down_proj"],
-                        progress=False)
+    table = prune_model(model, calib, method="wanda", sparsity=0.5, targets=["q_proj", "mlp.down_proj"], progress=False)
     assert [t.name.split(".", 3)[-1] for t in table] == ["self_attn.q_proj", "mlp.down_proj"] * 2
     assert all(t.zeros == t.out_features * (t.in_features // 2) for t in table)
     untouched = [t for t in sparsity_table(model) if t not in table]
     assert len(untouched) == 10 and all(t.zeros == 0 for t in untouched)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(sparsity=1.0), "sparsity must be in"),
-    (dict(sparsity=-0.1), "sparsity must be in"),
-    (dict(sparsity=0.5, structure=(4, 2)), "N:M"),
-    (dict(sparsity=0.25, structure=(2, 4)), "implies sparsity"),
-    (dict(sparsity=0.5, calib=torch.zeros(4, 32, dtype=torch.long)[0]), "calib_input_ids"),
-    (dict(sparsity=0.5, calib=torch.zeros(4, 32)), "calib_input_ids"),
-    (dict(sparsity=0.5, calib=None), "calib_input_ids"),
-    (dict(sparsity=0.5, targets=["no_such_proj"]), "match no nn.Linear"),
-    (dict(sparsity=0.5, method="sparsegpt"), "method"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(sparsity=1.0), "sparsity must be in"),
+        (dict(sparsity=-0.1), "sparsity must be in"),
+        (dict(sparsity=0.5, structure=(4, 2)), "N:M"),
+        (dict(sparsity=0.25, structure=(2, 4)), "implies sparsity"),
+        (dict(sparsity=0.5, calib=torch.zeros(4, 32, dtype=torch.long)[0]), "calib_input_ids"),
+        (dict(sparsity=0.5, calib=torch.zeros(4, 32)), "calib_input_ids"),
+        (dict(sparsity=0.5, calib=None), "calib_input_ids"),
+        (dict(sparsity=0.5, targets=["no_such_proj"]), "match no nn.Linear"),
+        (dict(sparsity=0.5, method="sparsegpt"), "method"),
+    ],
+)
 def test_bad_inputs_raise(tiny_llama, calib, kwargs, message):
     calib = kwargs.pop("calib", calib)
     kwargs.setdefault("method", "wanda")

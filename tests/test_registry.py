@@ -1,4 +1,5 @@
 """The data registry: digests of the shared files, building GSM8K train, and downloads from a local HTTP server."""
+
 import gzip
 import hashlib
 import json
@@ -12,13 +13,21 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import DATA_ROOT, needs_data
 
 from nlsflow.data import registry
 from nlsflow.data.datasets import EVAL_DATASETS
-from nlsflow.data.registry import DATA_FILES, DataFile, DataIntegrityError, MissingDataError, data_files, gsm8k_to_llm_adapters, read_records, resolve_data_file
+from nlsflow.data.registry import (
+    DATA_FILES,
+    DataFile,
+    DataIntegrityError,
+    MissingDataError,
+    data_files,
+    gsm8k_to_llm_adapters,
+    read_records,
+    resolve_data_file,
+)
 from nlsflow.errors import NlsflowError
-
-from conftest import DATA_ROOT, needs_data
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -40,16 +49,27 @@ def test_registry_entries_are_well_formed():
     for name, dataset in EVAL_DATASETS.items():  # every test set is registered, at the path evaluation reads
         assert DATA_FILES[f"{name}_test"].role == "test"
         assert DATA_FILES[f"{name}_test"].path == dataset.path
-    assert set(data_files("train")) == {"gsm8k_train", "mawps_train", "boolq_train", "ARC-Easy_train",
-                                        "ARC-Challenge_train", "openbookqa_train", "math_10k", "commonsense_15k",
-                                        "commonsense_170k"}
-    assert DATA_FILES["gsm8k_test"].url == ("https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/"
-                                            "dataset/gsm8k/test.json")
+    assert set(data_files("train")) == {
+        "gsm8k_train",
+        "mawps_train",
+        "boolq_train",
+        "ARC-Easy_train",
+        "ARC-Challenge_train",
+        "openbookqa_train",
+        "math_10k",
+        "commonsense_15k",
+        "commonsense_170k",
+    }
+    assert DATA_FILES["gsm8k_test"].url == (
+        "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/main/dataset/gsm8k/test.json"
+    )
     assert DATA_FILES["math_10k"].url.endswith("/LLM-Adapters/main/ft-training_set/math_10k.json")
-    assert DATA_FILES["gsm8k_train_jsonl"].url == ("https://raw.githubusercontent.com/openai/grade-school-math/"
-                                                   "master/grade_school_math/data/train.jsonl")
-    assert DATA_FILES["c4_train_shard"].url == ("https://huggingface.co/datasets/allenai/c4/resolve/main/en/"
-                                                "c4-train.00000-of-01024.json.gz")
+    assert DATA_FILES["gsm8k_train_jsonl"].url == (
+        "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data/train.jsonl"
+    )
+    assert DATA_FILES["c4_train_shard"].url == (
+        "https://huggingface.co/datasets/allenai/c4/resolve/main/en/c4-train.00000-of-01024.json.gz"
+    )
 
 
 @needs_data
@@ -74,8 +94,12 @@ def test_gsm8k_train_is_built_from_train_jsonl_byte_for_byte(tmp_path):
 
 def test_gsm8k_conversion():
     raw = {"question": "Q?", "answer": "She pays 1,000+80 = <<1000+80=1080>>1,080.\n#### 1,080"}
-    assert gsm8k_to_llm_adapters(raw) == {"instruction": "Q?", "input": "",
-                                          "output": "She pays 1,000+80 = 1,080. The answer is 1080.", "answer": "1080"}
+    assert gsm8k_to_llm_adapters(raw) == {
+        "instruction": "Q?",
+        "input": "",
+        "output": "She pays 1,000+80 = 1,080. The answer is 1080.",
+        "answer": "1080",
+    }
 
 
 def test_derived_file_without_its_source_says_both(tmp_path):
@@ -118,8 +142,11 @@ def test_unknown_name():
 
 
 def test_file_without_url_is_one_line(tmp_path):
-    with pytest.raises(MissingDataError, match=r"^missing data file .*test_subset36\.json \(hellaswag_test\); it has "
-                                                r"no download URL: put the file at .* or set data\.root=\.\.\.") as err:
+    with pytest.raises(
+        MissingDataError,
+        match=r"^missing data file .*test_subset36\.json \(hellaswag_test\); it has "
+        r"no download URL: put the file at .* or set data\.root=\.\.\.",
+    ) as err:
         resolve_data_file(tmp_path, "hellaswag_test")
     assert "\n" not in str(err.value)
 
@@ -162,8 +189,9 @@ def server():
     httpd.server_close()
 
 
-def register(monkeypatch, url: str, *, sha256: str | None = SHA, records: int | None = 3,
-             path: str = "toy/sub/toy.json") -> DataFile:
+def register(
+    monkeypatch, url: str, *, sha256: str | None = SHA, records: int | None = 3, path: str = "toy/sub/toy.json"
+) -> DataFile:
     entry = DataFile("toy", path, "train", url, sha256, records)
     monkeypatch.setitem(DATA_FILES, "toy", entry)
     return entry
@@ -250,15 +278,18 @@ def test_offline_errors_are_one_line_and_name_the_url(tmp_path, server, monkeypa
     target = tmp_path / "toy" / "sub" / "toy.json"
     with pytest.raises(MissingDataError) as err:
         resolve_data_file(tmp_path, "toy", download=False)
-    assert str(err.value) == (f"missing data file {target} (toy) and downloads are off: fetch {url} (or set "
-                              f"data.download=true), or put the file at {target}, or set data.root=... to a folder "
-                              "that holds toy/sub/toy.json")
+    assert str(err.value) == (
+        f"missing data file {target} (toy) and downloads are off: fetch {url} (or set "
+        f"data.download=true), or put the file at {target}, or set data.root=... to a folder "
+        "that holds toy/sub/toy.json"
+    )
 
     with pytest.raises(MissingDataError) as err:  # 404
         resolve_data_file(tmp_path, "toy")
     assert "\n" not in str(err.value)
-    assert (f"downloading {url} failed (HTTPError: HTTP Error 404: Not Found); put the file at {target}"
-            in str(err.value))
+    assert f"downloading {url} failed (HTTPError: HTTP Error 404: Not Found); put the file at {target}" in str(
+        err.value
+    )
 
     register(monkeypatch, "http://127.0.0.1:9/toy.json")  # nothing listens on the discard port
     with pytest.raises(FileNotFoundError, match=r"downloading http://127\.0\.0\.1:9/toy\.json failed \(URLError"):
@@ -295,6 +326,9 @@ def test_an_unwritable_data_root_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(MissingDataError) as err:
         resolve_data_file(tmp_path, "gsm8k_train")
     assert "\n" not in str(err.value)
-    assert re.search(r"\(gsm8k_train\): building it from .*train\.jsonl failed \(PermissionError: .*Permission "
-                     r"denied\); put the file at ", str(err.value))
+    assert re.search(
+        r"\(gsm8k_train\): building it from .*train\.jsonl failed \(PermissionError: .*Permission "
+        r"denied\); put the file at ",
+        str(err.value),
+    )
     assert leftovers(tmp_path) == ["gsm8k", "gsm8k/train.jsonl"]

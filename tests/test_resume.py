@@ -1,13 +1,14 @@
 """Resume: a stage whose manifest matches its config and inputs is skipped; a change re-runs it and what follows."""
+
 from __future__ import annotations
 
 import shutil
 
 import pytest
-
 from conftest import MATH_RUN, tiny_config
-from schemas import STAGES
+
 from nlsflow.artifacts import stage_dir
+from schemas import STAGES
 from stages import benchmark, evaluate, extract, prune, search, train
 from stages._common import run_stage
 
@@ -33,8 +34,14 @@ def test_corrupt_output_reruns_only_that_stage(copied_run):
     table = stage_dir(copied_run, "evaluate") / "predictions.parquet"
     table.write_bytes(table.read_bytes()[:-10])
     statuses = _statuses(tiny_config(copied_run, *MATH_RUN))
-    assert statuses == {"prune": "skipped", "train": "skipped", "evaluate": "ran", "search": "skipped",
-                        "extract": "skipped", "benchmark": "skipped"}
+    assert statuses == {
+        "prune": "skipped",
+        "train": "skipped",
+        "evaluate": "ran",
+        "search": "skipped",
+        "extract": "skipped",
+        "benchmark": "skipped",
+    }
 
 
 def test_force_reruns_an_up_to_date_stage(copied_run):
@@ -56,6 +63,7 @@ def test_runner_passes_force_to_the_stage():
 def test_stage_cli_takes_overrides_before_and_after_flags(tmp_path):
     """`make stage-train ARGS="--force train.learning_rate=1e-3"` puts an override after --force."""
     from conftest import DATA_ROOT, TINY_CONFIGS
+
     from nlsflow.errors import NlsflowError
     from stages._common import main
 
@@ -65,7 +73,15 @@ def test_stage_cli_takes_overrides_before_and_after_flags(tmp_path):
         seen["cfg"] = ctx.cfg
         raise NlsflowError("stopped here")
 
-    argv = ["--config", str(TINY_CONFIGS[0]), "--config", str(TINY_CONFIGS[1]), f"run_dir={tmp_path}", "--force",
-            "prune.sparsity=0.25", f"data.root={DATA_ROOT}"]
+    argv = [
+        "--config",
+        str(TINY_CONFIGS[0]),
+        "--config",
+        str(TINY_CONFIGS[1]),
+        f"run_dir={tmp_path}",
+        "--force",
+        "prune.sparsity=0.25",
+        f"data.root={DATA_ROOT}",
+    ]
     assert main("prune", stop, argv) == 2
     assert seen["cfg"].prune.sparsity == 0.25 and seen["cfg"].run_dir == str(tmp_path)

@@ -1,20 +1,19 @@
-"""Configs, manifests and tables: every shipped config loads, overrides apply, and bad files fail with one clear line."""
+"""Configs, manifests and tables: every shipped config loads, overrides apply, bad files fail with one line."""
+
 from __future__ import annotations
 
 import json
 from itertools import product
 
 import pytest
-
 from conftest import REPO
-from schemas import Manifest
+
+from nlsflow.artifacts import list_outputs, read_manifest, read_table, write_manifest, write_table
+from nlsflow.config import dump_config, load_config
 from nlsflow.errors import NlsflowError
-from nlsflow.config import load_config
-from nlsflow.artifacts import read_manifest, read_table, write_manifest, write_table
-from schemas.config import STAGE_INPUTS, STAGE_SECTIONS, STAGES
-from nlsflow.config import dump_config
 from nlsflow.layers import config_files
-from nlsflow.artifacts import list_outputs
+from schemas import Manifest
+from schemas.config import STAGE_INPUTS, STAGE_SECTIONS, STAGES
 
 TASKS = sorted(p for p in (REPO / "configs" / "tasks").glob("*.yaml"))
 PROFILES = sorted(p for p in (REPO / "configs" / "profiles").glob("*.yaml") if "." not in p.stem)
@@ -29,17 +28,28 @@ def layered(task, profile, method) -> list:
 
 def test_layers_name_the_files_in_order():
     names = [f"{p.parent.name}/{p.name}" for p in config_files("commonsense", "llama7b", "lonas")]
-    assert names == ["tasks/commonsense.yaml", "profiles/llama7b.yaml", "profiles/llama7b.commonsense.yaml",
-                     "methods/lonas.yaml", "profiles/llama7b.lonas.yaml", "profiles/llama7b.lonas.commonsense.yaml"]
-    with pytest.raises(NlsflowError, match=r"unknown method 'lora'.*choose from \['heterolora', 'lonas', 'nola', 'shears'\]"):
+    assert names == [
+        "tasks/commonsense.yaml",
+        "profiles/llama7b.yaml",
+        "profiles/llama7b.commonsense.yaml",
+        "methods/lonas.yaml",
+        "profiles/llama7b.lonas.yaml",
+        "profiles/llama7b.lonas.commonsense.yaml",
+    ]
+    with pytest.raises(
+        NlsflowError, match=r"unknown method 'lora'.*choose from \['heterolora', 'lonas', 'nola', 'shears'\]"
+    ):
         config_files("math", "tiny", "lora")
 
 
 def test_every_profile_file_is_shipped_for_a_known_profile_task_and_method():
     for path in (REPO / "configs" / "profiles").glob("*.*.yaml"):
         profile, *rest = path.stem.split(".")
-        known = [{t.stem for t in TASKS}] if len(rest) == 1 and rest[0] not in {m.stem for m in METHODS} else \
-            [{m.stem for m in METHODS}, {t.stem for t in TASKS}][: len(rest)]
+        known = (
+            [{t.stem for t in TASKS}]
+            if len(rest) == 1 and rest[0] not in {m.stem for m in METHODS}
+            else [{m.stem for m in METHODS}, {t.stem for t in TASKS}][: len(rest)]
+        )
         assert (path.parent / f"{profile}.yaml").is_file() and all(r in k for r, k in zip(rest, known)), path
 
 
@@ -52,21 +62,32 @@ def test_every_shipped_config_loads(task, profile, method):
 
 
 def test_overrides_are_typed_and_dotted(tmp_path):
-    cfg = load_config([TASKS[0], PROFILES[0]], ["run_dir=x", "prune.sparsity=0.6", "train.target_modules=[q_proj, k_proj, v_proj, up_proj, down_proj, o_proj]", "search.cost=macs"])
+    cfg = load_config(
+        [TASKS[0], PROFILES[0]],
+        [
+            "run_dir=x",
+            "prune.sparsity=0.6",
+            "train.target_modules=[q_proj, k_proj, v_proj, up_proj, down_proj, o_proj]",
+            "search.cost=macs",
+        ],
+    )
     assert cfg.prune.sparsity == 0.6 and cfg.train.target_modules[-1] == "o_proj" and cfg.search.cost == "macs"
     # The dumped config reloads to the same thing (the flow hands stages this file).
     (tmp_path / "c.yaml").write_text(dump_config(cfg))
     assert load_config([tmp_path / "c.yaml"]) == cfg
 
 
-@pytest.mark.parametrize("override,message", [
-    ("prune.sparsty=0.5", "unknown key 'prune.sparsty'"),
-    ("prune.sparsity=1.5", "prune.sparsity: Input should be less than 1"),
-    ("prune.structure=2:3:4", "structure must be 'unstructured' or 'N:M'"),
-    ("prune.structure=2:4", "structure 2:4 zeroes 2/4 of the weights; set prune.sparsity=0.5") ,
-    ("train.micro_batch_size=3", "must be a multiple of micro_batch_size"),
-    ("sparsity", "is not key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("prune.sparsty=0.5", "unknown key 'prune.sparsty'"),
+        ("prune.sparsity=1.5", "prune.sparsity: Input should be less than 1"),
+        ("prune.structure=2:3:4", "structure must be 'unstructured' or 'N:M'"),
+        ("prune.structure=2:4", "structure 2:4 zeroes 2/4 of the weights; set prune.sparsity=0.5"),
+        ("train.micro_batch_size=3", "must be a multiple of micro_batch_size"),
+        ("sparsity", "is not key=value"),
+    ],
+)
 def test_bad_config_is_one_clear_line(override, message):
     extra = ["prune.sparsity=0.3"] if override == "prune.structure=2:4" else []
     with pytest.raises(NlsflowError) as err:
@@ -102,11 +123,14 @@ def test_manifest_round_trip_and_fingerprint(tmp_path):
     assert manifest.model_copy(update={"config": {"a": 2}}).fingerprint() != manifest.fingerprint()
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda d: d.update(schema_version=99), "expected nlsflow.manifest v1"),
-    (lambda d: d.update(stage="train"), "belongs to stage 'train'"),
-    (lambda d: d.update(surprise=1), "unknown key 'surprise'"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda d: d.update(schema_version=99), "expected nlsflow.manifest v1"),
+        (lambda d: d.update(stage="train"), "belongs to stage 'train'"),
+        (lambda d: d.update(surprise=1), "unknown key 'surprise'"),
+    ],
+)
 def test_manifest_rejects_wrong_version_stage_and_fields(tmp_path, edit, message):
     write_manifest(tmp_path, _manifest(tmp_path))
     doc = json.loads((tmp_path / "manifest.json").read_text())
@@ -140,14 +164,30 @@ def test_table_round_trip_and_checks(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.parquet", "s.parquet"]  # no temp files left behind
 
 
-@pytest.mark.parametrize("target, expected", [
-    ("pipeline", "-m flows.pipeline --runner local --task commonsense --profile tiny --method lonas run_dir=runs/commonsense-tiny-lonas"),
-    ("stage-search", "-m stages.search --config configs/tasks/commonsense.yaml --config configs/profiles/tiny.yaml "
-                     "--config configs/methods/lonas.yaml --config configs/profiles/tiny.lonas.yaml run_dir=runs/commonsense-tiny-lonas"),
-])
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (
+            "pipeline",
+            "-m flows.pipeline --runner local --task commonsense --profile tiny --method lonas "
+            "run_dir=runs/commonsense-tiny-lonas",
+        ),
+        (
+            "stage-search",
+            "-m stages.search --config configs/tasks/commonsense.yaml --config configs/profiles/tiny.yaml "
+            "--config configs/methods/lonas.yaml --config configs/profiles/tiny.lonas.yaml "
+            "run_dir=runs/commonsense-tiny-lonas",
+        ),
+    ],
+)
 def test_make_targets_pass_the_layered_configs(target, expected):
     import subprocess
 
-    out = subprocess.run(["make", "-n", "-o", "venv", "-o", ".venv/.installed", target, "TASK=commonsense", "METHOD=lonas"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["make", "-n", "-o", "venv", "-o", ".venv/.installed", target, "TASK=commonsense", "METHOD=lonas"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert expected in out

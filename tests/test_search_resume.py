@@ -1,4 +1,5 @@
 """A search killed with SIGKILL mid-way resumes from its evaluation cache and evaluates no subnet twice."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,8 +10,8 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO, TINY_CONFIGS, tiny_overrides
+
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,9 @@ def test_sigkill_then_rerun_finishes_without_repeating_an_evaluation(math_run, t
 
     done = subprocess.run(_search_cmd(run), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"resuming from {killed_at} evaluations" in done.stderr, [l for l in done.stderr.splitlines() if "cache" in l]
+    assert f"resuming from {killed_at} evaluations" in done.stderr, [
+        l for l in done.stderr.splitlines() if "cache" in l
+    ]
     metrics = read_manifest(stage_dir(run, "search"), "search").metrics
     assert metrics["resumed_from_cache"] == killed_at
     rows = read_table(stage_dir(run, "search") / "evaluations.parquet", "evaluations").to_pylist()

@@ -8,23 +8,51 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from nlsflow.adapters.elastic import ElasticGroup, activate, adapter_parameters, extract_sub_adapter, make_elastic, random_subnet, resolve_space
-from nlsflow.pruning import prune_model
-from nlsflow.adapters.masking import MaskedLoraA, MaskedLoraB, check_sparsity, make_sparsity_preserving, masked_merge, require_sparsity, zero_counts
+from nlsflow.adapters.elastic import (
+    ElasticGroup,
+    activate,
+    adapter_parameters,
+    extract_sub_adapter,
+    make_elastic,
+    random_subnet,
+    resolve_space,
+)
+from nlsflow.adapters.masking import (
+    MaskedLoraA,
+    MaskedLoraB,
+    check_sparsity,
+    make_sparsity_preserving,
+    masked_merge,
+    require_sparsity,
+    zero_counts,
+)
 from nlsflow.errors import NlsflowError
+from nlsflow.pruning import prune_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
-GROUPS = [ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 6, 4)), ElasticGroup("up", ("up_proj",), (8, 6, 4)),
-          ElasticGroup("down", ("down_proj",), (8, 6, 4))]
-LORA_LAYERS = [f"model.layers.{i}.{m}" for i in (0, 1) for m in
-               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")]
+GROUPS = [
+    ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 6, 4)),
+    ElasticGroup("up", ("up_proj",), (8, 6, 4)),
+    ElasticGroup("down", ("down_proj",), (8, 6, 4)),
+]
+LORA_LAYERS = [
+    f"model.layers.{i}.{m}"
+    for i in (0, 1)
+    for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj", "mlp.down_proj")
+]
 TOKENS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])
 
 
 def _pruned_base() -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     prune_model(model, None, method="magnitude", sparsity=0.5, progress=False)
     return model

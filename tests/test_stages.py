@@ -1,4 +1,5 @@
 """Each stage's artifacts on the tiny math run: they exist, validate, and hold what the stage promises."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,13 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from nlsflow.data.datasets import calibration_batch, calibration_documents, generate_prompt
 from nlsflow.adapters.elastic import activate, resolve_space
+from nlsflow.adapters.supernet import load_search_space_groups, load_supernet
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
+from nlsflow.data.datasets import calibration_batch, calibration_documents, generate_prompt
 from nlsflow.models import load_causal_lm, load_tokenizer
 from nlsflow.pruning import wanda_scores
-from nlsflow.adapters.supernet import load_search_space_groups, load_supernet
 from schemas import STAGES
-from nlsflow.artifacts import read_manifest, read_table, stage_dir
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +33,12 @@ def test_all_manifests_validate_and_chain(math_run):
 
 
 def test_prune_rows_have_exactly_the_lowest_wanda_scores_zeroed(math_run):
-    """Every pruned row has floor(ratio * in) zeros; they are the lowest |W|*||X|| for the activations the pruner saw."""
+    """Every pruned row has floor(ratio * in) zeros; the lowest |W|*||X|| for the activations the pruner saw."""
     model_dir = _dir(math_run, "prune") / "model"
     pruned = load_causal_lm(str(model_dir), "float32", torch.device("cpu"))
-    dense = load_causal_lm(read_manifest(_dir(math_run, "prune"), "prune").metrics["base_model"], "float32",
-                           torch.device("cpu"))
+    dense = load_causal_lm(
+        read_manifest(_dir(math_run, "prune"), "prune").metrics["base_model"], "float32", torch.device("cpu")
+    )
     table = read_table(_dir(math_run, "prune") / "sparsity.parquet", "sparsity").to_pylist()
     assert len(table) == 14  # 7 linears in each of 2 layers
     ratio = math_run.prune.sparsity
@@ -49,8 +51,9 @@ def test_prune_rows_have_exactly_the_lowest_wanda_scores_zeroed(math_run):
     # The lowest-score property, recomputed on layer 0 (its inputs are the dense embeddings of the calibration set).
     tokenizer = load_tokenizer(str(model_dir))
     cc = math_run.prune.calibration
-    calib = calibration_batch(tokenizer, calibration_documents(math_run.data.root, cc.source), cc.num_samples, cc.seqlen,
-                              cc.seed)
+    calib = calibration_batch(
+        tokenizer, calibration_documents(math_run.data.root, cc.source), cc.num_samples, cc.seqlen, cc.seed
+    )
     captured = {}
     q_proj = dense.model.layers[0].self_attn.q_proj
     hook = q_proj.register_forward_hook(lambda m, i, o: captured.setdefault("x", i[0]))
@@ -63,7 +66,9 @@ def test_prune_rows_have_exactly_the_lowest_wanda_scores_zeroed(math_run):
     hook.remove()
     scores = wanda_scores(q_proj.weight, captured["sq"] / len(calib))
     zeros = pruned.model.layers[0].self_attn.q_proj.weight == 0
-    assert (scores.masked_fill(~zeros, -1).max(dim=1).values <= scores.masked_fill(zeros, float("inf")).min(dim=1).values).all()
+    assert (
+        scores.masked_fill(~zeros, -1).max(dim=1).values <= scores.masked_fill(zeros, float("inf")).min(dim=1).values
+    ).all()
 
 
 def test_train_writes_peft_adapter_log_and_disjoint_validation(math_run):
@@ -106,8 +111,12 @@ def test_search_evaluations_are_unique_and_the_choice_is_on_record(math_run):
     chosen = json.loads((folder / "chosen.json").read_text())
     assert json.dumps(chosen, sort_keys=True) in {r["config"] for r in rows}
     for r in rows:  # a Pareto point is dominated by no other evaluation
-        dominated = any(o["accuracy"] >= r["accuracy"] and o["params"] <= r["params"] and
-                        (o["accuracy"] > r["accuracy"] or o["params"] < r["params"]) for o in rows)
+        dominated = any(
+            o["accuracy"] >= r["accuracy"]
+            and o["params"] <= r["params"]
+            and (o["accuracy"] > r["accuracy"] or o["params"] < r["params"])
+            for o in rows
+        )
         assert r["pareto"] == (not dominated)
     assert (folder / "pareto_front.png").stat().st_size > 10_000 and (folder / "search_progression.png").is_file()
     assert len((folder / "search_progression.csv").read_text().splitlines()) == len(rows) + 1
@@ -117,19 +126,27 @@ def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):
     """No nlsflow code on the extracted side: PeftModel.from_pretrained on the pruned base."""
     base_dir, train_dir = _dir(math_run, "prune") / "model", _dir(math_run, "train")
     chosen = json.loads((_dir(math_run, "search") / "chosen.json").read_text())
-    supernet, tokenizer, space = load_supernet(base_dir, train_dir / "adapter", train_dir / "search_space.json",
-                                               "float32", torch.device("cpu"))
+    supernet, tokenizer, space = load_supernet(
+        base_dir, train_dir / "adapter", train_dir / "search_space.json", "float32", torch.device("cpu")
+    )
     activate(supernet, space, chosen)
-    extracted = PeftModel.from_pretrained(load_causal_lm(str(base_dir), "float32", torch.device("cpu")),
-                                          str(_dir(math_run, "extract") / "adapter")).eval()
-    batch = tokenizer([generate_prompt("What is 2 plus 3?"), generate_prompt("Name a prime.", "", "7")],
-                      return_tensors="pt", padding=True)
+    extracted = PeftModel.from_pretrained(
+        load_causal_lm(str(base_dir), "float32", torch.device("cpu")), str(_dir(math_run, "extract") / "adapter")
+    ).eval()
+    batch = tokenizer(
+        [generate_prompt("What is 2 plus 3?"), generate_prompt("Name a prime.", "", "7")],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         diff = (supernet(**batch).logits - extracted(**batch).logits)[batch["attention_mask"].bool()].abs().max().item()
     assert diff <= 1e-4
     ranks = {name: layer.r["default"] for name, layer in extracted.named_modules() if hasattr(layer, "lora_A")}
-    expected = {m: chosen[v.name] for v in resolve_space(supernet, load_search_space_groups(train_dir / "search_space.json")[0])
-                for m in v.modules}
+    expected = {
+        m: chosen[v.name]
+        for v in resolve_space(supernet, load_search_space_groups(train_dir / "search_space.json")[0])
+        for m in v.modules
+    }
     assert ranks == expected
     metrics = read_manifest(_dir(math_run, "extract"), "extract").metrics
     assert metrics["max_abs_logit_diff"] <= 1e-4 and metrics["merged_max_abs_logit_diff"] <= 1e-4
@@ -142,7 +159,14 @@ def test_benchmark_measures_every_variant(math_run):
     out = _dir(math_run, "benchmark")
     rows = read_table(out / "results.parquet", "results").to_pylist()
     openvino = {f"extracted_merged@openvino-{w}" for w in ("fp32", "int8", "int4")}
-    assert {r["model"] for r in rows} == {"dense", "pruned", "super_adapter", "extracted_merged", "extracted_adapter", *openvino}
+    assert {r["model"] for r in rows} == {
+        "dense",
+        "pruned",
+        "super_adapter",
+        "extracted_merged",
+        "extracted_adapter",
+        *openvino,
+    }
     assert sorted(r["batch_size"] for r in rows if r["model"] == "dense") == math_run.benchmark.batch_sizes
     one = {r["model"]: r for r in rows if r["batch_size"] == 1}
     assert one["pruned"]["nonzero_params"] < one["dense"]["nonzero_params"]
@@ -150,13 +174,23 @@ def test_benchmark_measures_every_variant(math_run):
     assert one["pruned"]["macs_per_token"] == one["dense"]["macs_per_token"] > one["pruned"]["nonzero_macs_per_token"]
     assert one["extracted_adapter"]["params"] > one["pruned"]["params"]
     assert one["super_adapter"]["params"] >= one["extracted_adapter"]["params"]  # it holds every rank
-    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 and r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0
-               and r["tokens_per_s_spread"] >= 0 for r in rows)
+    assert all(
+        r["tokens_per_s"] > 0
+        and r["peak_memory_mb"] > 0
+        and r["prefill_ms"] > 0
+        and r["decode_ms_per_token"] > 0
+        and r["tokens_per_s_spread"] >= 0
+        for r in rows
+    )
     sizes = {w: one[f"extracted_merged@openvino-{w}"]["size_on_disk_mb"] for w in ("fp32", "int8", "int4")}
     assert sizes["int4"] < sizes["int8"] < sizes["fp32"]
     assert all(0 <= one[name]["accuracy"] <= 1 and one[name]["runtime"] == "openvino" for name in openvino)
     assert one["dense"]["speedup"] == 1.0 and one["dense"]["note"] == "reference"
-    assert all(r["speedup"] > 0 and ("no speed-up" in r["note"]) == (r["speedup"] < 1.05) for r in rows if r["model"] != "dense")
+    assert all(
+        r["speedup"] > 0 and ("no speed-up" in r["note"]) == (r["speedup"] < 1.05)
+        for r in rows
+        if r["model"] != "dense"
+    )
     metrics = read_manifest(out, "benchmark").metrics
     assert "need a CUDA device" in metrics["semi_structured"] and metrics["openvino"] == "measured on CPU"
     assert set(metrics["results"]) == {r["model"] for r in rows}

@@ -1,4 +1,5 @@
 """LoNAS elastic MLP width: activation, exact cost, and extraction that really removes channels."""
+
 from __future__ import annotations
 
 import random
@@ -10,21 +11,44 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from nlsflow.adapters.elastic import ElasticGroup, activate, active_subnet, adapter_parameters, extract_sub_adapter, linear_macs_per_token
-from nlsflow.models import load_causal_lm
+from nlsflow.adapters.elastic import (
+    ElasticGroup,
+    activate,
+    active_subnet,
+    adapter_parameters,
+    extract_sub_adapter,
+    linear_macs_per_token,
+)
 from nlsflow.adapters.supernet import make_supernet
-from nlsflow.adapters.width import WidthGroup, is_per_layer, make_width_elastic, narrow_model, reorder_mlp_channels, save_narrowed
+from nlsflow.adapters.width import (
+    WidthGroup,
+    is_per_layer,
+    make_width_elastic,
+    narrow_model,
+    reorder_mlp_channels,
+    save_narrowed,
+)
 from nlsflow.errors import NlsflowError
+from nlsflow.models import load_causal_lm
 
 WIDTHS = (64, 48, 32)
-GROUPS = [ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 4)), ElasticGroup("mlp", ("gate_proj", "up_proj", "down_proj"), (8, 6, 4))]
+GROUPS = [
+    ElasticGroup("qkv", ("q_proj", "k_proj", "v_proj"), (8, 4)),
+    ElasticGroup("mlp", ("gate_proj", "up_proj", "down_proj"), (8, 6, 4)),
+]
 WIDTH_GROUPS = [WidthGroup("gate_up_width", ("gate_proj", "up_proj"), WIDTHS)]
 
 
 def tiny_llama(layers=3) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -32,7 +56,12 @@ def tiny_llama(layers=3) -> LlamaForCausalLM:
 def supernet(tmp_path):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "base")
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = get_peft_model(
+        base,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+        ),
+    )
     for name, p in model.named_parameters():
         if "lora_B" in name:  # a trained-looking adapter: B is zero at init
             nn.init.normal_(p, std=0.2)
@@ -59,7 +88,10 @@ def test_width_variables_follow_the_rank_variables(supernet):
     model, space = supernet
     widths = [v for v in space if v.kind == "width"]
     assert [v.name for v in widths] == [f"layers.{i}.gate_up_width" for i in range(3)]
-    assert widths[0].modules == ("base_model.model.model.layers.0.mlp.gate_proj", "base_model.model.model.layers.0.mlp.up_proj")
+    assert widths[0].modules == (
+        "base_model.model.model.layers.0.mlp.gate_proj",
+        "base_model.model.model.layers.0.mlp.up_proj",
+    )
     assert widths[0].consumers == ("base_model.model.model.layers.0.mlp.down_proj",) and widths[0].choices == WIDTHS
     assert space.index(widths[0]) == sum(v.kind == "rank" for v in space)
 
@@ -99,7 +131,9 @@ def test_extraction_removes_channels_and_keeps_the_logits(supernet, tmp_path, wi
     base_macs = sum(m.in_features * m.out_features for m in stock.modules() if isinstance(m, nn.Linear))
     extracted = PeftModel.from_pretrained(stock, str(tmp_path / "adapter")).eval()
     assert (out(extracted) - expected).abs().max() <= 1e-5
-    assert sum(p.numel() for n, p in extracted.named_parameters() if "lora_" in n) == adapter_parameters(model, space, subnet)
+    assert sum(p.numel() for n, p in extracted.named_parameters() if "lora_" in n) == adapter_parameters(
+        model, space, subnet
+    )
     # exact MACs: the supernet's subnet cost = the narrowed model's linears + the sub-adapter's factors
     assert linear_macs_per_token(model, space, subnet) == base_macs + adapter_parameters(model, space, subnet)
     merged = extracted.merge_and_unload()

@@ -1,1 +1,1 @@
-"""Adapter mechanisms on stock PEFT: elastic ranks and widths, sparsity masks, NOLA bases, shortcuts, saliency selection."""
+"""Adapter mechanisms on stock PEFT: elastic ranks and widths, masks, NOLA bases, shortcuts, saliency."""

@@ -13,9 +13,9 @@ import copy
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch.nn.functional as F
 from peft import get_peft_model_state_dict
@@ -40,7 +40,7 @@ class ElasticGroup:
 class Variable:
     """One searchable dimension: a group resolved against a model.
 
-    A "rank" variable sets the LoRA rank of `modules`; a "width" variable (LoNAS, `nlsflow.adapters.width`) sets how many
+    A "rank" variable sets the LoRA rank of `modules`; a "width" variable (LoNAS, `adapters.width`) sets how many
     output channels `modules` keep (their base weight and lora_B rows) and so how many inputs `consumers` read.
     """
 
@@ -175,10 +175,16 @@ def _width_linears(modules: dict[str, nn.Module], v: Variable):
     for names, side, lora in ((v.modules, "out", "lora_B"), (v.consumers, "in", "lora_A")):
         for name in names:
             module = modules[name]
-            linears = [module.get_base_layer(), *getattr(module, lora).values()] if isinstance(module, LoraLayer) else [module]
+            linears = (
+                [module.get_base_layer(), *getattr(module, lora).values()]
+                if isinstance(module, LoraLayer)
+                else [module]
+            )
             for linear in linears:
                 if not isinstance(linear, ElasticLinear):
-                    raise ValueError(f"{name} is not width-elastic; call nlsflow.adapters.width.make_width_elastic first")
+                    raise ValueError(
+                        f"{name} is not width-elastic; call nlsflow.adapters.width.make_width_elastic first"
+                    )
                 yield linear, side
 
 
@@ -228,10 +234,18 @@ def subnet_shapes(peft_model, space: Sequence[Variable], subnet: Subnet) -> dict
 
 def adapter_parameters(peft_model, space: Sequence[Variable], subnet: Subnet) -> int:
     """Parameters of the sub-adapter: r*(in+out) per LoRA layer at the subnet's widths, plus lora_B biases if any."""
-    biases = {f"{n}.lora_B.{k}" for n, m in peft_model.named_modules() if isinstance(m, LoraLayer)
-              for k, b in m.lora_B.items() if b.bias is not None}
-    return sum(i * o + (o if name in biases else 0)
-               for name, (i, o) in subnet_shapes(peft_model, space, subnet).items() if ".lora_" in name)
+    biases = {
+        f"{n}.lora_B.{k}"
+        for n, m in peft_model.named_modules()
+        if isinstance(m, LoraLayer)
+        for k, b in m.lora_B.items()
+        if b.bias is not None
+    }
+    return sum(
+        i * o + (o if name in biases else 0)
+        for name, (i, o) in subnet_shapes(peft_model, space, subnet).items()
+        if ".lora_" in name
+    )
 
 
 def linear_macs_per_token(peft_model, space: Sequence[Variable], subnet: Subnet) -> int:
@@ -245,8 +259,14 @@ def pattern_key(module_name: str) -> str:
     return "^" + re.escape(module_name.removeprefix("base_model.model."))
 
 
-def extract_sub_adapter(peft_model, space: Sequence[Variable], subnet: Subnet, out_dir: Path, adapter_name: str = "default",
-                        base_model_name_or_path: str | None = None) -> None:
+def extract_sub_adapter(
+    peft_model,
+    space: Sequence[Variable],
+    subnet: Subnet,
+    out_dir: Path,
+    adapter_name: str = "default",
+    base_model_name_or_path: str | None = None,
+) -> None:
     """Write a stock PEFT adapter folder holding `subnet`'s slices of the super-adapter.
 
     With width variables the adapter fits the narrowed base (`nlsflow.adapters.width.narrow_model`); name it in
@@ -269,7 +289,9 @@ def extract_sub_adapter(peft_model, space: Sequence[Variable], subnet: Subnet, o
             config.alpha_pattern[key] = scaling * (math.sqrt(r) if config.use_rslora else r)
             state[f"{name}.lora_A.weight"] = state[f"{name}.lora_A.weight"][:r].contiguous()
             state[f"{name}.lora_B.weight"] = state[f"{name}.lora_B.weight"][:, :r].contiguous()
-    for v in (v for v in space if v.kind == "width"):  # LoRA factors on the narrowed channels (base: nlsflow.adapters.width)
+    for v in (
+        v for v in space if v.kind == "width"
+    ):  # LoRA factors on the narrowed channels (base: nlsflow.adapters.width)
         w = subnet[v.name]
         for name in v.modules:
             for key in (f"{name}.lora_B.weight", f"{name}.lora_B.bias"):

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nlsflow.adapters.elastic import ElasticLinear, _lora_layers
-from nlsflow.pruning import sparsity_table
 from nlsflow.errors import NlsflowError
+from nlsflow.pruning import sparsity_table
 
 
 class MaskedLoraA(ElasticLinear):
@@ -64,8 +64,10 @@ def masked_macs_correction(model: nn.Module) -> int:
 def _check_plain(layer, name: str, adapter_name: str) -> None:
     b = layer.lora_B[adapter_name]
     if adapter_name in layer.lora_variant or not isinstance(b, nn.Linear) or b.bias is not None or layer.fan_in_fan_out:
-        raise ValueError(f"{name}: sparsity-preserving LoRA needs plain LoRA on nn.Linear (no DoRA, lora_bias, "
-                         "conv, embedding or fan_in_fan_out)")
+        raise ValueError(
+            f"{name}: sparsity-preserving LoRA needs plain LoRA on nn.Linear (no DoRA, lora_bias, "
+            "conv, embedding or fan_in_fan_out)"
+        )
 
 
 def make_sparsity_preserving(peft_model, adapter_name: str = "default") -> int:
@@ -129,5 +131,7 @@ def require_sparsity(merged: nn.Module, reference: nn.Module | Mapping[str, int]
     if bad:
         name, before, after = bad[0]
         now = f"{after} zeros" if after >= 0 else "layer missing"
-        raise NlsflowError(f"merging lost sparsity in {len(bad)} layer(s), first {name}: {before} zeros -> {now}; "
-                           "train and merge in sparsity-preserving mode (make_sparsity_preserving, masked_merge)")
+        raise NlsflowError(
+            f"merging lost sparsity in {len(bad)} layer(s), first {name}: {before} zeros -> {now}; "
+            "train and merge in sparsity-preserving mode (make_sparsity_preserving, masked_merge)"
+        )

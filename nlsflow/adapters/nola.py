@@ -11,6 +11,7 @@ become torch parametrizations of their coefficients, so PEFT's forward, merging 
 `load_nola` rebuilds the basis from the seed; `materialize` turns the factors into plain LoRA weights, after
 which the model saves as a stock PEFT LoRA adapter.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,8 +90,10 @@ def _factors(peft_model, adapter_name: str = "default"):
 
 def basis_floats(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
     """How many numbers the bases of every factor hold (they live in memory for the whole run)."""
-    return sum((spec.num_basis_a if f == "A" else spec.num_basis_b) * l.weight.numel()
-               for _, f, l in _factors(peft_model, adapter_name))
+    return sum(
+        (spec.num_basis_a if f == "A" else spec.num_basis_b) * l.weight.numel()
+        for _, f, l in _factors(peft_model, adapter_name)
+    )
 
 
 def make_nola(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
@@ -105,12 +108,16 @@ def make_nola(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
         out_f, in_f = linear.weight.shape  # A: (r, in), B: (out, r)
         k = spec.num_basis_a if factor == "A" else spec.num_basis_b
         basis = random_basis(k, (out_f, in_f), basis_seed(spec.seed, name, factor), fan_in=in_f)
-        coefficients = torch.randn(k, generator=torch.Generator().manual_seed(basis_seed(spec.seed, name, "init"))) / k**0.5 \
-            if factor == "A" else torch.zeros(k)
+        coefficients = (
+            torch.randn(k, generator=torch.Generator().manual_seed(basis_seed(spec.seed, name, "init"))) / k**0.5
+            if factor == "A"
+            else torch.zeros(k)
+        )
         dev, dtype = linear.weight.device, linear.weight.dtype
         linear.weight.requires_grad_(False)
         parametrize.register_parametrization(
-            linear, "weight", BasisCombination(basis.to(dev, dtype), coefficients.to(dev, dtype), spec.bits))
+            linear, "weight", BasisCombination(basis.to(dev, dtype), coefficients.to(dev, dtype), spec.bits)
+        )
         count += k
     if not count:
         raise NlsflowError("NOLA found no LoRA layers: check train.target_modules")
@@ -119,8 +126,10 @@ def make_nola(peft_model, spec: NolaSpec, adapter_name: str = "default") -> int:
 
 def coefficient_state(peft_model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """Every factor's coefficients (quantized: the levels the forward pass uses), keyed `<module>.lora_<A|B>`."""
-    return {f"{name}.lora_{factor}": linear.parametrizations.weight[0].mixing().detach().float().cpu().contiguous()
-            for name, factor, linear in _factors(peft_model, adapter_name)}
+    return {
+        f"{name}.lora_{factor}": linear.parametrizations.weight[0].mixing().detach().float().cpu().contiguous()
+        for name, factor, linear in _factors(peft_model, adapter_name)
+    }
 
 
 def save_nola(peft_model, spec: NolaSpec, out_dir: Path, adapter_name: str = "default") -> int:
@@ -128,7 +137,11 @@ def save_nola(peft_model, spec: NolaSpec, out_dir: Path, adapter_name: str = "de
     state = coefficient_state(peft_model, adapter_name)
     shapes = {f"{n}.lora_{f}": list(l.weight.shape) for n, f, l in _factors(peft_model, adapter_name)}
     lora = peft_model.peft_config[adapter_name]
-    doc = {"nola": asdict(spec), "shapes": shapes, "lora_config": json.loads(json.dumps(lora.to_dict(), default=sorted))}
+    doc = {
+        "nola": asdict(spec),
+        "shapes": shapes,
+        "lora_config": json.loads(json.dumps(lora.to_dict(), default=sorted)),
+    }
     with atomic_dir(Path(out_dir)) as tmp:
         (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
         if spec.bits:  # store level indices (one byte each) and each tensor's range, not floats
@@ -175,8 +188,10 @@ def load_nola(peft_model, folder: Path, adapter_name: str = "default") -> NolaSp
     shapes = {f"{n}.lora_{f}": list(l.weight.shape) for n, f, l in _factors(peft_model, adapter_name)}
     if shapes != doc["shapes"]:  # checked before anything changes: a mismatch leaves the model as it was
         key = next(k for k in sorted(shapes.keys() | doc["shapes"].keys()) if shapes.get(k) != doc["shapes"].get(k))
-        raise NlsflowError(f"NOLA adapter {folder} does not fit this model at {key}: was it trained on this base "
-                           "with the same target_modules and rank?")
+        raise NlsflowError(
+            f"NOLA adapter {folder} does not fit this model at {key}: was it trained on this base "
+            "with the same target_modules and rank?"
+        )
     make_nola(peft_model, spec, adapter_name)
     for name, factor, linear in _factors(peft_model, adapter_name):
         linear.parametrizations.weight[0].coefficients.data.copy_(coefficients[f"{name}.lora_{factor}"])
@@ -184,7 +199,7 @@ def load_nola(peft_model, folder: Path, adapter_name: str = "default") -> NolaSp
 
 
 def materialize(peft_model, adapter_name: str = "default") -> None:
-    """Replace each factor's parametrization by its current value: a plain LoRA weight (frozen, as make_nola left it)."""
+    """Replace each factor's parametrization by its current value: a plain LoRA weight (frozen, as make_nola left it)"""
     for _, _, linear in _factors(peft_model, adapter_name):
         if parametrize.is_parametrized(linear, "weight"):
             parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)

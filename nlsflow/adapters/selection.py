@@ -12,6 +12,7 @@ A module whose B is still all zeros (untrained LoRA starts that way) is scored w
 synflow and alpha_test give 0, and grad_norm sees B's gradient only).
 Switching a module off sets its scaling to 0 and freezes its factors; nothing else changes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,16 @@ def candidates(peft_model, shortcuts: Shortcuts | None) -> list[Candidate]:
     out = []
     for name, m in peft_model.named_modules():
         if isinstance(m, LoraLayer) and ADAPTER in m.lora_A:
-            out.append(Candidate(name.removeprefix("base_model.model."), "lora", m, m.lora_A[ADAPTER].weight,
-                                 m.lora_B[ADAPTER].weight, m.scaling[ADAPTER]))
+            out.append(
+                Candidate(
+                    name.removeprefix("base_model.model."),
+                    "lora",
+                    m,
+                    m.lora_A[ADAPTER].weight,
+                    m.lora_B[ADAPTER].weight,
+                    m.scaling[ADAPTER],
+                )
+            )
     for layer, s in (shortcuts or {}).items():
         out.append(Candidate(f"shortcut.{layer}", "shortcut", s, s.A.weight, s.B.weight, s.scaling))
     return out
@@ -122,7 +131,9 @@ def _grads(model, cands: list[Candidate], batches: list[dict], objective) -> lis
 
 
 def _weight_times_grad(cands: list[Candidate], grads) -> list[float]:
-    return [float((c.A.detach() * ga).abs().sum() + (c.B.detach() * gb).abs().sum()) for c, (ga, gb) in zip(cands, grads)]
+    return [
+        float((c.A.detach() * ga).abs().sum() + (c.B.detach() * gb).abs().sum()) for c, (ga, gb) in zip(cands, grads)
+    ]
 
 
 def _loss(model, batch) -> torch.Tensor:
@@ -133,7 +144,9 @@ def _logit_sum(model, batch) -> torch.Tensor:
     return model(**batch).logits.float().sum()
 
 
-def score(model, cands: list[Candidate], batches: list[dict], proxy: str, probe_std: float, seed: int) -> dict[str, float]:
+def score(
+    model, cands: list[Candidate], batches: list[dict], proxy: str, probe_std: float, seed: int
+) -> dict[str, float]:
     """One score per candidate (higher: more important). The model's mode and switches are restored."""
     if proxy not in PROXIES:
         raise ValueError(f"unknown proxy {proxy!r}; choose from {PROXIES}")
@@ -191,8 +204,9 @@ def select_top(scores: dict[str, float], kinds: dict[str, str], fraction: float,
     return {n for pool in pools if pool for n in pool[: max(1, round(fraction * len(pool)))]}
 
 
-def allocate_ranks(scores: dict[str, float], choices: dict[str, tuple[int, ...]], params_per_rank: dict[str, int],
-                   budget: int) -> dict[str, int]:
+def allocate_ranks(
+    scores: dict[str, float], choices: dict[str, tuple[int, ...]], params_per_rank: dict[str, int], budget: int
+) -> dict[str, int]:
     """Ranks proportional to the scores under a parameter budget: rank_n = the largest choice <= k * score_n / max
     score, with the largest k whose adapter fits in `budget` parameters; what is left then raises the best-scored
     modules. 0 means the module is switched off (so is any module scoring <= 0)."""
@@ -205,20 +219,26 @@ def allocate_ranks(scores: dict[str, float], choices: dict[str, tuple[int, ...]]
     def cost(ranks):
         return sum(r * params_per_rank[n] for n, r in ranks.items())
 
-    low, high = 0.0, max(max(c) for c in choices.values()) / max(min((w for w in weight.values() if w > 0), default=1), 1e-30)
+    low, high = (
+        0.0,
+        max(max(c) for c in choices.values()) / max(min((w for w in weight.values() if w > 0), default=1), 1e-30),
+    )
     for _ in range(100):
         middle = (low + high) / 2
         low, high = (middle, high) if cost(ranks_at(middle)) <= budget else (low, middle)
     ranks = ranks_at(high) if cost(ranks_at(high)) <= budget else ranks_at(low)
     for n in sorted(scores, key=lambda n: -scores[n]):  # what rounding down left over: raise the best-scored first
         if weight[n] > 0:
-            ranks[n] = max((c for c in choices[n] if c >= ranks[n] and cost({**ranks, n: c}) <= budget), default=ranks[n])
+            ranks[n] = max(
+                (c for c in choices[n] if c >= ranks[n] and cost({**ranks, n: c}) <= budget), default=ranks[n]
+            )
     return ranks
 
 
 @dataclass
 class Choice:
     """A selection: the enabled candidates, their ranks (rank_budget; else their full rank), and the scores."""
+
     enabled: set[str]
     ranks: dict[str, int]
     scores: dict[str, float]
@@ -230,8 +250,9 @@ class Choice:
         return [int(c.name.split(".")[1]) for c in cands if c.kind == "shortcut" and c.name in self.enabled]
 
 
-def choose(model, cands: list[Candidate], batches: list[dict], settings, rank_choices: dict[str, tuple[int, ...]],
-           seed: int) -> Choice:
+def choose(
+    model, cands: list[Candidate], batches: list[dict], settings, rank_choices: dict[str, tuple[int, ...]], seed: int
+) -> Choice:
     """Score the candidates and select (`settings`: train.heterolora; `rank_choices`: per candidate, descending)."""
     scores = score(model, cands, batches, settings.proxy, settings.probe_std, seed)
     if settings.select == "rank_budget":
@@ -239,14 +260,16 @@ def choose(model, cands: list[Candidate], batches: list[dict], settings, rank_ch
         budget = int(settings.rank_budget * sum(rank_choices[c.name][0] * c.params_per_rank for c in cands))
         ranks = {n: r for n, r in allocate_ranks(scores, rank_choices, per_rank, budget).items() if r > 0}
         return _with_a_lora_module(Choice(set(ranks), ranks, scores), cands, rank_choices, seed, lowest=True)
-    enabled = select_top(scores, {c.name: c.kind for c in cands}, settings.turn_on_percentile,
-                         settings.ranking == "combined", seed)
+    enabled = select_top(
+        scores, {c.name: c.kind for c in cands}, settings.turn_on_percentile, settings.ranking == "combined", seed
+    )
     choice = Choice(enabled, {c.name: c.rank for c in cands if c.name in enabled}, scores)
     return _with_a_lora_module(choice, cands, rank_choices, seed)
 
 
-def _with_a_lora_module(choice: Choice, cands: list[Candidate], choices: dict[str, tuple[int, ...]], seed: int,
-                        lowest: bool = False) -> Choice:
+def _with_a_lora_module(
+    choice: Choice, cands: list[Candidate], choices: dict[str, tuple[int, ...]], seed: int, lowest: bool = False
+) -> Choice:
     """A PEFT adapter needs one LoRA module at least: the best-scored one when only shortcuts were selected (at its
     lowest rank choice under a budget)."""
     if choice.lora_modules(cands):
@@ -261,7 +284,11 @@ def candidate_rank_choices(cands: list[Candidate], groups) -> dict[str, tuple[in
     out = {}
     for c in cands:
         suffix = c.name.rsplit(".", 1)[-1]
-        out[c.name] = next((tuple(g.choices) for g in groups if suffix in g.modules), (c.rank,)) if c.kind == "lora" else (c.rank,)
+        out[c.name] = (
+            next((tuple(g.choices) for g in groups if suffix in g.modules), (c.rank,))
+            if c.kind == "lora"
+            else (c.rank,)
+        )
     return out
 
 
@@ -278,8 +305,9 @@ def space_with_modules(space: list, lora_modules: list[str]) -> list:
     return [v for v in kept if v.modules]
 
 
-def save_adapter(peft_model, lora_modules: list[str], shortcuts: Shortcuts | None, shortcut_layers: list[int],
-                 out_dir: Path) -> None:
+def save_adapter(
+    peft_model, lora_modules: list[str], shortcuts: Shortcuts | None, shortcut_layers: list[int], out_dir: Path
+) -> None:
     """A stock PEFT adapter folder with only the enabled LoRA modules (plus the enabled shortcuts' files)."""
     prefixes = tuple(f"base_model.model.{n}." for n in lora_modules)
     state = {k: v for k, v in get_peft_model_state_dict(peft_model).items() if k.startswith(prefixes)}
@@ -296,9 +324,24 @@ class Reselection:
     """Dynamic mode: every `interval` steps re-score all candidates at the maximal subnet and switch on the chosen
     ones; the log line and `rows` (the heterolora_log table) say what changed."""
 
-    def __init__(self, model, cands: list[Candidate], settings, choices: dict[str, tuple[int, ...]], steps_per_epoch: int,
-                 batches, seed: int):
-        self.model, self.cands, self.settings, self.choices, self.batches, self.seed = model, cands, settings, choices, batches, seed
+    def __init__(
+        self,
+        model,
+        cands: list[Candidate],
+        settings,
+        choices: dict[str, tuple[int, ...]],
+        steps_per_epoch: int,
+        batches,
+        seed: int,
+    ):
+        self.model, self.cands, self.settings, self.choices, self.batches, self.seed = (
+            model,
+            cands,
+            settings,
+            choices,
+            batches,
+            seed,
+        )
         self.steps_per_epoch = steps_per_epoch
         self.interval = max(1, round(settings.realloc_every * steps_per_epoch))
         self.rows: list[dict] = []
@@ -311,8 +354,27 @@ class Reselection:
         before = enabled_names(self.cands) if self.choice else set()
         self.choice = choose(self.model, self.cands, self.batches(step), self.settings, self.choices, self.seed + step)
         set_enabled(self.cands, self.choice.enabled)
-        on, off, epoch = sorted(self.choice.enabled - before), sorted(before - self.choice.enabled), (step - 1) / self.steps_per_epoch
-        log.info("HeteroLoRA step %d (epoch %.2f): %d of %d modules on; turned on %s; turned off %s",
-                 step, epoch, len(self.choice.enabled), len(self.cands), on, off)
-        self.rows.append({"step": step, "epoch": epoch, "enabled": len(self.choice.enabled), "turned_on": json.dumps(on),
-                          "turned_off": json.dumps(off), "scores": json.dumps(self.choice.scores)})
+        on, off, epoch = (
+            sorted(self.choice.enabled - before),
+            sorted(before - self.choice.enabled),
+            (step - 1) / self.steps_per_epoch,
+        )
+        log.info(
+            "HeteroLoRA step %d (epoch %.2f): %d of %d modules on; turned on %s; turned off %s",
+            step,
+            epoch,
+            len(self.choice.enabled),
+            len(self.cands),
+            on,
+            off,
+        )
+        self.rows.append(
+            {
+                "step": step,
+                "epoch": epoch,
+                "enabled": len(self.choice.enabled),
+                "turned_on": json.dumps(on),
+                "turned_off": json.dumps(off),
+                "scores": json.dumps(self.choice.scores),
+            }
+        )

@@ -7,6 +7,7 @@ and `save_pretrained`/`merge_and_unload` never see them. They cannot be merged i
 their ends is not linear), so an adapter or merged folder carries them as `shortcuts.safetensors` +
 `shortcuts.json`, and `load_shortcuts` attaches them again.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,8 +65,10 @@ def decoder_layers(model) -> nn.ModuleList:
     """The model's decoder layers: the one ModuleList named `layers` (Llama, Mistral, Qwen, per_layer_llama)."""
     found = _layer_lists(model)
     if len(found) != 1:
-        raise NlsflowError(f"shortcuts need one decoder-layer list named 'layers'; {type(model).__name__} has {len(found)}; "
-                           "set train.heterolora.shortcuts=false for this model")
+        raise NlsflowError(
+            f"shortcuts need one decoder-layer list named 'layers'; {type(model).__name__} has {len(found)}; "
+            "set train.heterolora.shortcuts=false for this model"
+        )
     return found[0]
 
 
@@ -80,6 +83,7 @@ def _apply(shortcut: Shortcut):
         out = output[0] if isinstance(output, tuple) else output  # older transformers return (hidden_states, ...)
         out = out + shortcut(hidden.to(shortcut.A.weight.dtype)).to(out.dtype)  # float32 factors, as PEFT's LoRA
         return (out, *output[1:]) if isinstance(output, tuple) else out
+
     return hook
 
 
@@ -87,8 +91,10 @@ def attach_shortcuts(model, layers: list[int], rank: int, alpha: float) -> Short
     """Add a float32 shortcut across each listed decoder layer, on the model's device."""
     blocks = decoder_layers(model)
     if bad := [i for i in layers if not 0 <= i < len(blocks)]:
-        raise NlsflowError(f"shortcut layers {bad} are outside this model's {len(blocks)} decoder layers; "
-                           "use the base model the shortcuts were trained on")
+        raise NlsflowError(
+            f"shortcut layers {bad} are outside this model's {len(blocks)} decoder layers; "
+            "use the base model the shortcuts were trained on"
+        )
     device, hidden = next(model.parameters()).device, model.config.hidden_size
     shortcuts = Shortcuts(rank, alpha)
     for i in layers:
@@ -120,10 +126,18 @@ def shortcuts_off(model):
 def save_shortcuts(shortcuts: Shortcuts, out_dir: Path, layers: list[int] | None = None) -> None:
     """Write the listed layers' shortcuts (default: all) into `out_dir`."""
     keep = [str(i) for i in (layers if layers is not None else map(int, shortcuts.keys()))]
-    state = {f"{i}.{factor}": getattr(shortcuts[i], factor).weight.detach().contiguous().cpu() for i in keep for factor in "AB"}
-    atomic_write_bytes(Path(out_dir) / WEIGHTS_FILE, save(state, metadata={"format": "pt"}))  # bytes: written atomically
-    atomic_write_text(Path(out_dir) / CONFIG_FILE, json.dumps({"rank": shortcuts.rank, "alpha": shortcuts.alpha,
-                                                               "layers": sorted(map(int, keep))}, indent=2))
+    state = {
+        f"{i}.{factor}": getattr(shortcuts[i], factor).weight.detach().contiguous().cpu()
+        for i in keep
+        for factor in "AB"
+    }
+    atomic_write_bytes(
+        Path(out_dir) / WEIGHTS_FILE, save(state, metadata={"format": "pt"})
+    )  # bytes: written atomically
+    atomic_write_text(
+        Path(out_dir) / CONFIG_FILE,
+        json.dumps({"rank": shortcuts.rank, "alpha": shortcuts.alpha, "layers": sorted(map(int, keep))}, indent=2),
+    )
 
 
 def has_shortcuts(folder: Path) -> bool:
@@ -140,15 +154,18 @@ def load_shortcuts(model, folder: Path) -> Shortcuts | None:
         rank, alpha, layers = int(config["rank"]), float(config["alpha"]), [int(i) for i in config["layers"]]
         state = load_file(folder / WEIGHTS_FILE)
     except Exception as e:  # missing, corrupt or incomplete files
-        raise NlsflowError(f"the shortcuts in {folder} cannot be read ({type(e).__name__}: {e}); re-run the stage that "
-                           "wrote them") from None
+        raise NlsflowError(
+            f"the shortcuts in {folder} cannot be read ({type(e).__name__}: {e}); re-run the stage that wrote them"
+        ) from None
     shortcuts = attach_shortcuts(model, layers, rank, alpha)
     try:
         shortcuts.load_state_dict({f"{i}.{f}.weight": state[f"{i}.{f}"] for i in map(str, layers) for f in "AB"})
     except (KeyError, RuntimeError) as e:
         shortcuts.detach()
-        raise NlsflowError(f"{folder / WEIGHTS_FILE} does not fit this model ({str(e).splitlines()[0]}); "
-                           "use the base model the adapter was trained on") from None
+        raise NlsflowError(
+            f"{folder / WEIGHTS_FILE} does not fit this model ({str(e).splitlines()[0]}); "
+            "use the base model the adapter was trained on"
+        ) from None
     return shortcuts
 
 

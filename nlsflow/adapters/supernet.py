@@ -1,4 +1,5 @@
 """Load a trained super-adapter as an elastic super-network, and save/load its search space."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,21 @@ from pathlib import Path
 import torch
 from peft import PeftModel, get_peft_model
 
-from nlsflow.adapters.elastic import ElasticGroup, Variable, heuristic_subnet, make_elastic, maximal_subnet, minimal_subnet, resolve_space
-from nlsflow.models import load_causal_lm, load_tokenizer
+from nlsflow.adapters.elastic import (
+    ElasticGroup,
+    Variable,
+    heuristic_subnet,
+    make_elastic,
+    maximal_subnet,
+    minimal_subnet,
+    resolve_space,
+)
+from nlsflow.adapters.masking import make_sparsity_preserving
 from nlsflow.adapters.nola import is_nola, load_nola, materialize, nola_lora_config
 from nlsflow.adapters.shortcuts import load_shortcuts
-from nlsflow.adapters.masking import make_sparsity_preserving
 from nlsflow.adapters.width import WidthGroup, make_width_elastic
 from nlsflow.io import atomic_write_text
+from nlsflow.models import load_causal_lm, load_tokenizer
 
 NAMED_SUBNETS = {"heuristic": heuristic_subnet, "maximal": maximal_subnet, "minimal": minimal_subnet}
 
@@ -30,24 +39,47 @@ def make_supernet(peft_model, groups: list[ElasticGroup], width_groups: list[Wid
     return resolve_space(peft_model, groups) + make_width_elastic(peft_model, width_groups)
 
 
-def save_search_space(path: Path, groups: list[ElasticGroup], width_groups: list[WidthGroup], space: list[Variable]) -> None:
-    doc = {"groups": [asdict(g) for g in groups], "width_groups": [asdict(g) for g in width_groups],
-           "variables": [{"name": v.name, "kind": v.kind, "modules": list(v.modules), "consumers": list(v.consumers),
-                          "choices": list(v.choices)} for v in space],
-           "subnets": {name: fn(space) for name, fn in NAMED_SUBNETS.items()}}
+def save_search_space(
+    path: Path, groups: list[ElasticGroup], width_groups: list[WidthGroup], space: list[Variable]
+) -> None:
+    doc = {
+        "groups": [asdict(g) for g in groups],
+        "width_groups": [asdict(g) for g in width_groups],
+        "variables": [
+            {
+                "name": v.name,
+                "kind": v.kind,
+                "modules": list(v.modules),
+                "consumers": list(v.consumers),
+                "choices": list(v.choices),
+            }
+            for v in space
+        ],
+        "subnets": {name: fn(space) for name, fn in NAMED_SUBNETS.items()},
+    }
     atomic_write_text(path, json.dumps(doc, indent=2))
 
 
 def load_search_space_groups(path: Path) -> tuple[list[ElasticGroup], list[WidthGroup]]:
     doc = json.loads(Path(path).read_text())
+
     def read(rows, cls):
-        return [cls(name=g["name"], modules=tuple(g["modules"]), choices=tuple(g["choices"]), per_layer=g["per_layer"])
-                for g in rows]
+        return [
+            cls(name=g["name"], modules=tuple(g["modules"]), choices=tuple(g["choices"]), per_layer=g["per_layer"])
+            for g in rows
+        ]
+
     return read(doc["groups"], ElasticGroup), read(doc.get("width_groups", []), WidthGroup)
 
 
-def load_supernet(base_dir: Path, adapter_dir: Path, search_space_file: Path, dtype: str, device: torch.device,
-                  sparsity_preserving: bool = False):
+def load_supernet(
+    base_dir: Path,
+    adapter_dir: Path,
+    search_space_file: Path,
+    dtype: str,
+    device: torch.device,
+    sparsity_preserving: bool = False,
+):
     """The pruned base with the super-adapter attached and made elastic: (peft_model, tokenizer, space)."""
     tokenizer = load_tokenizer(str(base_dir))
     base = load_causal_lm(str(base_dir), dtype, device)

@@ -10,6 +10,7 @@ its Parameters, and returns one "width" `Variable` per group (and decoder layer)
 sets them with the rank variables. `narrow_model` removes the inactive channels from a plain model for good,
 and `save_narrowed` writes it as a stock HF folder (one width for every layer) or as `per_layer_llama` (not).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,10 @@ def resolve_width_space(model: nn.Module, groups: Sequence[WidthGroup]) -> list[
     for group in groups:
         for suffix in group.modules:
             if suffix not in CONSUMERS:
-                raise NlsflowError(f"width group {group.name!r}: {suffix!r} has no known consumer; elastic width "
-                                   f"supports MLP projections {sorted(CONSUMERS)}")
+                raise NlsflowError(
+                    f"width group {group.name!r}: {suffix!r} has no known consumer; elastic width "
+                    f"supports MLP projections {sorted(CONSUMERS)}"
+                )
         for name, module in modules.items():
             parent, _, suffix = name.rpartition(".")
             if suffix not in group.modules or not isinstance(_base(module), nn.Linear):
@@ -61,12 +64,16 @@ def resolve_width_space(model: nn.Module, groups: Sequence[WidthGroup]) -> list[
                 raise NlsflowError(f"width group {group.name!r}: {name} is outside the decoder layers")
             size = _base(module).out_features
             if size != group.choices[0]:
-                raise NlsflowError(f"width group {group.name!r}: choices {list(group.choices)} start at {group.choices[0]}, "
-                                   f"but {name} has {size} outputs; the first choice must be the full size")
+                raise NlsflowError(
+                    f"width group {group.name!r}: choices {list(group.choices)} start at {group.choices[0]}, "
+                    f"but {name} has {size} outputs; the first choice must be the full size"
+                )
             consumer = f"{parent}.{CONSUMERS[suffix]}"
             siblings = [s for s, c in CONSUMERS.items() if c == CONSUMERS[suffix] and f"{parent}.{s}" in modules]
             if missing := [s for s in siblings if s not in group.modules]:
-                raise NlsflowError(f"width group {group.name!r}: {missing} also feed {consumer}; list them in the group")
+                raise NlsflowError(
+                    f"width group {group.name!r}: {missing} also feed {consumer}; list them in the group"
+                )
             if consumer not in modules:
                 raise NlsflowError(f"width group {group.name!r}: {name} has no {CONSUMERS[suffix]} beside it")
             key = f"layers.{layer[1]}.{group.name}" if group.per_layer else group.name
@@ -74,7 +81,9 @@ def resolve_width_space(model: nn.Module, groups: Sequence[WidthGroup]) -> list[
             producers.append(name)
             consumers.extend([consumer] if consumer not in consumers else [])
         if not any(g is group for g, _, _ in found.values()):
-            raise NlsflowError(f"width group {group.name!r} matches no module of the model; fix its modules {list(group.modules)}")
+            raise NlsflowError(
+                f"width group {group.name!r} matches no module of the model; fix its modules {list(group.modules)}"
+            )
     return [Variable(k, tuple(p), g.choices, kind="width", consumers=tuple(c)) for k, (g, p, c) in found.items()]
 
 
@@ -132,13 +141,18 @@ def save_narrowed(model: nn.Module, sizes: list[int], out_dir: Path, **save_kwar
         model.save_pretrained(out_dir, **save_kwargs)
         return
     if model.config.model_type not in ("llama", per_layer_llama.PerLayerLlamaConfig.model_type):
-        raise NlsflowError(f"per-layer MLP widths {sorted(set(sizes))} need a Llama model, not {model.config.model_type!r}; "
-                           f"make the width group shared (per_layer: false) for one width in every layer")
-    config = per_layer_llama.PerLayerLlamaConfig(**{**model.config.to_dict(), "layer_intermediate_sizes": sizes,
-                                                    "intermediate_size": max(sizes)})
+        raise NlsflowError(
+            f"per-layer MLP widths {sorted(set(sizes))} need a Llama model, not {model.config.model_type!r}; "
+            f"make the width group shared (per_layer: false) for one width in every layer"
+        )
+    config = per_layer_llama.PerLayerLlamaConfig(
+        **{**model.config.to_dict(), "layer_intermediate_sizes": sizes, "intermediate_size": max(sizes)}
+    )
     config.architectures = ["PerLayerLlamaForCausalLM"]
-    config.auto_map = {"AutoConfig": "per_layer_llama.PerLayerLlamaConfig",
-                       "AutoModelForCausalLM": "per_layer_llama.PerLayerLlamaForCausalLM"}
+    config.auto_map = {
+        "AutoConfig": "per_layer_llama.PerLayerLlamaConfig",
+        "AutoModelForCausalLM": "per_layer_llama.PerLayerLlamaForCausalLM",
+    }
     model.config = config
     model.save_pretrained(out_dir, **save_kwargs)
     shutil.copyfile(per_layer_llama.__file__, out_dir / "per_layer_llama.py")
@@ -146,7 +160,10 @@ def save_narrowed(model: nn.Module, sizes: list[int], out_dir: Path, **save_kwar
 
 def is_per_layer(folder: Path | str) -> bool:
     config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == per_layer_llama.PerLayerLlamaConfig.model_type
+    return (
+        config.is_file()
+        and json.loads(config.read_text()).get("model_type") == per_layer_llama.PerLayerLlamaConfig.model_type
+    )
 
 
 def _mlps(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
@@ -156,7 +173,9 @@ def _mlps(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:
     for name, module in modules.items():
         parent, _, suffix = name.rpartition(".")
         if suffix in CONSUMERS.values() and isinstance(module, nn.Linear) and re.search(r"(?:^|\.)layers\.\d+\.", name):
-            producers = [modules[f"{parent}.{s}"] for s, c in CONSUMERS.items() if c == suffix and f"{parent}.{s}" in modules]
+            producers = [
+                modules[f"{parent}.{s}"] for s, c in CONSUMERS.items() if c == suffix and f"{parent}.{s}" in modules
+            ]
             if producers:
                 found.append((module, producers))
     return found
@@ -172,9 +191,11 @@ def reorder_mlp_channels(model: nn.Module, calib_input_ids: torch.Tensor) -> int
     """
     mlps = _mlps(model)
     sums = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c, _ in mlps]
+
     def accumulate(i):
         def hook(module, args):  # returns None: the input passes unchanged
             sums[i].add_(args[0].flatten(0, -2).double().abs().sum(0))
+
         return hook
 
     hooks = [c.register_forward_pre_hook(accumulate(i)) for i, (c, _) in enumerate(mlps)]

@@ -4,6 +4,7 @@ A record is a dict with `instruction`, `input` (always "" here), `output` and `a
 `output` the training target. Every file is reached through `nlsflow.data.registry` by name (checked, fetched when
 missing); paths are relative to a data root laid out like /work/shared/data (see its README).
 """
+
 from __future__ import annotations
 
 import logging
@@ -106,8 +107,16 @@ EVAL_DATASETS: dict[str, EvalDataset] = {
 
 TASK_EVAL_SETS: dict[str, tuple[str, ...]] = {
     "math": ("gsm8k", "AQuA", "mawps", "SVAMP"),
-    "commonsense": ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge",
-                    "openbookqa"),
+    "commonsense": (
+        "boolq",
+        "piqa",
+        "social_i_qa",
+        "hellaswag",
+        "winogrande",
+        "ARC-Easy",
+        "ARC-Challenge",
+        "openbookqa",
+    ),
 }
 
 # Registered training sets per task when none are named: what exists offline. Online, ("math_10k",) and
@@ -126,13 +135,16 @@ def load_records(data_root: Path, relpath: str) -> list[dict]:
     """Read a JSON list, a JSON-lines or a gzipped JSON-lines file of records from `data_root / relpath`."""
     path = Path(data_root) / relpath
     if not path.is_file():
-        raise FileNotFoundError(f"missing data file {path}: put it under {data_root} or set data.root=... to "
-                                f"the folder that holds {relpath}")
+        raise FileNotFoundError(
+            f"missing data file {path}: put it under {data_root} or set data.root=... to "
+            f"the folder that holds {relpath}"
+        )
     return read_records(path)
 
 
-def load_eval_records(data_root: Path, name: str, max_samples: int | None = None, *,
-                      download: bool = True) -> list[dict]:
+def load_eval_records(
+    data_root: Path, name: str, max_samples: int | None = None, *, download: bool = True
+) -> list[dict]:
     """The first `max_samples` records (all when None) of test set `name`, in file order."""
     if name not in EVAL_DATASETS:
         raise ValueError(f"unknown eval dataset {name!r}; choose from {sorted(EVAL_DATASETS)}")
@@ -173,8 +185,10 @@ def infer_source(answer: str) -> str:
             return dataset.name
         if dataset.kind == "numeric" and _is_number(label):
             return dataset.name
-    raise ValueError(f"no evaluation set scores the answer {label!r}: expected a number, a letter A-E, true/false "
-                     "or answerN, solutionN, endingN, optionN")
+    raise ValueError(
+        f"no evaluation set scores the answer {label!r}: expected a number, a letter A-E, true/false "
+        "or answerN, solutionN, endingN, optionN"
+    )
 
 
 def _is_number(label: str) -> bool:
@@ -216,8 +230,9 @@ def _train_names() -> list[str]:
     return [f.name for f in DATA_FILES.values() if f.role == "train"]
 
 
-def check_contamination(records: list[dict], data_root: Path, *,
-                        mode: Literal["refuse", "drop"]) -> tuple[list[dict], dict]:
+def check_contamination(
+    records: list[dict], data_root: Path, *, mode: Literal["refuse", "drop"]
+) -> tuple[list[dict], dict]:
     """Find training records whose question a registered test set asks; refuse them or drop them.
 
     Questions are compared by `question_key` against every registered test set present under `data_root`
@@ -237,8 +252,9 @@ def check_contamination(records: list[dict], data_root: Path, *,
         if not (Path(data_root) / entry.path).is_file():
             skipped.append(entry.name)
             continue
-        test_keys = {question_key(_question(r)) for r in read_records(resolve_data_file(data_root, entry.name,
-                                                                                          download=False))}
+        test_keys = {
+            question_key(_question(r)) for r in read_records(resolve_data_file(data_root, entry.name, download=False))
+        }
         checked.append(entry.name)
         hits = [i for i, key in enumerate(keys) if key in test_keys]
         if hits:
@@ -247,14 +263,20 @@ def check_contamination(records: list[dict], data_root: Path, *,
     report = {"checked": checked, "skipped": skipped, "overlaps": overlaps, "dropped": 0}
     if contaminated and mode == "refuse":
         counts = ", ".join(f"{name} {count}" for name, count in overlaps.items())
-        raise ContaminationError(f"{len(contaminated)} training records ask test questions ({counts}): set "
-                                 "data.contamination=drop to drop and report them")
+        raise ContaminationError(
+            f"{len(contaminated)} training records ask test questions ({counts}): set "
+            "data.contamination=drop to drop and report them"
+        )
     report["dropped"] = len(contaminated)
     if skipped:
         logger.info("contamination check: %d test sets not present, skipped: %s", len(skipped), ", ".join(skipped))
     if contaminated:
-        logger.info("contamination check: dropped %d of %d training records (%s)", len(contaminated), len(records),
-                    ", ".join(f"{name} {count}" for name, count in overlaps.items()))
+        logger.info(
+            "contamination check: dropped %d of %d training records (%s)",
+            len(contaminated),
+            len(records),
+            ", ".join(f"{name} {count}" for name, count in overlaps.items()),
+        )
     return [r for i, r in enumerate(records) if i not in contaminated], report
 
 
@@ -267,8 +289,12 @@ def _from_mawps(raw: dict) -> dict:
         solution = f"{expression.strip()} = {answer}"  # e.g. "X=((22.0-14.0)/4.0)"
     else:
         solution = f"Solving {equation} gives {answer}"  # an equation in the unknown, e.g. "X-6=52"
-    return {"instruction": raw["original_text"].strip(), "input": "",
-            "output": f"{solution}. The answer is {answer}.", "answer": str(raw["ans"])}
+    return {
+        "instruction": raw["original_text"].strip(),
+        "input": "",
+        "output": f"{solution}. The answer is {answer}.",
+        "answer": str(raw["ans"]),
+    }
 
 
 def _format_number(value: float) -> str:
@@ -315,9 +341,14 @@ def wikitext2(data_root: Path, split: Literal["valid", "test"], *, download: boo
     return resolve_data_file(data_root, f"wikitext2_{split}", download=download).read_text(encoding="utf-8")
 
 
-def calibration_documents(data_root: Path, source: Literal["wikitext2", "task", "c4"], *,
-                          train_names: Sequence[str] = (), contamination: Literal["refuse", "drop"] = "drop",
-                          download: bool = True) -> list[str]:
+def calibration_documents(
+    data_root: Path,
+    source: Literal["wikitext2", "task", "c4"],
+    *,
+    train_names: Sequence[str] = (),
+    contamination: Literal["refuse", "drop"] = "drop",
+    download: bool = True,
+) -> list[str]:
     """The text pruning calibrates on, as documents for `calibration_batch`.
 
     wikitext2: the validation text as one document. task: one document, the prompts of training sets
@@ -330,8 +361,9 @@ def calibration_documents(data_root: Path, source: Literal["wikitext2", "task", 
     if source == "task":
         if not train_names:
             raise ValueError("calibration source 'task' needs train_names (e.g. data.train_sets)")
-        records, _ = check_contamination(load_train_records(data_root, train_names, download=download), data_root,
-                                         mode=contamination)
+        records, _ = check_contamination(
+            load_train_records(data_root, train_names, download=download), data_root, mode=contamination
+        )
         return ["\n\n".join(generate_prompt(r["instruction"], r.get("input", ""), r["output"]) for r in records)]
     if source == "c4":
         path = resolve_data_file(data_root, "c4_train_shard", download=download)
@@ -339,8 +371,9 @@ def calibration_documents(data_root: Path, source: Literal["wikitext2", "task", 
     raise ValueError(f"calibration source must be 'wikitext2', 'task' or 'c4', got {source!r}")
 
 
-def calibration_batch(tokenizer, documents: Sequence[str] | str, num_samples: int, seqlen: int,
-                      seed: int) -> torch.Tensor:
+def calibration_batch(
+    tokenizer, documents: Sequence[str] | str, num_samples: int, seqlen: int, seed: int
+) -> torch.Tensor:
     """`num_samples` windows of `seqlen` tokens, LongTensor [num_samples, seqlen], the same for the same seed.
 
     One document: random windows of it. Several: Wanda's `get_c4` procedure, draw for draw (random.Random(seed)
@@ -360,10 +393,12 @@ def calibration_batch(tokenizer, documents: Sequence[str] | str, num_samples: in
     if len(documents) == 1:
         ids = encode(documents[0])
         if ids.numel() <= seqlen:
-            raise ValueError(f"calibration text has {ids.numel()} tokens, not more than seqlen={seqlen}; lower "
-                             "prune.calibration.seqlen or calibrate on a longer source")
+            raise ValueError(
+                f"calibration text has {ids.numel()} tokens, not more than seqlen={seqlen}; lower "
+                "prune.calibration.seqlen or calibrate on a longer source"
+            )
         starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(num_samples)]
-        return torch.stack([ids[s: s + seqlen] for s in starts])
+        return torch.stack([ids[s : s + seqlen] for s in starts])
 
     long_docs: dict[int, torch.Tensor] = {}
     lengths: dict[int, int] = {}  # every document tokenized so far
@@ -371,9 +406,11 @@ def calibration_batch(tokenizer, documents: Sequence[str] | str, num_samples: in
     for _ in range(num_samples):
         while True:
             if len(lengths) == len(documents) and not long_docs:
-                raise ValueError(f"no calibration document has more than seqlen={seqlen} tokens (the longest has "
-                                 f"{max(lengths.values())}); lower prune.calibration.seqlen or calibrate on a longer "
-                                 "source")
+                raise ValueError(
+                    f"no calibration document has more than seqlen={seqlen} tokens (the longest has "
+                    f"{max(lengths.values())}); lower prune.calibration.seqlen or calibrate on a longer "
+                    "source"
+                )
             i = rng.randint(0, len(documents) - 1)
             if i not in lengths:
                 ids = encode(documents[i])
@@ -384,5 +421,5 @@ def calibration_batch(tokenizer, documents: Sequence[str] | str, num_samples: in
                 break
         ids = long_docs[i]
         start = rng.randint(0, ids.numel() - seqlen - 1)
-        windows.append(ids[start: start + seqlen])
+        windows.append(ids[start : start + seqlen])
     return torch.stack(windows)

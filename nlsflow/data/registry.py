@@ -5,6 +5,7 @@ missing file is downloaded from its URL (atomically, with a progress bar) or bui
 from, and otherwise fails with one line that names the file, the URL and the fix. Digests were computed from the
 copies in /work/shared/data; `None` marks files we have never seen (their record counts are unknown too).
 """
+
 from __future__ import annotations
 
 import gzip
@@ -68,8 +69,12 @@ def gsm8k_to_llm_adapters(raw: dict) -> dict:
     solution, _, answer = raw["answer"].rpartition("\n#### ")
     answer = answer.strip().replace(",", "")
     solution = re.sub(r"<<[^>]*>>", "", solution)
-    return {"instruction": raw["question"], "input": "", "output": f"{solution} The answer is {answer}.",
-            "answer": answer}
+    return {
+        "instruction": raw["question"],
+        "input": "",
+        "output": f"{solution} The answer is {answer}.",
+        "answer": answer,
+    }
 
 
 def _build_gsm8k_train(source: Path) -> bytes:
@@ -77,21 +82,43 @@ def _build_gsm8k_train(source: Path) -> bytes:
     return json.dumps([gsm8k_to_llm_adapters(r) for r in read_records(source)], indent=1).encode()
 
 
-def _test(name: str, sha256: str | None, records: int | None, *, path: str | None = None, url: str | None = "",
-          source: str | None = "") -> DataFile:
+def _test(
+    name: str,
+    sha256: str | None,
+    records: int | None,
+    *,
+    path: str | None = None,
+    url: str | None = "",
+    source: str | None = "",
+) -> DataFile:
     relpath = path or f"llm-adapters/dataset/{name}/test.json"
-    return DataFile(f"{name}_test", relpath, "test", f"{_LLM_ADAPTERS}/dataset/{name}/test.json" if url == "" else url,
-                    sha256, records, name if source == "" else source)
+    return DataFile(
+        f"{name}_test",
+        relpath,
+        "test",
+        f"{_LLM_ADAPTERS}/dataset/{name}/test.json" if url == "" else url,
+        sha256,
+        records,
+        name if source == "" else source,
+    )
 
 
 def _train(name: str, sha256: str, records: int) -> DataFile:
-    return DataFile(f"{name}_train", f"llm-adapters/dataset/{name}/train.json", "train",
-                    f"{_LLM_ADAPTERS}/dataset/{name}/train.json", sha256, records, name)
+    return DataFile(
+        f"{name}_train",
+        f"llm-adapters/dataset/{name}/train.json",
+        "train",
+        f"{_LLM_ADAPTERS}/dataset/{name}/train.json",
+        sha256,
+        records,
+        name,
+    )
 
 
 def _ft_training_set(name: str) -> DataFile:  # mixed tasks: `source` is inferred per record
-    return DataFile(name, f"llm-adapters/ft-training_set/{name}.json", "train",
-                    f"{_LLM_ADAPTERS}/ft-training_set/{name}.json", None)
+    return DataFile(
+        name, f"llm-adapters/ft-training_set/{name}.json", "train", f"{_LLM_ADAPTERS}/ft-training_set/{name}.json", None
+    )
 
 
 DATA_FILES: dict[str, DataFile] = {
@@ -110,27 +137,66 @@ DATA_FILES: dict[str, DataFile] = {
         _test("piqa", "3860d11b9b42e590b6b4bbc1643214d373ed0b0d4ac62fcc7bdceb8e044ad141", 1838),
         _test("social_i_qa", "71543f41127451945379d106ffedaef502f1c8770dff6d2f543aca85e3080b1d", 1954),
         # The first 36 records of LLM-Adapters' HellaSwag test file: the only part available offline, no URL of its own.
-        _test("hellaswag", "35a56361a90c4fc15ac9dc455ed5967bcbf8b139130ee7a864c5473d33239288", 36,
-              path="llm-adapters/dataset/hellaswag/test_subset36.json", url=None),
-        DataFile("hellaswag_full_test", "llm-adapters/dataset/hellaswag/test.json", "test",
-                 f"{_LLM_ADAPTERS}/dataset/hellaswag/test.json", None, None, "hellaswag"),
+        _test(
+            "hellaswag",
+            "35a56361a90c4fc15ac9dc455ed5967bcbf8b139130ee7a864c5473d33239288",
+            36,
+            path="llm-adapters/dataset/hellaswag/test_subset36.json",
+            url=None,
+        ),
+        DataFile(
+            "hellaswag_full_test",
+            "llm-adapters/dataset/hellaswag/test.json",
+            "test",
+            f"{_LLM_ADAPTERS}/dataset/hellaswag/test.json",
+            None,
+            None,
+            "hellaswag",
+        ),
         _test("winogrande", "6946f5209e7114c65c6d04f8f644c5a061af20d730b1cfe158fff3dc44076fb9", 1267),
         _test("ARC-Easy", "3f32a84716ca6d57d38728bf80cc8117aecd17445c2cf29a68b571b810eb82dc", 2376),
         _test("ARC-Challenge", "4a89ce368ae01a71d268d9851686738b2a0a1d84271116bab49a1dd2b48ecad7", 1172),
         _test("openbookqa", "8479930f7b8a26052c78250280b5465a4016ca7fc806af440d0f37e243f3099e", 500),
         # GSM8K as OpenAI publishes it; the training set below is built from train.jsonl.
-        DataFile("gsm8k_test_jsonl", "gsm8k/test.jsonl", "test", f"{_GSM8K}/test.jsonl",
-                 "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14", 1319, "gsm8k"),
-        DataFile("gsm8k_train_jsonl", "gsm8k/train.jsonl", "raw", f"{_GSM8K}/train.jsonl",
-                 "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465", 7473),
+        DataFile(
+            "gsm8k_test_jsonl",
+            "gsm8k/test.jsonl",
+            "test",
+            f"{_GSM8K}/test.jsonl",
+            "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14",
+            1319,
+            "gsm8k",
+        ),
+        DataFile(
+            "gsm8k_train_jsonl",
+            "gsm8k/train.jsonl",
+            "raw",
+            f"{_GSM8K}/train.jsonl",
+            "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465",
+            7473,
+        ),
         # Training sets. Never LLM-Adapters' ft-training_set/math_data.json: its questions come from the test sets.
-        DataFile("gsm8k_train", "gsm8k/gsm8k_train_llm_adapters_format.json", "train", None,
-                 "4b8547185b90afa566c82b83cea2c93e1e31d826614a13c168bd3f3cdc628208", 7473, "gsm8k",
-                 derived_from="gsm8k_train_jsonl", build=_build_gsm8k_train),
+        DataFile(
+            "gsm8k_train",
+            "gsm8k/gsm8k_train_llm_adapters_format.json",
+            "train",
+            None,
+            "4b8547185b90afa566c82b83cea2c93e1e31d826614a13c168bd3f3cdc628208",
+            7473,
+            "gsm8k",
+            derived_from="gsm8k_train_jsonl",
+            build=_build_gsm8k_train,
+        ),
         # MAWPS train in its raw form (original_text, equation, ans); nlsflow.data.datasets converts it.
-        DataFile("mawps_train", "llm-adapters/dataset/mawps/trainset.json", "train",
-                 f"{_LLM_ADAPTERS}/dataset/mawps/trainset.json",
-                 "42e631004e46e71f5e050bfd6f0af2e27c9d76315cee66cc6412d66a19b47c1a", 1898, "mawps"),
+        DataFile(
+            "mawps_train",
+            "llm-adapters/dataset/mawps/trainset.json",
+            "train",
+            f"{_LLM_ADAPTERS}/dataset/mawps/trainset.json",
+            "42e631004e46e71f5e050bfd6f0af2e27c9d76315cee66cc6412d66a19b47c1a",
+            1898,
+            "mawps",
+        ),
         _train("boolq", "5ccbaceebaddc69765e1c4a363632196b81851d303696672165ab59ec4e48c83", 9427),
         _train("ARC-Easy", "6a06cece3dec32f4fb1c1b0fc29dab14be7cf3053b417290dbc6cd845359f5ff", 2251),
         _train("ARC-Challenge", "a9debff28aafed86a08211dc3584a3b6cb38edca8c56bb34cd5002ed54aeebfb", 1119),
@@ -139,13 +205,28 @@ DATA_FILES: dict[str, DataFile] = {
         _ft_training_set("commonsense_15k"),
         _ft_training_set("commonsense_170k"),
         # Text for pruning calibration and perplexity.
-        DataFile("wikitext2_valid", "wikitext-2/valid.txt", "calibration", f"{_WIKITEXT2}/valid.txt",
-                 "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
-        DataFile("wikitext2_test", "wikitext-2/test.txt", "perplexity", f"{_WIKITEXT2}/test.txt",
-                 "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+        DataFile(
+            "wikitext2_valid",
+            "wikitext-2/valid.txt",
+            "calibration",
+            f"{_WIKITEXT2}/valid.txt",
+            "f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8",
+        ),
+        DataFile(
+            "wikitext2_test",
+            "wikitext-2/test.txt",
+            "perplexity",
+            f"{_WIKITEXT2}/test.txt",
+            "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0",
+        ),
         # The C4 shard Wanda calibrates on (allenai/c4 on the Hugging Face hub), JSON lines with a `text` field.
-        DataFile("c4_train_shard", f"c4/{_C4_SHARD}", "calibration",
-                 f"https://huggingface.co/datasets/allenai/c4/resolve/main/{_C4_SHARD}", None),
+        DataFile(
+            "c4_train_shard",
+            f"c4/{_C4_SHARD}",
+            "calibration",
+            f"https://huggingface.co/datasets/allenai/c4/resolve/main/{_C4_SHARD}",
+            None,
+        ),
     )
 }
 
@@ -191,29 +272,36 @@ def resolve_data_file(data_root: Path, name: str, *, download: bool = True) -> P
         try:
             source = resolve_data_file(data_root, entry.derived_from, download=download)
         except MissingDataError as err:
-            raise MissingDataError(f"missing data file {target} ({name}), built from {entry.derived_from}: "
-                                   f"{err}") from None
+            raise MissingDataError(
+                f"missing data file {target} ({name}), built from {entry.derived_from}: {err}"
+            ) from None
         log.info("building %s from %s", target, source)
         try:
             _write_checked(entry, target, lambda tmp: tmp.write_bytes(entry.build(source)))
         except OSError as err:  # e.g. a read-only data root
-            raise MissingDataError(f"missing data file {target} ({name}): building it from {source} failed "
-                                   f"({type(err).__name__}: {err}); {_fix(target, entry)}") from None
+            raise MissingDataError(
+                f"missing data file {target} ({name}): building it from {source} failed "
+                f"({type(err).__name__}: {err}); {_fix(target, entry)}"
+            ) from None
         return target
     fix = _fix(target, entry)
     if entry.url is None:
         raise MissingDataError(f"missing data file {target} ({name}); it has no download URL: {fix}")
     if not download:
-        raise MissingDataError(f"missing data file {target} ({name}) and downloads are off: fetch {entry.url} "
-                               f"(or set data.download=true), or {fix}")
+        raise MissingDataError(
+            f"missing data file {target} ({name}) and downloads are off: fetch {entry.url} "
+            f"(or set data.download=true), or {fix}"
+        )
     log.info("downloading %s to %s", entry.url, target)
     try:
         _write_checked(entry, target, lambda tmp: _fetch(entry, tmp))
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:  # offline, HTTP error, timeout...
         plain_url_error = isinstance(err, urllib.error.URLError) and not isinstance(err, urllib.error.HTTPError)
         reason = " ".join(str(err.reason if plain_url_error else err).split())
-        raise MissingDataError(f"missing data file {target} ({name}): downloading {entry.url} failed "
-                               f"({type(err).__name__}: {reason}); {fix}") from None
+        raise MissingDataError(
+            f"missing data file {target} ({name}): downloading {entry.url} failed "
+            f"({type(err).__name__}: {reason}); {fix}"
+        ) from None
     return target
 
 
@@ -247,9 +335,11 @@ def _verify(entry: DataFile, path: Path) -> None:
     actual = _sha256(path)
     if actual != entry.sha256:
         where = f"from {entry.url}" if entry.url else "(the original copy)"
-        raise DataIntegrityError(f"data file {path} ({entry.name}) has sha256 {actual[:16]}..., expected "
-                                 f"{entry.sha256[:16]}...: replace it with a fresh copy {where}, or delete it to "
-                                 f"{'download' if entry.url else 'see what is missing'}")
+        raise DataIntegrityError(
+            f"data file {path} ({entry.name}) has sha256 {actual[:16]}..., expected "
+            f"{entry.sha256[:16]}...: replace it with a fresh copy {where}, or delete it to "
+            f"{'download' if entry.url else 'see what is missing'}"
+        )
     _VERIFIED[key] = actual
 
 
@@ -293,13 +383,17 @@ def _write_checked(entry: DataFile, target: Path, write: Callable[[Path], object
             os.fsync(f.fileno())
         actual = _sha256(tmp)
         if entry.sha256 is not None and actual != entry.sha256:
-            raise DataIntegrityError(f"{entry.url or entry.derived_from} gave {entry.path} ({entry.name}) with sha256 "
-                                     f"{actual[:16]}..., expected {entry.sha256[:16]}...: the source changed or the "
-                                     f"transfer was corrupted; nothing was written, put a verified copy at {target}")
+            raise DataIntegrityError(
+                f"{entry.url or entry.derived_from} gave {entry.path} ({entry.name}) with sha256 "
+                f"{actual[:16]}..., expected {entry.sha256[:16]}...: the source changed or the "
+                f"transfer was corrupted; nothing was written, put a verified copy at {target}"
+            )
         if entry.records is not None and (count := _count_records(tmp)) != entry.records:
-            raise DataIntegrityError(f"{entry.url or entry.derived_from} gave {entry.path} ({entry.name}) with {count} "
-                                     f"records, expected {entry.records}: nothing was written, put a verified copy "
-                                     f"at {target}")
+            raise DataIntegrityError(
+                f"{entry.url or entry.derived_from} gave {entry.path} ({entry.name}) with {count} "
+                f"records, expected {entry.records}: nothing was written, put a verified copy "
+                f"at {target}"
+            )
         os.replace(tmp, target)
         _VERIFIED[_file_key(target)] = actual
         log.info("%s: %s (sha256 %s)", entry.name, target, actual)

@@ -5,6 +5,7 @@ activated at a subnet, optionally with PyTorch's 2:4 sparse kernels), or an Open
 measures it at one batch size in a fresh spawned process, so that the peak memory is that variant's at that batch
 size, with the timing protocol of `nlsflow.deploy.timing` (same seeded prompts for every variant).
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -39,8 +40,13 @@ def model_linear_macs(model: nn.Module) -> int:
 
 def base_linear_zeros(model: nn.Module) -> int:
     """Zero weights of the base model's nn.Linear layers: MACs a sparse kernel could skip."""
-    return int(sum((m.weight == 0).sum().item() for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and "lora_" not in name and m.weight.layout == torch.strided))
+    return int(
+        sum(
+            (m.weight == 0).sum().item()
+            for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and "lora_" not in name and m.weight.layout == torch.strided
+        )
+    )
 
 
 def size_on_disk_mb(folders: list[Path]) -> float:
@@ -76,14 +82,20 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
     from peft import PeftModel
 
     from nlsflow.adapters.elastic import activate, linear_macs_per_token
-    from nlsflow.models import load_causal_lm
-    from nlsflow.adapters.shortcuts import attached_shortcuts, load_shortcuts
     from nlsflow.adapters.masking import make_sparsity_preserving, masked_macs_correction
+    from nlsflow.adapters.shortcuts import attached_shortcuts, load_shortcuts
     from nlsflow.adapters.supernet import load_supernet
+    from nlsflow.models import load_causal_lm
 
     if variant.search_space:  # the super-adapter at a subnet: MACs at the active ranks
-        model, _, space = load_supernet(Path(variant.model_dir), Path(variant.adapter_dir), Path(variant.search_space),
-                                        dtype, device, variant.sparsity_preserving)
+        model, _, space = load_supernet(
+            Path(variant.model_dir),
+            Path(variant.adapter_dir),
+            Path(variant.search_space),
+            dtype,
+            device,
+            variant.sparsity_preserving,
+        )
         activate(model, space, dict(variant.subnet))
         macs = linear_macs_per_token(model, space, dict(variant.subnet))
     else:
@@ -96,9 +108,12 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
         macs = model_linear_macs(model)
     shortcuts = attached_shortcuts(model)
     params = [*model.parameters(), *(p for group in shortcuts for p in group.parameters())]
-    stats = {"params": sum(p.numel() for p in params), "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
-             "macs_per_token": macs + masked_macs_correction(model) + sum(model_linear_macs(group) for group in shortcuts),
-             "note": ""}
+    stats = {
+        "params": sum(p.numel() for p in params),
+        "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
+        "macs_per_token": macs + masked_macs_correction(model) + sum(model_linear_macs(group) for group in shortcuts),
+        "note": "",
+    }
     stats["nonzero_macs_per_token"] = stats["macs_per_token"] - base_linear_zeros(model)
     if variant.semi_structured:
         swapped, linears = use_semi_structured_kernels(model)
@@ -107,11 +122,22 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
 
 
 @torch.inference_mode()
-def measure_variant(variant: Variant, *, batch_size: int, dtype: str, device: str, vocab_size: int, prompt_len: int,
-                    new_tokens: int, warmup: int, repeats: int, num_threads: int | None = None) -> dict:
+def measure_variant(
+    variant: Variant,
+    *,
+    batch_size: int,
+    dtype: str,
+    device: str,
+    vocab_size: int,
+    prompt_len: int,
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    num_threads: int | None = None,
+) -> dict:
     """The variant's stats (pytorch only), timings (median, spread), peak memory and size, at one batch size."""
-    from nlsflow.models import resolve_device
     from nlsflow.deploy.timing import TorchDecoder, repeat_timing, summarize
+    from nlsflow.models import resolve_device
 
     if num_threads:
         torch.set_num_threads(num_threads)

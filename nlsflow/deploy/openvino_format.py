@@ -16,6 +16,7 @@ subgraph that the CPU plugin fuses into the MatMuls; activations stay float32. I
 In INT4 mode the embeddings and the LM head stay INT8 (NNCF's backup precision), as does any weight whose input size
 no power-of-two group >= 32 divides; `ratio` < 1 keeps that share of the other layers in INT8 too.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,18 +31,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from nlsflow.models import load_causal_lm
 from nlsflow.adapters.shortcuts import load_shortcuts
 from nlsflow.deploy.timing import position_ids
 from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_dir, atomic_write_text
+from nlsflow.models import load_causal_lm
 
 log = logging.getLogger(__name__)
 
 WEIGHT_MODES = ("fp32", "int8", "int4")
 MODEL_XML, MODEL_BIN, EXPORT_FILE = "openvino_model.xml", "openvino_model.bin", "openvino_export.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+)
 
 
 def openvino_available() -> bool:
@@ -87,8 +93,14 @@ class _ExplicitKV(nn.Module):
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
         mask = _additive_causal_mask(attention_mask, input_ids.shape[1])
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                         use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
         return (out.logits[:, -1], *present)
 
@@ -114,8 +126,9 @@ def _convert(model, shortcuts, num_layers: int, kv_heads: int, head_dim: int):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", "`torch.jit.trace", DeprecationWarning)  # OpenVINO's frontend traces with it
-        ov_model = ov.convert_model(_ExplicitKV(model, shortcuts), example_input=(ids, mask, positions, *past),
-                                   input=shapes)
+        ov_model = ov.convert_model(
+            _ExplicitKV(model, shortcuts), example_input=(ids, mask, positions, *past), input=shapes
+        )
     inputs = ["input_ids", "attention_mask", "position_ids", *_kv_names(num_layers, "past")]
     for port, name in zip(ov_model.inputs, inputs):
         port.get_tensor().set_names({name})
@@ -132,8 +145,13 @@ def _compress(ov_model, weights: str, group_size: int, ratio: float):
     # a weight whose input size group_size does not divide gets the largest power-of-two group (>= 32) that does,
     # else INT8; `_weight_formats` records what each weight got
     adjust = nncf.AdvancedCompressionParameters(group_size_fallback_mode=nncf.GroupSizeFallbackMode.ADJUST)
-    return nncf.compress_weights(ov_model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size, ratio=ratio,
-                                 advanced_parameters=adjust)
+    return nncf.compress_weights(
+        ov_model,
+        mode=nncf.CompressWeightsMode.INT4_ASYM,
+        group_size=group_size,
+        ratio=ratio,
+        advanced_parameters=adjust,
+    )
 
 
 def _weight_formats(ov_model) -> dict[str, int]:
@@ -151,24 +169,39 @@ def _weight_formats(ov_model) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def export_openvino(model_dir: str | Path, out_dir: Path, weights: str = "fp32", *, group_size: int = 64,
-                    int4_ratio: float = 1.0, revision: str | None = None) -> dict:
+def export_openvino(
+    model_dir: str | Path,
+    out_dir: Path,
+    weights: str = "fp32",
+    *,
+    group_size: int = 64,
+    int4_ratio: float = 1.0,
+    revision: str | None = None,
+) -> dict:
     """Export the causal LM in `model_dir` (with its HeteroLoRA shortcuts, if any) to OpenVINO IR in `out_dir`.
 
     Returns the `openvino_export.json` record plus `size_on_disk_mb` (xml + bin), `export_seconds` (load, trace,
     convert) and `compress_seconds` (NNCF; 0 for fp32).
     """
-    return export_openvino_formats(model_dir, {weights: out_dir}, group_size=group_size, int4_ratio=int4_ratio,
-                                   revision=revision)[weights]
+    return export_openvino_formats(
+        model_dir, {weights: out_dir}, group_size=group_size, int4_ratio=int4_ratio, revision=revision
+    )[weights]
 
 
-def export_openvino_formats(model_dir: str | Path, out_dirs: dict[str, Path], *, group_size: int = 64,
-                            int4_ratio: float = 1.0, revision: str | None = None) -> dict[str, dict]:
+def export_openvino_formats(
+    model_dir: str | Path,
+    out_dirs: dict[str, Path],
+    *,
+    group_size: int = 64,
+    int4_ratio: float = 1.0,
+    revision: str | None = None,
+) -> dict[str, dict]:
     """`export_openvino` for several weight modes ({mode: folder}), tracing the model once."""
     unknown = [w for w in out_dirs if w not in WEIGHT_MODES]
     if unknown:
-        raise NlsflowError(f"weights={unknown[0]!r} is not an OpenVINO export mode; "
-                           f"use one of {', '.join(WEIGHT_MODES)}")
+        raise NlsflowError(
+            f"weights={unknown[0]!r} is not an OpenVINO export mode; use one of {', '.join(WEIGHT_MODES)}"
+        )
     if not openvino_available():
         raise NlsflowError("OpenVINO export needs the openvino and nncf packages; pip install openvino nncf")
     import openvino as ov
@@ -194,17 +227,29 @@ def export_openvino_formats(model_dir: str | Path, out_dirs: dict[str, Path], *,
             for name in copied:
                 shutil.copy2(model_dir / name, tmp / name)
             int4 = weights == "int4"
-            record = {"weights": weights, "group_size": group_size if int4 else None,
-                      "int4_ratio": int4_ratio if int4 else None, "weight_formats": _weight_formats(ov_model),
-                      "num_layers": num_layers, "kv_heads": kv_heads, "head_dim": head_dim,
-                      "vocab_size": config.vocab_size,
-                      "shortcut_layers": sorted(map(int, shortcuts.keys())) if shortcuts else [],
-                      "source": str(model_dir.resolve()), "revision": revision, "tokenizer_files": copied}
+            record = {
+                "weights": weights,
+                "group_size": group_size if int4 else None,
+                "int4_ratio": int4_ratio if int4 else None,
+                "weight_formats": _weight_formats(ov_model),
+                "num_layers": num_layers,
+                "kv_heads": kv_heads,
+                "head_dim": head_dim,
+                "vocab_size": config.vocab_size,
+                "shortcut_layers": sorted(map(int, shortcuts.keys())) if shortcuts else [],
+                "source": str(model_dir.resolve()),
+                "revision": revision,
+                "tokenizer_files": copied,
+            }
             atomic_write_text(tmp / EXPORT_FILE, json.dumps(record, indent=2))
             size = sum((tmp / name).stat().st_size for name in (MODEL_XML, MODEL_BIN))
         log.info("exported %s to OpenVINO %s in %s (%.1f MB)", model_dir, weights, out_dir, size / 1e6)
-        records[weights] = {**record, "size_on_disk_mb": size / 1e6, "export_seconds": export_seconds,
-                            "compress_seconds": compress_seconds}
+        records[weights] = {
+            **record,
+            "size_on_disk_mb": size / 1e6,
+            "export_seconds": export_seconds,
+            "compress_seconds": compress_seconds,
+        }
     return records
 
 
@@ -222,8 +267,9 @@ class OpenVINODecoder:
 
         ov_dir = Path(ov_dir)
         if not ((ov_dir / MODEL_XML).is_file() and (ov_dir / EXPORT_FILE).is_file()):
-            raise NlsflowError(f"{ov_dir} is not an OpenVINO export (no {MODEL_XML} or {EXPORT_FILE}); "
-                               "re-run the benchmark stage")
+            raise NlsflowError(
+                f"{ov_dir} is not an OpenVINO export (no {MODEL_XML} or {EXPORT_FILE}); re-run the benchmark stage"
+            )
         self.info = json.loads((ov_dir / EXPORT_FILE).read_text())
         # f32 activations by default: on CPUs with bf16 units the plugin would otherwise compute in bf16
         properties = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": inference_precision}

@@ -1,4 +1,5 @@
 """The benchmark's table, markdown and plots: speed-ups against each variant's reference, said plainly."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,11 @@ def reference_of(name: str) -> str:
     if "@" not in name:
         return "dense"
     source, form = name.split("@", 1)
-    return {"2:4": f"{source}@fp16", "openvino-int8": f"{source}@openvino-fp32",
-            "openvino-int4": f"{source}@openvino-fp32"}.get(form, source)
+    return {
+        "2:4": f"{source}@fp16",
+        "openvino-int8": f"{source}@openvino-fp32",
+        "openvino-int4": f"{source}@openvino-fp32",
+    }.get(form, source)
 
 
 def with_speedups(rows: list[dict], unstructured: bool, same_device: bool = True) -> list[dict]:
@@ -45,25 +49,38 @@ def _pm(row: dict, key: str, digits: int) -> str:
 
 
 COLUMNS = {
-    "model": lambda r: r["model"], "runtime": lambda r: r["runtime"], "weights": lambda r: r["weights"],
-    "batch": lambda r: str(r["batch_size"]), "params": lambda r: f"{r['params']:,}",
-    "non-zero params": lambda r: f"{r['nonzero_params']:,}", "MACs/token": lambda r: f"{r['macs_per_token']:,}",
-    "non-zero MACs/token": lambda r: f"{r['nonzero_macs_per_token']:,}", "prefill ms": lambda r: _pm(r, "prefill_ms", 1),
-    "decode ms/token": lambda r: _pm(r, "decode_ms_per_token", 2), "tokens/s": lambda r: _pm(r, "tokens_per_s", 1),
+    "model": lambda r: r["model"],
+    "runtime": lambda r: r["runtime"],
+    "weights": lambda r: r["weights"],
+    "batch": lambda r: str(r["batch_size"]),
+    "params": lambda r: f"{r['params']:,}",
+    "non-zero params": lambda r: f"{r['nonzero_params']:,}",
+    "MACs/token": lambda r: f"{r['macs_per_token']:,}",
+    "non-zero MACs/token": lambda r: f"{r['nonzero_macs_per_token']:,}",
+    "prefill ms": lambda r: _pm(r, "prefill_ms", 1),
+    "decode ms/token": lambda r: _pm(r, "decode_ms_per_token", 2),
+    "tokens/s": lambda r: _pm(r, "tokens_per_s", 1),
     "speed-up": lambda r: "–" if r["speedup"] is None else f"{r['speedup']:.2f}×",
-    "peak memory MB": lambda r: f"{r['peak_memory_mb']:.0f}", "size MB": lambda r: f"{r['size_on_disk_mb']:.1f}",
-    "accuracy (strict)": lambda r: "–" if r["accuracy"] is None else f"{r['accuracy']:.4f} ({r['accuracy_strict']:.4f})",
+    "peak memory MB": lambda r: f"{r['peak_memory_mb']:.0f}",
+    "size MB": lambda r: f"{r['size_on_disk_mb']:.1f}",
+    "accuracy (strict)": lambda r: (
+        "–" if r["accuracy"] is None else f"{r['accuracy']:.4f} ({r['accuracy_strict']:.4f})"
+    ),
     "note": lambda r: r["note"],
 }
 
 
 def results_markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(r) for cell in COLUMNS.values()) + " |"
-              for r in sorted(rows, key=lambda r: r["batch_size"])]
-    return "\n".join(lines) + "\n\nTimes are medians ± half the range over the repeats; speed-up is tokens/s over the " \
-                              "reference's at the same batch size: the dense base; for a deployment format the step before it (PyTorch → " \
+    lines += [
+        "| " + " | ".join(cell(r) for cell in COLUMNS.values()) + " |"
+        for r in sorted(rows, key=lambda r: r["batch_size"])
+    ]
+    return (
+        "\n".join(lines) + "\n\nTimes are medians ± half the range over the repeats; speed-up is tokens/s over the "
+        "reference's at the same batch size: the dense base; for a deployment format the step before it (PyTorch → "
         "OpenVINO FP32 → INT8/INT4; fp16 dense kernels → 2:4 sparse kernels).\n"
+    )
 
 
 def plot_results(rows: list[dict], folder: Path) -> None:
@@ -77,11 +94,20 @@ def plot_results(rows: list[dict], folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     for batch_size in sorted({r["batch_size"] for r in rows}):
         batch = [r for r in rows if r["batch_size"] == batch_size]
-        ax.scatter([r["nonzero_macs_per_token"] for r in batch], [r["tokens_per_s"] for r in batch], label=f"batch {batch_size}")
+        ax.scatter(
+            [r["nonzero_macs_per_token"] for r in batch],
+            [r["tokens_per_s"] for r in batch],
+            label=f"batch {batch_size}",
+        )
     for r in rows:
         if r["batch_size"] == smallest:
-            ax.annotate(r["model"], (r["nonzero_macs_per_token"], r["tokens_per_s"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                r["model"],
+                (r["nonzero_macs_per_token"], r["tokens_per_s"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set(xlabel="non-zero MACs per token", ylabel="tokens/s (prefill + decode)", title="throughput")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -92,8 +118,13 @@ def plot_results(rows: list[dict], folder: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     ax.scatter([r["nonzero_macs_per_token"] for r in scored], [r["accuracy"] for r in scored], c="tab:green")
     for r in scored:
-        ax.annotate(r["model"], (r["nonzero_macs_per_token"], r["accuracy"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            r["model"],
+            (r["nonzero_macs_per_token"], r["accuracy"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set(xlabel="non-zero MACs per token", ylabel="average test accuracy", title="accuracy")
     fig.tight_layout()
     fig.savefig(Path(folder) / "accuracy_vs_macs.png", dpi=110)

@@ -5,6 +5,7 @@ new token of each row, `decode(tokens)` feeds those tokens and returns the next 
 PyTorch models (plain, PEFT, merged) use `TorchDecoder`; `nlsflow.deploy.openvino_format` has the OpenVINO one.
 `time_decoding` times one pass, `summarize` turns several passes into medians and spreads.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -47,16 +48,26 @@ class TorchDecoder:
 
     @torch.inference_mode()
     def prefill(self, input_ids, attention_mask):
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, logits_to_keep=1,
-                         position_ids=position_ids(attention_mask, input_ids.shape[1]))
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=True,
+            logits_to_keep=1,
+            position_ids=position_ids(attention_mask, input_ids.shape[1]),
+        )
         self.cache, self.mask = out.past_key_values, attention_mask
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.inference_mode()
     def decode(self, tokens):
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
-        out = self.model(input_ids=tokens, attention_mask=self.mask, past_key_values=self.cache, use_cache=True,
-                         position_ids=position_ids(self.mask, 1))
+        out = self.model(
+            input_ids=tokens,
+            attention_mask=self.mask,
+            past_key_values=self.cache,
+            use_cache=True,
+            position_ids=position_ids(self.mask, 1),
+        )
         self.cache = out.past_key_values
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -81,8 +92,9 @@ def time_decoding(decoder: Decoder, input_ids, attention_mask, new_tokens: int) 
     return Timing(prefilled - start, (end - prefilled) / (new_tokens - 1), end - start, len(input_ids) * new_tokens)
 
 
-def repeat_timing(decoder: Decoder, input_ids, attention_mask, new_tokens: int, warmup: int,
-                  repeats: int) -> list[Timing]:
+def repeat_timing(
+    decoder: Decoder, input_ids, attention_mask, new_tokens: int, warmup: int, repeats: int
+) -> list[Timing]:
     for _ in range(warmup):
         time_decoding(decoder, input_ids, attention_mask, new_tokens)
     return [time_decoding(decoder, input_ids, attention_mask, new_tokens) for _ in range(repeats)]
@@ -95,9 +107,11 @@ def median_spread(values: list[float]) -> tuple[float, float]:
 
 def summarize(timings: list[Timing]) -> dict[str, float]:
     """Medians and spreads of prefill ms, decode ms per token and tokens per second (end to end) over repeats."""
-    columns = {"prefill_ms": [t.prefill_s * 1e3 for t in timings],
-               "decode_ms_per_token": [t.decode_s_per_token * 1e3 for t in timings],
-               "tokens_per_s": [t.tokens / t.total_s for t in timings]}
+    columns = {
+        "prefill_ms": [t.prefill_s * 1e3 for t in timings],
+        "decode_ms_per_token": [t.decode_s_per_token * 1e3 for t in timings],
+        "tokens_per_s": [t.tokens / t.total_s for t in timings],
+    }
     out = {}
     for name, values in columns.items():
         out[name], out[f"{name}_spread"] = median_spread(values)

@@ -14,6 +14,7 @@ commonsense_evaluate.py, quirks included:
 The strict protocol (`extract_strict`, `score_strict`) reads the same generations without those
 quirks, so a gap between the two accuracies shows where the reference rule miscounts.
 """
+
 from __future__ import annotations
 
 import re
@@ -90,7 +91,7 @@ def extract_strict(kind: str, text: str, keywords: tuple[str, ...] = ()) -> str 
     """
     response = _NEXT_SECTION.split(text, maxsplit=1)[0]
     anchor = _ANSWER_IS.search(response)
-    after = response[anchor.start():] if anchor else ""
+    after = response[anchor.start() :] if anchor else ""
     if kind == "numeric":
         first = _STRICT_NUMBER.search(after)
         numbers = _STRICT_NUMBER.findall(response)

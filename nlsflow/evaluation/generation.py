@@ -1,4 +1,5 @@
 """Batched greedy/beam generation and scoring of one evaluation set."""
+
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,8 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from nlsflow.evaluation.answers import score, score_strict
 from nlsflow.data.datasets import EvalDataset, generate_prompt
+from nlsflow.evaluation.answers import score, score_strict
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +81,17 @@ def generate(
     return texts
 
 
-def generate_with_decoder(decoder, tokenizer, prompts: list[str], *, max_new_tokens: int, batch_size: int = 8,
-                          progress: bool = True, desc: str = "generate") -> list[str]:
-    """`generate`'s greedy texts through a `nlsflow.deploy.timing.Decoder` (e.g. an OpenVINO export): the same batches and
+def generate_with_decoder(
+    decoder,
+    tokenizer,
+    prompts: list[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[str]:
+    """`generate`'s greedy texts through a `deploy.timing.Decoder` (e.g. an OpenVINO export): the same batches and
     padding; a row ends at the tokenizer's EOS, a batch when every row has."""
     if not prompts:
         return []
@@ -125,22 +134,48 @@ def evaluate_dataset(
     if decoder is not None:
         if num_beams != 1:
             raise ValueError(f"num_beams={num_beams}: generation through a decoder is greedy only")
-        generations = generate_with_decoder(decoder, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                            batch_size=batch_size, progress=progress, desc=dataset.name)
+        generations = generate_with_decoder(
+            decoder,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            desc=dataset.name,
+        )
     else:
-        generations = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams,
-                               batch_size=batch_size, progress=progress, desc=dataset.name)
+        generations = generate(
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            batch_size=batch_size,
+            progress=progress,
+            desc=dataset.name,
+        )
     rows = []
     for index, (record, prompt, generation) in enumerate(zip(records, prompts, generations)):
         label = str(record["answer"])
         prediction, correct = score(dataset, generation, label)
         strict_prediction, strict_correct = score_strict(dataset, generation, label)
-        rows.append({"task": dataset.name, "index": index, "prompt": prompt, "generation": generation,
-                     "prediction": prediction, "label": label, "correct": correct,
-                     "strict_prediction": strict_prediction, "strict_correct": strict_correct})
+        rows.append(
+            {
+                "task": dataset.name,
+                "index": index,
+                "prompt": prompt,
+                "generation": generation,
+                "prediction": prediction,
+                "label": label,
+                "correct": correct,
+                "strict_prediction": strict_prediction,
+                "strict_correct": strict_correct,
+            }
+        )
     if rows:
         accuracy = sum(row["correct"] for row in rows) / len(rows)
         strict_accuracy = sum(row["strict_correct"] for row in rows) / len(rows)
-        logger.info("%s: accuracy %.4f (strict %.4f) over %d records", dataset.name, accuracy, strict_accuracy,
-                    len(rows))
+        logger.info(
+            "%s: accuracy %.4f (strict %.4f) over %d records", dataset.name, accuracy, strict_accuracy, len(rows)
+        )
     return rows

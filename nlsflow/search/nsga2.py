@@ -1,13 +1,14 @@
 """NSGA-II (pymoo) over a super-network's choice indices: maximise accuracy, minimise cost."""
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
@@ -56,32 +57,46 @@ class SubnetEvaluator:
     evaluator on the same path starts from it: a search killed at any point resumes without re-evaluating.
     """
 
-    def __init__(self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int],
-                 cache_path: Path | None = None):
+    def __init__(
+        self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int], cache_path: Path | None = None
+    ):
         self.accuracy_fn, self.cost_fn, self.cache_path = accuracy_fn, cost_fn, cache_path
         self.evaluations: dict[str, Evaluation] = {}
         self.progress = None
         if cache_path is not None and Path(cache_path).is_file():
             for row in read_table(cache_path, "search_cache").to_pylist():
                 subnet = json.loads(row["config"])
-                self.evaluations[row["config"]] = Evaluation(row["eval_id"], subnet, row["accuracy"], row["cost"],
-                                                             row["seconds"])
+                self.evaluations[row["config"]] = Evaluation(
+                    row["eval_id"], subnet, row["accuracy"], row["cost"], row["seconds"]
+                )
             log.info("search cache %s: resuming from %d evaluations", cache_path, len(self.evaluations))
         self.resumed = len(self.evaluations)
 
     def _persist(self) -> None:
         if self.cache_path is not None:
-            write_table(self.cache_path, "search_cache", [
-                {"eval_id": e.eval_id, "config": e.key, "accuracy": e.accuracy, "cost": e.cost, "seconds": e.seconds}
-                for e in self.evaluations.values()])
+            write_table(
+                self.cache_path,
+                "search_cache",
+                [
+                    {
+                        "eval_id": e.eval_id,
+                        "config": e.key,
+                        "accuracy": e.accuracy,
+                        "cost": e.cost,
+                        "seconds": e.seconds,
+                    }
+                    for e in self.evaluations.values()
+                ],
+            )
 
     def __call__(self, subnet: Subnet, label: str = "") -> Evaluation:
         key = json.dumps(subnet, sort_keys=True)
         if key not in self.evaluations:
             start = time.perf_counter()
             accuracy = self.accuracy_fn(subnet)
-            self.evaluations[key] = Evaluation(len(self.evaluations), subnet, accuracy, self.cost_fn(subnet),
-                                               time.perf_counter() - start)
+            self.evaluations[key] = Evaluation(
+                len(self.evaluations), subnet, accuracy, self.cost_fn(subnet), time.perf_counter() - start
+            )
             self._persist()
             if self.progress is not None:
                 self.progress.update(1)
@@ -105,32 +120,49 @@ class _UniqueEvaluations(Termination):
 class _SubnetProblem(ElementwiseProblem):
     def __init__(self, space: list[Variable], scorer: SubnetEvaluator):
         self.space, self.scorer = space, scorer
-        super().__init__(n_var=len(space), n_obj=2, xl=np.zeros(len(space)), xu=np.array([len(v.choices) - 1 for v in space]),
-                         vtype=int)
+        super().__init__(
+            n_var=len(space),
+            n_obj=2,
+            xl=np.zeros(len(space)),
+            xu=np.array([len(v.choices) - 1 for v in space]),
+            vtype=int,
+        )
 
     def _evaluate(self, x, out, *args, **kwargs):
         result = self.scorer(subnet_from_indices(self.space, np.round(x).astype(int)))
         out["F"] = [-result.accuracy, result.cost]
 
 
-def nsga2_search(space: list[Variable], evaluate: SubnetEvaluator, *, population: int, num_evals: int,
-                 seed: int, seeds: dict[str, Subnet]) -> list[Evaluation]:
-    """Run NSGA-II from an initial population holding the named `seeds` subnets; return every evaluation, Pareto-flagged."""
+def nsga2_search(
+    space: list[Variable],
+    evaluate: SubnetEvaluator,
+    *,
+    population: int,
+    num_evals: int,
+    seed: int,
+    seeds: dict[str, Subnet],
+) -> list[Evaluation]:
+    """NSGA-II from an initial population holding the named `seeds` subnets; every evaluation, Pareto-flagged."""
     rng = np.random.default_rng(seed)
     initial = [indices_from_subnet(space, s) for s in seeds.values()]
     while len(initial) < population:
         initial.append([int(rng.integers(len(v.choices))) for v in space])
     for name, subnet in seeds.items():
         evaluate(subnet, label=name)
-    algorithm = NSGA2(pop_size=population, sampling=np.array(initial[:population]),
-                      crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-                      mutation=PM(eta=20, vtype=float, repair=RoundingRepair()), eliminate_duplicates=True)
+    algorithm = NSGA2(
+        pop_size=population,
+        sampling=np.array(initial[:population]),
+        crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+        mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
+        eliminate_duplicates=True,
+    )
     budget = min(num_evals, math.prod(len(v.choices) for v in space))
     termination = _UniqueEvaluations(evaluate, budget, max_gen=10 * math.ceil(budget / population) + 10)
     with tqdm(total=budget, desc="search", unit="subnet", initial=len(evaluate.evaluations)) as bar:
         evaluate.progress = bar
-        minimize(_SubnetProblem(space, evaluate), algorithm, termination, copy_termination=False, seed=seed,
-                 verbose=False)
+        minimize(
+            _SubnetProblem(space, evaluate), algorithm, termination, copy_termination=False, seed=seed, verbose=False
+        )
         evaluate.progress = None
     results = sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id)
     front = NonDominatedSorting().do(np.array([[-e.accuracy, e.cost] for e in results]), only_non_dominated_front=True)
@@ -142,8 +174,13 @@ def nsga2_search(space: list[Variable], evaluate: SubnetEvaluator, *, population
 CHOICE_RULES = ("min_cost_within_delta", "max_accuracy", "max_accuracy_within_budget")
 
 
-def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float, rule: str = "min_cost_within_delta",
-           max_cost: float | None = None) -> Evaluation:
+def choose(
+    evaluations: list[Evaluation],
+    ref_acc: float,
+    acc_delta: float,
+    rule: str = "min_cost_within_delta",
+    max_cost: float | None = None,
+) -> Evaluation:
     """Pick one evaluated subnet by `rule` (ties go to the more accurate, then the cheaper):
 
     - min_cost_within_delta (the seeds'): the lowest cost with accuracy >= ref_acc - acc_delta, else the most accurate;
@@ -159,7 +196,11 @@ def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float, rule
         within = [e for e in evaluations if e.cost <= max_cost]
         if not within:
             log.warning("no evaluated subnet costs <= %s; choosing the cheapest", max_cost)
-        return max(within, key=lambda e: (e.accuracy, -e.cost)) if within else min(evaluations, key=lambda e: (e.cost, -e.accuracy))
+        return (
+            max(within, key=lambda e: (e.accuracy, -e.cost))
+            if within
+            else min(evaluations, key=lambda e: (e.cost, -e.accuracy))
+        )
     if rule != "min_cost_within_delta":
         raise ValueError(f"unknown rule {rule!r}; use one of {CHOICE_RULES}")
     eligible = [e for e in evaluations if e.accuracy >= ref_acc - acc_delta]
@@ -167,7 +208,7 @@ def choose(evaluations: list[Evaluation], ref_acc: float, acc_delta: float, rule
 
 
 def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, folder: Path) -> None:
-    """`pareto_front.png` (accuracy vs cost, named subnets marked) and `search_progression.png` (accuracy per evaluation)."""
+    """`pareto_front.png` (accuracy vs cost, named subnets marked), `search_progression.png` (accuracy by eval)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,6 +16,7 @@ Here a group of `lora_A` nodes becomes an `ElasticGroup` (rank choices) and a gr
 `WidthGroup` (LoNAS' elastic MLP width). Explicit per-layer copies of one group fold back into a single
 per-layer group; a layer-free group, or one naming the same modules in every layer, is one shared choice.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,10 +32,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nlsflow.adapters.elastic import ElasticGroup
 from nlsflow.adapters.width import WidthGroup
-from schemas.config import GroupConfig
-from nlsflow.errors import format_validation_error
 from nlsflow.config import yaml_load
-from nlsflow.errors import NlsflowError
+from nlsflow.errors import NlsflowError, format_validation_error
+from schemas.config import GroupConfig
 
 SEARCH_KEYS = ("algorithm", "num_evals", "population", "ref_acc", "acc_delta")
 _IGNORED_SEARCH_KEYS = ("batchnorm_adaptation",)  # LLMs have no batch norm; the seed configs set it to 0 samples
@@ -56,9 +56,13 @@ class NncfSearchSpace:
 
     def to_dict(self) -> dict[str, Any]:
         """The plain YAML form, which `load_search_space` reads back to an equal object."""
+
         def rows(groups):
-            return [{"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer}
-                    for g in groups]
+            return [
+                {"name": g.name, "modules": list(g.modules), "choices": list(g.choices), "per_layer": g.per_layer}
+                for g in groups
+            ]
+
         return {"groups": rows(self.groups), "width_groups": rows(self.base_width_groups), "search": dict(self.search)}
 
 
@@ -91,8 +95,13 @@ def group_name(modules: Sequence[str]) -> str:
     return "qkv" if sorted(stems) in (["k", "q", "v"], ["key", "query", "value"]) else "_".join(stems)
 
 
-def load_search_space(path: Path | str, *, rank: int | None = None, module_sizes: Mapping[str, int] | None = None,
-                      num_hidden_layers: int | None = None) -> NncfSearchSpace:
+def load_search_space(
+    path: Path | str,
+    *,
+    rank: int | None = None,
+    module_sizes: Mapping[str, int] | None = None,
+    num_hidden_layers: int | None = None,
+) -> NncfSearchSpace:
     """A seed NNCF JSON (has `bootstrapNAS`) or the plain form ({groups, width_groups, search}), JSON or YAML."""
     doc = _read(Path(path))
     if "bootstrapNAS" in doc:
@@ -102,15 +111,18 @@ def load_search_space(path: Path | str, *, rank: int | None = None, module_sizes
     raise NlsflowError(f"{path}: neither an NNCF config (no 'bootstrapNAS') nor a plain search space (no 'groups')")
 
 
-def parse_plain(doc: Mapping[str, Any], *, rank: int | None = None,
-                module_sizes: Mapping[str, int] | None = None) -> NncfSearchSpace:
+def parse_plain(
+    doc: Mapping[str, Any], *, rank: int | None = None, module_sizes: Mapping[str, int] | None = None
+) -> NncfSearchSpace:
     try:
         plain = _PlainSpace.model_validate(doc)
     except ValidationError as e:
         raise NlsflowError(f"search space: {format_validation_error(e)}") from None
     space = NncfSearchSpace(
         groups=[ElasticGroup(g.name, tuple(g.modules), tuple(g.choices), g.per_layer) for g in plain.groups],
-        base_width_groups=[WidthGroup(g.name, tuple(g.modules), tuple(g.choices), g.per_layer) for g in plain.width_groups],
+        base_width_groups=[
+            WidthGroup(g.name, tuple(g.modules), tuple(g.choices), g.per_layer) for g in plain.width_groups
+        ],
         search=_check_search(plain.search, ignored=()),
     )
     for kind, groups in (("groups", space.groups), ("width_groups", space.base_width_groups)):
@@ -124,26 +136,39 @@ def parse_plain(doc: Mapping[str, Any], *, rank: int | None = None,
     return space
 
 
-def parse_nncf_config(doc_or_path: Mapping[str, Any] | Path | str, *, num_hidden_layers: int | None = None,
-                      rank: int | None = None, module_sizes: Mapping[str, int] | None = None) -> NncfSearchSpace:
+def parse_nncf_config(
+    doc_or_path: Mapping[str, Any] | Path | str,
+    *,
+    num_hidden_layers: int | None = None,
+    rank: int | None = None,
+    module_sizes: Mapping[str, int] | None = None,
+) -> NncfSearchSpace:
     """The elastic groups and search settings of a LoNAS/Shears NNCF config (a dict or a file path)."""
     doc = doc_or_path if isinstance(doc_or_path, Mapping) else _read(Path(doc_or_path))
     training = _get(doc, "bootstrapNAS", "training")
     elasticity = _get(training, "elasticity")
     dims = elasticity.get("available_elasticity_dims", ["width"])
     if list(dims) != ["width"]:
-        raise NlsflowError(f"elasticity.available_elasticity_dims is {dims}; only ['width'] (LoRA rank / module width) is supported")
+        raise NlsflowError(
+            f"elasticity.available_elasticity_dims is {dims}; only ['width'] (LoRA rank / module width) is supported"
+        )
     width = _get(elasticity, "width")
     if set(width) - _WIDTH_KEYS:
-        raise NlsflowError(f"elasticity.width keys {sorted(set(width) - _WIDTH_KEYS)} are not supported; "
-                           f"give the space as overwrite_groups + overwrite_groups_widths")
+        raise NlsflowError(
+            f"elasticity.width keys {sorted(set(width) - _WIDTH_KEYS)} are not supported; "
+            f"give the space as overwrite_groups + overwrite_groups_widths"
+        )
     groups, widths = _get(width, "overwrite_groups"), _get(width, "overwrite_groups_widths")
     if not isinstance(groups, list) or not isinstance(widths, list):
-        raise NlsflowError("overwrite_groups and overwrite_groups_widths must be lists (of node-name lists, of width lists)")
+        raise NlsflowError(
+            "overwrite_groups and overwrite_groups_widths must be lists (of node-name lists, of width lists)"
+        )
     raws = [_parse_group(i, nodes, widths[i] if i < len(widths) else None) for i, nodes in enumerate(groups)]
     if len(widths) > len(groups):
-        raise NlsflowError(f"overwrite_groups_widths has {len(widths)} lists but overwrite_groups only {len(groups)} groups; "
-                           f"give one width list per group")
+        raise NlsflowError(
+            f"overwrite_groups_widths has {len(widths)} lists but overwrite_groups only {len(groups)} groups; "
+            f"give one width list per group"
+        )
     rank_groups = [ElasticGroup(*g) for g in _fold([r for r in raws if r.kind == "rank"], num_hidden_layers)]
     width_groups = [WidthGroup(*g) for g in _fold([r for r in raws if r.kind == "width"], num_hidden_layers, "_width")]
     space = NncfSearchSpace(rank_groups, width_groups, _check_search(doc["bootstrapNAS"].get("search", {})))
@@ -152,7 +177,7 @@ def parse_nncf_config(doc_or_path: Mapping[str, Any] | Path | str, *, num_hidden
 
 
 def add_fixed_groups(space: NncfSearchSpace, target_modules: Sequence[str], rank: int) -> NncfSearchSpace:
-    """Give LoRA targets the config leaves out (LoNAS lists no down_proj) a fixed rank, so every LoRA layer has a group."""
+    """Give LoRA targets the config leaves out (LoNAS lists no down_proj) a fixed rank: every LoRA layer has a group."""
     covered = {m for g in space.groups for m in g.modules}
     fixed = [ElasticGroup(group_name([m]), (m,), (rank,), per_layer=False) for m in target_modules if m not in covered]
     return NncfSearchSpace([*space.groups, *fixed], space.base_width_groups, space.search)
@@ -182,8 +207,10 @@ def _read(path: Path) -> dict:
 def _get(doc: Mapping, *keys: str) -> Any:
     for key in keys:
         if not isinstance(doc, Mapping) or key not in doc:
-            raise NlsflowError(f"NNCF config has no '{key}' (expected bootstrapNAS.training.elasticity.width."
-                               f"overwrite_groups and overwrite_groups_widths)")
+            raise NlsflowError(
+                f"NNCF config has no '{key}' (expected bootstrapNAS.training.elasticity.width."
+                f"overwrite_groups and overwrite_groups_widths)"
+            )
         doc = doc[key]
     return doc
 
@@ -193,17 +220,24 @@ def _parse_node(node: str, where: str) -> tuple[str, str, int | str | None]:
     templated = node.startswith("{re}")
     body = node.removeprefix("{re}")
     if ("{*}" in body) != templated:
-        raise NlsflowError(f"{where}: node {node!r} must use '{{re}}' and '{{*}}' together (Shears' per-layer template)")
+        raise NlsflowError(
+            f"{where}: node {node!r} must use '{{re}}' and '{{*}}' together (Shears' per-layer template)"
+        )
     layers = _LAYER.findall(body)
     if len(layers) > 1 or body.count("{*}") > len([x for x in layers if x == "{*}"]):
-        raise NlsflowError(f"{where}: node {node!r} has {'several layer indices' if len(layers) > 1 else '{*} outside the layer index'}")
+        raise NlsflowError(
+            f"{where}: node {node!r} has "
+            f"{'several layer indices' if len(layers) > 1 else '{*} outside the layer index'}"
+        )
     layer = None if not layers else "*" if layers[0] == "{*}" else int(layers[0])
     if m := _LORA.search(body):
         return m[1], m[2], layer
     if m := _SELF.search(body) or _PLAIN.search(body):
         return m[1], "base", layer
-    raise NlsflowError(f"{where}: unknown node pattern {node!r}; expected .../Linear[<module>]/ModuleDict[lora_A]/"
-                       f"NNCFLinear[default]/linear_0 (a LoRA rank) or .../Linear[<module>]/NNCFUserSelfLinear[self_linear]/linear_0")
+    raise NlsflowError(
+        f"{where}: unknown node pattern {node!r}; expected .../Linear[<module>]/ModuleDict[lora_A]/"
+        f"NNCFLinear[default]/linear_0 (a LoRA rank) or .../Linear[<module>]/NNCFUserSelfLinear[self_linear]/linear_0"
+    )
 
 
 def _parse_group(index: int, nodes: Any, widths: Any) -> _Raw:
@@ -220,25 +254,37 @@ def _parse_group(index: int, nodes: Any, widths: Any) -> _Raw:
     modules = tuple(dict.fromkeys(m for m, f, _ in parsed if f == order))
     where = f"group {group_name(modules) if modules else '?'!r} ({where})"
     if "lora_A" in factors and kind == "width":
-        raise NlsflowError(f"{where} mixes LoRA ranks (lora_A) with module outputs ({sorted(factors - {'lora_A'})}); split it")
+        raise NlsflowError(
+            f"{where} mixes LoRA ranks (lora_A) with module outputs ({sorted(factors - {'lora_A'})}); split it"
+        )
     if kind == "width" and "base" not in factors:
-        raise NlsflowError(f"{where} has only lora_B nodes; lora_B's output is its module's width: list the module's "
-                           f"NNCFUserSelfLinear[self_linear] node with it")
+        raise NlsflowError(
+            f"{where} has only lora_B nodes; lora_B's output is its module's width: list the module's "
+            f"NNCFUserSelfLinear[self_linear] node with it"
+        )
     for layer, by_factor in per_layer.items():  # the same modules in every layer; lora_B only beside its module
         if by_factor.get(order) != set(modules) or not by_factor.get("lora_B", set()) <= set(modules):
             found = {f: sorted(m) for f, m in sorted(by_factor.items())}
-            raise NlsflowError(f"{where}: layer {layer} has {found}, expected {order} nodes of {list(modules)} in every layer")
+            raise NlsflowError(
+                f"{where}: layer {layer} has {found}, expected {order} nodes of {list(modules)} in every layer"
+            )
     if widths is None:
-        raise NlsflowError(f"{where} has no width list: overwrite_groups_widths has fewer lists than overwrite_groups has groups")
+        raise NlsflowError(
+            f"{where} has no width list: overwrite_groups_widths has fewer lists than overwrite_groups has groups"
+        )
     layers = frozenset(per_layer)
     if ("*" in layers or None in layers) and len(layers) > 1:
-        raise NlsflowError(f"{where} mixes '{{*}}' / layer-free nodes with fixed layer indices {sorted(l for l in layers if isinstance(l, int))}")
+        raise NlsflowError(
+            f"{where} mixes '{{*}}' / layer-free nodes with fixed layer indices "
+            f"{sorted(l for l in layers if isinstance(l, int))}"
+        )
     _check_widths(widths, where)
     return _Raw(index, group_name(modules), kind, modules, layers, tuple(widths))
 
 
 def _fold(raws: list[_Raw], num_hidden_layers: int | None, suffix: str = "") -> list[tuple]:
     """Merge explicit per-layer copies of a group into one (name, modules, choices, per_layer) row, in file order."""
+
     def key(r: _Raw) -> tuple:  # explicit single-layer copies of one group share a key
         return tuple(sorted(r.modules)) if _single_layer(r) else (r.index,)
 
@@ -255,21 +301,27 @@ def _fold(raws: list[_Raw], num_hidden_layers: int | None, suffix: str = "") -> 
         if _single_layer(r):
             (layer,) = r.layers
             if r.widths != first.widths:
-                raise NlsflowError(f"{r.where}: widths {list(r.widths)} differ from {list(first.widths)} in overwrite_groups"
-                                   f"[{first.index}]; one choice list must serve every layer")
+                raise NlsflowError(
+                    f"{r.where}: widths {list(r.widths)} differ from {list(first.widths)} in overwrite_groups"
+                    f"[{first.index}]; one choice list must serve every layer"
+                )
             if layer in layers_of.setdefault(key(r), []):
                 raise NlsflowError(f"{r.where}: layer {layer} is listed twice")
             layers_of[key(r)].append(layer)
         else:  # a '{*}' template, a layer-free group, or one group over several layers (one shared choice)
             ints = {l for l in r.layers if isinstance(l, int)}
             if ints and ints != every:
-                raise NlsflowError(f"{r.where} spans layers {sorted(ints)} but not all {n}; a shared choice must cover every layer")
+                raise NlsflowError(
+                    f"{r.where} spans layers {sorted(ints)} but not all {n}; a shared choice must cover every layer"
+                )
     for k, layers in layers_of.items():
         if max(layers) >= n:
             raise NlsflowError(f"{firsts[k].where} lists layer {max(layers)} but the model has {n} layers")
         if set(layers) != every:
-            raise NlsflowError(f"{firsts[k].where} is given for layers {sorted(layers)}, not for {sorted(every - set(layers))} "
-                               f"of {n}; an elastic group must cover every decoder layer")
+            raise NlsflowError(
+                f"{firsts[k].where} is given for layers {sorted(layers)}, not for {sorted(every - set(layers))} "
+                f"of {n}; an elastic group must cover every decoder layer"
+            )
     names: set[str] = set()
     rows = []
     for r in firsts.values():
@@ -284,9 +336,12 @@ def _single_layer(r: _Raw) -> bool:
 
 
 def _check_widths(widths: Any, where: str) -> None:
-    if (not isinstance(widths, (list, tuple)) or not widths
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
-            or any(a <= b for a, b in pairwise(widths))):
+    if (
+        not isinstance(widths, (list, tuple))
+        or not widths
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+        or any(a <= b for a, b in pairwise(widths))
+    ):
         shown = list(widths) if isinstance(widths, (list, tuple)) else widths
         raise NlsflowError(f"{where}: choices {shown} must be positive integers, strictly descending")
 
@@ -305,16 +360,20 @@ def _check_maxima(space: NncfSearchSpace, rank: int | None, module_sizes: Mappin
     if rank is not None:
         for g in space.groups:
             if g.choices[0] != rank:
-                raise NlsflowError(f"group {g.name!r}: choices {list(g.choices)} start at {g.choices[0]}, "
-                                   f"but the trained rank is {rank}; the first choice must be the trained rank")
+                raise NlsflowError(
+                    f"group {g.name!r}: choices {list(g.choices)} start at {g.choices[0]}, "
+                    f"but the trained rank is {rank}; the first choice must be the trained rank"
+                )
     if module_sizes is not None:
         for g in space.base_width_groups:
             for m in g.modules:
                 if m not in module_sizes:
                     raise NlsflowError(f"width group {g.name!r}: module_sizes has no entry for {m!r}")
                 if g.choices[0] != module_sizes[m]:
-                    raise NlsflowError(f"width group {g.name!r}: choices {list(g.choices)} start at {g.choices[0]}, "
-                                       f"but {m} has {module_sizes[m]} outputs; the first choice must be the full size")
+                    raise NlsflowError(
+                        f"width group {g.name!r}: choices {list(g.choices)} start at {g.choices[0]}, "
+                        f"but {m} has {module_sizes[m]} outputs; the first choice must be the full size"
+                    )
 
 
 def _check_search(block: Any, ignored: Sequence[str] = _IGNORED_SEARCH_KEYS) -> dict[str, Any]:
