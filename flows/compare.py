@@ -43,27 +43,26 @@ COLUMNS = {  # column -> header
 def method_row(run_dir: Path, method: str) -> dict:
     """The comparison row of one finished run."""
     train, extract, bench = (read_manifest(stage_dir(run_dir, s), s) for s in ("train", "extract", "benchmark"))
-    try:
-        deployed = bench.metrics["results"].get("extracted_merged") or bench.metrics["results"]["extracted_adapter"]
-        return {
-            "method": method,
-            "trainable_params": train.metrics["trainable_params"],
-            "train_adapter_bytes": train.metrics["adapter_bytes"],
-            "adapter_bytes": extract.metrics["adapter_bytes"],
-            "compact_bytes": extract.metrics.get("nola_bytes"),
-            "params": deployed["params"],
-            "nonzero_params": deployed["nonzero_params"],
-            "macs_per_token": deployed["macs_per_token"],
-            "nonzero_macs_per_token": deployed["nonzero_macs_per_token"],
-            "accuracy": extract.metrics["average_accuracy"],
-            "accuracy_strict": extract.metrics["average_accuracy_strict"],
-            "train_seconds": train.duration_s,
-        }
-    except KeyError as e:
+    trained, extracted, results = train.output, extract.output, bench.output.results
+    if extracted.scores is None:
         raise NlsflowError(
-            f"{run_dir} lacks the metric {e} (made by an older nlsflow, or extract.evaluate=false); "
-            "re-run it with --force"
-        ) from None
+            f"{run_dir}: the extracted model was not scored (extract.evaluate=false); re-run it with --force"
+        )
+    deployed = results.get("extracted_merged") or results["extracted_adapter"]
+    return {
+        "method": method,
+        "trainable_params": trained.trainable_params,
+        "train_adapter_bytes": trained.adapter_bytes,
+        "adapter_bytes": extracted.adapter_bytes,
+        "compact_bytes": extracted.nola_bytes,
+        "params": deployed.params,
+        "nonzero_params": deployed.nonzero_params,
+        "macs_per_token": deployed.macs_per_token,
+        "nonzero_macs_per_token": deployed.nonzero_macs_per_token,
+        "accuracy": extracted.average_accuracy,
+        "accuracy_strict": extracted.average_accuracy_strict,
+        "train_seconds": train.duration_s,
+    }
 
 
 def markdown(rows: list[dict]) -> str:

@@ -102,7 +102,7 @@ def pipeline(
         if state.is_failed():
             return Failed(message=state.message)  # later stages would only fail on the missing input
         results.append(state.result())
-    about = f"{cfg.task} / {cfg.profile} / {cfg.method}"
+    about = f"{cfg.task} / {cfg.profile} / {cfg.method.name}"
     create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=about)
     create_table_artifact(
         accuracy_table(results), key="nlsflow-accuracy", description=f"accuracy per test set, {about}"

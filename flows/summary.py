@@ -10,32 +10,46 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from schemas.outputs import (
+    STAGE_OUTPUTS,
+    BenchmarkOutput,
+    EvaluateOutput,
+    ExtractOutput,
+    PruneOutput,
+    Scores,
+    SearchOutput,
+    StageOutput,
+    TrainOutput,
+)
 
-def key_metric(stage: str, m: dict) -> str:
-    if stage == "prune":
-        return f"sparsity {m['sparsity']:.3f}, WikiText-2 ppl {m['ppl_dense']:.1f} -> {m['ppl_pruned']:.1f}"
-    if stage == "train":
-        return f"{m['steps']} steps, final loss {m['final_loss']:.3f}"
-    if stage == "evaluate":
+
+def stage_output(result: dict) -> StageOutput:
+    """A pipeline result's metrics (as flows.pipeline.run_stage returns them) as the stage's output model."""
+    return STAGE_OUTPUTS[result["stage"]].model_validate(result["metrics"])
+
+
+def key_metric(out: StageOutput) -> str:
+    if isinstance(out, PruneOutput):
+        return f"sparsity {out.sparsity:.3f}, WikiText-2 ppl {out.ppl_dense:.1f} -> {out.ppl_pruned:.1f}"
+    if isinstance(out, TrainOutput):
+        return f"{out.steps} steps, final loss {out.final_loss:.3f}"
+    if isinstance(out, EvaluateOutput):
         return (
-            f"{m['subnet_name']} subnet: average accuracy {m['average_accuracy']:.4f} "
-            f"(strict {m['average_accuracy_strict']:.4f})"
+            f"{out.subnet_name} subnet: average accuracy {out.average_accuracy:.4f} "
+            f"(strict {out.average_accuracy_strict:.4f})"
         )
-    if stage == "search":
+    if isinstance(out, SearchOutput):
         return (
-            f"{m['evaluations']} subnets, chosen accuracy {m['chosen_accuracy']:.4f} "
-            f"at {m['cost']} {m['chosen_cost']:,}"
-            f" (heuristic {m['heuristic_accuracy']:.4f} at {m['heuristic_cost']:,})"
+            f"{out.evaluations} subnets, chosen accuracy {out.chosen_accuracy:.4f} at {out.cost} {out.chosen_cost:,}"
+            f" (heuristic {out.heuristic_accuracy:.4f} at {out.heuristic_cost:,})"
         )
-    if stage == "extract":
-        text = f"max |Δlogit| {m['max_abs_logit_diff']:.2e}, adapter params {m['adapter_params']:,}"
-        if "mlp_widths" in m:  # LoNAS: the channels are cut out of the base
-            return (
-                text + f", MLP widths {min(m['mlp_widths'])}-{max(m['mlp_widths'])}, base params {m['base_params']:,}"
-            )
-        return text + (f", merged sparsity {m['merged_sparsity']:.3f}" if "merged_sparsity" in m else "")
-    if stage == "benchmark":
-        return ", ".join(f"{name} {r['tokens_per_s']:.1f} tok/s" for name, r in m["results"].items())
+    if isinstance(out, ExtractOutput):
+        text = f"max |Δlogit| {out.max_abs_logit_diff:.2e}, adapter params {out.adapter_params:,}"
+        if out.mlp_widths is not None:  # LoNAS: the channels are cut out of the base
+            return text + f", MLP widths {min(out.mlp_widths)}-{max(out.mlp_widths)}, base params {out.base_params:,}"
+        return text + (f", merged sparsity {out.merged_sparsity:.3f}" if out.merged_sparsity is not None else "")
+    if isinstance(out, BenchmarkOutput):
+        return ", ".join(f"{name} {r.tokens_per_s:.1f} tok/s" for name, r in out.results.items())
     return ""
 
 
@@ -49,37 +63,41 @@ def describe_subnet(subnet: dict[str, int]) -> str:
     )
 
 
+def scored_models(evaluate: EvaluateOutput, extract: ExtractOutput | None) -> dict[str, Scores]:
+    """Every model scored on the test sets, by name: the baselines, evaluate's subnet, the extracted model."""
+    scored = {**evaluate.baselines, evaluate.subnet_name: evaluate.scores}
+    if extract is not None and extract.scores is not None:
+        scored["extracted"] = extract.scores
+    return scored
+
+
 def _extras(results: list[dict]) -> list[tuple[str, str]]:
-    by_stage = {r["stage"]: r["metrics"] for r in results}
+    by_stage = {r["stage"]: stage_output(r) for r in results}
+    extract = by_stage.get("extract")
     rows = []
     if "evaluate" in by_stage:
         ev = by_stage["evaluate"]
-        scored = {**ev.get("baselines", {}), ev["subnet_name"]: ev}
-        if "accuracy" in by_stage.get("extract", {}):
-            scored["extracted"] = by_stage["extract"]
         rows.append(
             (
                 "average accuracy (reference / strict)",
                 ", ".join(
-                    f"{name} {m['average_accuracy']:.4f} / {m['average_accuracy_strict']:.4f}"
-                    for name, m in scored.items()
+                    f"{name} {m.average_accuracy:.4f} / {m.average_accuracy_strict:.4f}"
+                    for name, m in scored_models(ev, extract).items()
                 ),
             )
         )
-        rows.append(
-            (f"{ev['subnet_name']} accuracy per task", ", ".join(f"{k} {v:.4f}" for k, v in ev["accuracy"].items()))
-        )
-    if "extract" in by_stage:
-        rows.append(("chosen subnet", describe_subnet(by_stage["extract"]["subnet"])))
+        rows.append((f"{ev.subnet_name} accuracy per task", ", ".join(f"{k} {v:.4f}" for k, v in ev.accuracy.items())))
+    if extract is not None:
+        rows.append(("chosen subnet", describe_subnet(extract.subnet)))
     if "benchmark" in by_stage:
-        res = by_stage["benchmark"]["results"]
+        res = by_stage["benchmark"].results
         dense, after = res["dense"], res["extracted_adapter"]  # the pruned (LoNAS: narrowed) base + the sub-adapter
-        base = "narrowed" if "mlp_widths" in by_stage.get("extract", {}) else "pruned"
+        base = "narrowed" if extract is not None and extract.mlp_widths is not None else "pruned"
         rows.append(
             (
                 "params before/after",
-                f"dense {dense['params']:,} ({dense['nonzero_params']:,} non-zero) -> {base} + "
-                f"sub-adapter {after['params']:,} ({after['nonzero_params']:,} non-zero)",
+                f"dense {dense.params:,} ({dense.nonzero_params:,} non-zero) -> {base} + "
+                f"sub-adapter {after.params:,} ({after.nonzero_params:,} non-zero)",
             )
         )
     return rows
@@ -90,7 +108,7 @@ def render_summary(results: list[dict]) -> None:
     for column in ("stage", "status", "time (s)", "key metric"):
         table.add_column(column)
     for r in results:
-        table.add_row(r["stage"], r["status"], f"{r['stage_seconds']:.1f}", key_metric(r["stage"], r["metrics"]))
+        table.add_row(r["stage"], r["status"], f"{r['stage_seconds']:.1f}", key_metric(stage_output(r)))
     console = Console(width=160)
     console.print(table)
     for name, value in _extras(results):
@@ -100,8 +118,7 @@ def render_summary(results: list[dict]) -> None:
 def summary_markdown(results: list[dict]) -> str:
     lines = ["| stage | status | time (s) | key metric |", "|---|---|---|---|"]
     lines += [
-        f"| {r['stage']} | {r['status']} | {r['stage_seconds']:.1f} | {key_metric(r['stage'], r['metrics'])} |"
-        for r in results
+        f"| {r['stage']} | {r['status']} | {r['stage_seconds']:.1f} | {key_metric(stage_output(r))} |" for r in results
     ]
     lines += [""] + [f"- **{name}**: {value}" for name, value in _extras(results)]
     return "\n".join(lines)
@@ -109,19 +126,20 @@ def summary_markdown(results: list[dict]) -> str:
 
 def accuracy_table(results: list[dict]) -> list[dict]:
     """One row per scored model (baselines, heuristic subnet, extracted): accuracy per test set and averages."""
-    by_stage = {r["stage"]: r["metrics"] for r in results}
+    by_stage = {r["stage"]: stage_output(r) for r in results}
     ev = by_stage.get("evaluate")
     if ev is None:
         return []
-    scored = {**ev.get("baselines", {}), f"{ev['subnet_name']} subnet": ev}
-    if "accuracy" in by_stage.get("extract", {}):
-        scored["extracted"] = by_stage["extract"]
+    scored = {
+        f"{name} subnet" if name == ev.subnet_name else name: m
+        for name, m in scored_models(ev, by_stage.get("extract")).items()
+    }
     return [
         {
             "model": name,
-            **{t: round(a, 4) for t, a in m["accuracy"].items()},
-            "average": round(m["average_accuracy"], 4),
-            "average_strict": round(m["average_accuracy_strict"], 4),
+            **{t: round(a, 4) for t, a in m.accuracy.items()},
+            "average": round(m.average_accuracy, 4),
+            "average_strict": round(m.average_accuracy_strict, 4),
         }
         for name, m in scored.items()
     ]
@@ -145,8 +163,9 @@ def pareto_table(evaluations: list[dict]) -> list[dict]:
 
 def benchmark_markdown(folder: Path) -> str:
     """The benchmark's table with its plots inlined (data URIs: the UI shows them without access to the run folder)."""
-    text = (folder / "results.md").read_text()
-    for plot in ("throughput_vs_macs.png", "accuracy_vs_macs.png"):
+    files = BenchmarkOutput.files
+    text = (folder / files.results_markdown).read_text()
+    for plot in (files.throughput_plot, files.accuracy_plot):
         data = base64.b64encode((folder / plot).read_bytes()).decode()
         text += f"\n![{plot}](data:image/png;base64,{data})\n\n`{folder / plot}`\n"
     return text

@@ -1,4 +1,5 @@
-"""Reading and writing what stages exchange: manifests (verified by digest) and Parquet tables (by schema)."""
+"""Reading and writing what stages exchange: manifests (verified by digest) with their typed outputs, JSON files
+(by model) and Parquet tables (by schema)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import functools
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.io import atomic_write_bytes, atomic_write_text, sha256_file
 from schemas.config import STAGE_INPUTS
 from schemas.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, MANIFEST_VERSION, Manifest, OutputFile
+from schemas.outputs import STAGE_OUTPUTS, StageOutput
 from schemas.tables import TABLE_VERSION, TABLES
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def stage_dir(run_dir: Path, stage: str) -> Path:
@@ -66,6 +70,13 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
         raise NlsflowError(f"{path} is malformed: {format_validation_error(e)}; re-run the '{stage}' stage") from None
     if manifest.stage != stage:
         raise NlsflowError(f"{path} belongs to stage '{manifest.stage}', expected '{stage}'; check run_dir")
+    try:
+        STAGE_OUTPUTS[stage].model_validate(manifest.metrics)
+    except ValidationError as e:
+        raise NlsflowError(
+            f"{path} has metrics that do not fit the '{stage}' stage's outputs: {format_validation_error(e)}; "
+            f"re-run the '{stage}' stage"
+        ) from None
     if verify:
         for out in manifest.outputs:
             file = Path(folder) / out.path
@@ -77,6 +88,11 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
                     f"{file} does not match its sha256 in {path} (corrupt or modified); re-run the '{stage}' stage"
                 )
     return manifest
+
+
+def read_output(run_dir: Path, stage: str, verify: bool = True) -> StageOutput:
+    """The typed outputs of a finished stage of a run, e.g. `read_output(run_dir, "evaluate").subnet`."""
+    return read_manifest(stage_dir(run_dir, stage), stage, verify=verify).output
 
 
 def read_inputs(run_dir: Path, stage: str) -> dict[str, Manifest]:
@@ -94,6 +110,33 @@ def is_up_to_date(run_dir: Path, stage: str, config: dict[str, Any]) -> bool:
     return done.config == json.loads(json.dumps(config)) and done.inputs == {
         k: m.fingerprint() for k, m in inputs.items()
     }
+
+
+def write_json(path: Path, doc: BaseModel, sort_keys: bool = False) -> None:
+    """Write a file model (schemas.files) atomically as indented JSON."""
+    atomic_write_text(path, json.dumps(doc.model_dump(mode="json"), indent=2, sort_keys=sort_keys))
+
+
+def read_json(path: Path, model: type[M], stage: str) -> M:
+    """Read a JSON file a stage wrote, checked against its model (schema_version first); one line on any misfit."""
+    path = Path(path)
+    if not path.is_file():
+        raise NlsflowError(f"{path} not found; re-run the '{stage}' stage")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise NlsflowError(f"{path} is not valid JSON ({e.msg}); re-run the '{stage}' stage") from None
+    version = model.model_fields.get("schema_version")
+    if version is not None and (not isinstance(raw, dict) or raw.get("schema_version") != version.default):
+        found = raw.get("schema_version") if isinstance(raw, dict) else None
+        raise NlsflowError(
+            f"{path} has schema_version {found}, expected {version.default} (written by another version of "
+            f"nlsflow); re-run the '{stage}' stage"
+        )
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise NlsflowError(f"{path} is malformed: {format_validation_error(e)}; re-run the '{stage}' stage") from None
 
 
 def write_table(path: Path, name: str, rows: list[dict[str, Any]]) -> None:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from nlsflow.errors import NlsflowError, format_validation_error
 from schemas.config import PipelineConfig
+from schemas.methods import MOVED_TRAIN_KEYS
 
 
 class _Yaml12Loader(yaml.SafeLoader):
@@ -94,10 +95,18 @@ def load_yaml(path: Path) -> dict:
         raise NlsflowError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise NlsflowError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    _refuse_moved_keys(data, str(path))
     train = data.get("train")
     if isinstance(train, dict) and isinstance(train.get("search_space_file"), str):  # relative to the file naming it
         train["search_space_file"] = str((path.parent / train["search_space_file"]).resolve())
     return data
+
+
+def _refuse_moved_keys(tree: dict, where: str) -> None:
+    """A key of the old flat `train` section: one line saying where its setting lives now."""
+    train = tree.get("train")
+    for key in MOVED_TRAIN_KEYS.keys() & (train.keys() if isinstance(train, dict) else set()):
+        raise NlsflowError(f"config error in {where}: train.{key} has moved; write {MOVED_TRAIN_KEYS[key]}")
 
 
 def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
@@ -106,7 +115,11 @@ def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
     for path in paths:
         tree = _deep_merge(tree, load_yaml(path))
     for item in overrides:
-        _set_dotted(tree, *parse_override(item))
+        if isinstance(tree.get("method"), str):  # `method: nola` is short for {name: nola}: overrides may add fields
+            tree["method"] = {"name": tree["method"]}
+        key, value = parse_override(item)
+        _refuse_moved_keys({"train": {key.split(".")[1]: None}} if key.startswith("train.") else {}, f"override {item}")
+        _set_dotted(tree, key, value)
     _expand_search_space_file(tree)
     where = ", ".join(map(str, paths)) or "overrides"
     try:
@@ -142,7 +155,16 @@ def _expand_search_space_file(tree: dict) -> None:
     if train.get("target_modules") and train.get("rank"):
         space = add_fixed_groups(space, train["target_modules"], train["rank"])
     plain = space.to_dict()
-    train["groups"], train["width_groups"] = plain["groups"], plain["width_groups"]
+    train["groups"] = plain["groups"]
+    if plain["width_groups"]:  # elastic base width: LoNAS's, the method's own setting
+        method = tree.get("method", "shears")
+        method = {"name": method} if isinstance(method, str) else method
+        if method.get("name") != "lonas":
+            raise NlsflowError(
+                f"train.search_space_file {train['search_space_file']} has width groups, which only method lonas "
+                f"trains (method is {method.get('name')!r}); use method: lonas or a file without width groups"
+            )
+        tree["method"] = {**method, "width_groups": plain["width_groups"]}
     tree["train"] = train
     tree["search"] = _deep_merge(space.search, tree.get("search") or {})
 

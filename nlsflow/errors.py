@@ -14,7 +14,7 @@ def format_validation_error(e: ValidationError) -> str:
     for err in e.errors():
         where = ".".join(str(p) for p in err["loc"]) or "<root>"
         if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{where}' (check the spelling against schemas/config.py)")
+            parts.append(f"unknown key '{where}' (check the spelling against the models in schemas/)")
         elif err["type"] == "missing":
             parts.append(f"missing key '{where}'")
         else:

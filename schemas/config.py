@@ -6,7 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from schemas.base import Strict
+from schemas.methods import METHOD_NAMES, GroupConfig, MethodConfig, ShearsMethod
 
 STAGES = ("prune", "train", "evaluate", "search", "extract", "benchmark")
 # Which stages' manifests each stage reads: the DAG's edges.
@@ -22,16 +25,12 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 # The config sections each stage's result depends on (beyond the shared fields).
 STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "prune": ("prune",),
-    "train": ("train",),
+    "train": ("method", "train"),
     "evaluate": ("evaluate",),
     "search": ("search",),
     "extract": ("extract", "evaluate"),
     "benchmark": ("benchmark", "evaluate"),
 }
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class TinyModelConfig(Strict):
@@ -126,63 +125,6 @@ class PruneConfig(Strict):
         return self
 
 
-class GroupConfig(Strict):
-    name: str = Field(description="group name, e.g. 'qkv'")
-    modules: list[str] = Field(description="module-name suffixes that share one choice, e.g. [q_proj, k_proj, v_proj]")
-    choices: list[int] = Field(description="choices, descending; the first is the trained rank (or the module's width)")
-    per_layer: bool = Field(True, description="one choice per decoder layer (NNCF '{*}') or one shared")
-
-
-class NolaConfig(Strict):
-    num_basis_a: int = Field(1024, gt=0, description="random basis matrices each LoRA A is a combination of")
-    num_basis_b: int = Field(1024, gt=0, description="random basis matrices each LoRA B is a combination of")
-    seed: int = Field(0, description="seed of the bases (regenerated, never stored)")
-    bits: int | None = Field(
-        None,
-        ge=1,
-        le=8,
-        description="quantize the coefficients to 2**bits levels (NOLA's "
-        "quantized variant, trained with a straight-through estimator); null: float",
-    )
-    max_basis_gb: float = Field(
-        16.0,
-        gt=0,
-        description="refuse to start when the bases would take more memory than "
-        "this (they are regenerated and held for the whole run)",
-    )
-
-
-class HeteroLoraConfig(Strict):
-    mode: Literal["off", "static", "dynamic"] = Field(
-        "off",
-        description="static: choose the modules once before "
-        "training; dynamic: re-choose every realloc_every of an epoch",
-    )
-    proxy: Literal["constant", "snip", "synflow", "grad_norm", "alpha_test"] = Field(
-        "grad_norm", description="saliency proxy"
-    )
-    batches: int = Field(
-        8, gt=0, description="training micro-batches each scoring uses (the seed's imp-limit-test-batches)"
-    )
-    select: Literal["top_fraction", "rank_budget"] = Field(
-        "top_fraction",
-        description="top_fraction: enable the top "
-        "turn_on_percentile; rank_budget (static): ranks from the "
-        "groups' choices, proportional to the scores, under rank_budget",
-    )
-    turn_on_percentile: float = Field(0.25, gt=0, le=1, description="fraction of the modules enabled")
-    rank_budget: float = Field(
-        0.5, gt=0, le=1, description="rank_budget: parameters allowed, as a fraction of every candidate at full rank"
-    )
-    realloc_every: float = Field(0.2, gt=0, description="dynamic: epochs between re-selections (the seed's realloc-N)")
-    ranking: Literal["combined", "separate"] = Field(
-        "combined", description="rank LoRA and shortcut modules together, or enable the top fraction of each"
-    )
-    shortcuts: bool = Field(True, description="add a low-rank shortcut across every decoder layer as a candidate")
-    shortcut_rank: int = Field(8, gt=0, description="rank of the shortcut modules (fixed, not elastic)")
-    probe_std: float = Field(0.01, gt=0, description="std of the random B a still-zero module is scored with")
-
-
 class TrainConfig(Strict):
     target_modules: list[str] = Field(
         ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"], description="LoRA targets"
@@ -191,32 +133,10 @@ class TrainConfig(Strict):
     alpha: float = Field(64, gt=0, description="LoRA alpha; scaling alpha/rank is kept for every sub-rank")
     dropout: float = Field(0.1, ge=0, lt=1, description="LoRA dropout")
     groups: list[GroupConfig] = Field([], description="elastic search space: groups of modules and their rank choices")
-    width_groups: list[GroupConfig] = Field(
-        [],
-        description="LoNAS elastic base width: MLP projections whose output "
-        "channels shrink together (e.g. [gate_proj, up_proj]; down_proj follows), "
-        "choices from the full width down",
-    )
     search_space_file: str | None = Field(
         None,
-        description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain "
-        "YAML search space; fills `groups` (and `search` defaults) when the config loads",
-    )
-    sparsity_preserving: bool = Field(
-        False,
-        description="mask the adapter's delta by the base's zeros (SQFT-style), so "
-        "the merged model keeps the pruned base's sparsity exactly",
-    )
-    adapter: Literal["lora", "nola"] = Field(
-        "lora",
-        description="lora: trained factors; nola: factors are combinations "
-        "of seeded random bases and only the coefficients train (train.nola)",
-    )
-    nola: NolaConfig = Field(default_factory=NolaConfig, description="NOLA settings (with adapter: nola)")
-    heterolora: HeteroLoraConfig = Field(
-        default_factory=HeteroLoraConfig,
-        description="HeteroLoRA: which LoRA and "
-        "shortcut modules train, chosen by a saliency proxy (mode: off by default)",
+        description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain YAML search space; fills `groups` "
+        "(LoNAS: and method.width_groups; and `search` defaults) when the config loads",
     )
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
@@ -240,35 +160,6 @@ class TrainConfig(Strict):
             )
         if not self.groups:
             raise ValueError("train.groups is empty: list the elastic groups or set train.search_space_file")
-        if self.adapter == "nola" and (self.width_groups or self.sparsity_preserving):
-            raise ValueError(
-                "train.adapter=nola cannot be combined with train.width_groups or train.sparsity_preserving "
-                "yet; drop those or use adapter: lora"
-            )
-        hetero = self.heterolora
-        if hetero.mode != "off" and self.adapter == "nola":
-            raise ValueError(
-                "train.heterolora cannot be combined with train.adapter=nola yet; set train.heterolora.mode=off"
-            )
-        if hetero.mode == "dynamic" and hetero.select == "rank_budget":
-            raise ValueError(
-                "train.heterolora.select=rank_budget is static only; use mode=static or select=top_fraction"
-            )
-        if self.width_groups and self.sparsity_preserving:
-            raise ValueError(
-                "train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined; drop one of them"
-            )
-        owners: dict[str, str] = {}
-        for g in self.width_groups:
-            for m in g.modules:
-                if owners.setdefault(m, g.name) != g.name:
-                    raise ValueError(f"module {m!r} is in width groups '{owners[m]}' and '{g.name}'; list it in one")
-        names = [g.name for g in (*self.groups, *self.width_groups)]
-        if len(set(names)) != len(names):
-            raise ValueError(f"group names {names} must be unique across train.groups and train.width_groups")
-        for g in (*self.groups, *self.width_groups):
-            if not g.choices or any(a <= b for a, b in zip(g.choices, g.choices[1:])) or g.choices[-1] <= 0:
-                raise ValueError(f"group '{g.name}': choices {g.choices} must be positive and strictly descending")
         for g in self.groups:
             if g.choices[0] != self.rank:
                 raise ValueError(f"group '{g.name}': the first choice {g.choices[0]} must equal train.rank={self.rank}")
@@ -370,10 +261,10 @@ class BenchmarkConfig(Strict):
 class PipelineConfig(Strict):
     task: Literal["math", "commonsense"] = Field(description="task family: training data and evaluation sets")
     profile: str = Field(description="profile name, for humans and the default run folder")
-    method: Literal["shears", "lonas", "nola", "heterolora"] = Field(
-        "shears",
-        description="configs/methods/<method>.yaml, a label for humans: "
-        "what the method does is in the prune and train settings",
+    method: MethodConfig = Field(
+        default_factory=ShearsMethod,
+        description="the method and its own settings: `shears`, or a mapping such as {name: nola, num_basis_a: 64} "
+        f"(names: {', '.join(METHOD_NAMES)}); configs/methods/<name>.yaml sets it with the prune settings it needs",
     )
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
     data: DataConfig
@@ -393,11 +284,24 @@ class PipelineConfig(Strict):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _named(cls, v: Any) -> Any:
+        """`method: nola` is short for `method: {name: nola}`."""
+        return {"name": v} if isinstance(v, str) else v
+
     @field_validator("run_dir")
     @classmethod
     def _absolute(cls, v: str) -> str:
         """Relative paths mean relative to where the command runs; stages may run elsewhere, so resolve once."""
         return str(Path(v).expanduser().resolve())
+
+    @model_validator(mode="after")
+    def _unique_group_names(self) -> PipelineConfig:
+        names = [g.name for g in (*self.train.groups, *getattr(self.method, "width_groups", []))]
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names {names} must be unique across train.groups and method.width_groups")
+        return self
 
     def stage_config(self, stage: str) -> dict[str, Any]:
         """What a stage's result depends on: its config sections plus the shared fields (not paths or threads)."""

@@ -9,8 +9,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.outputs import STAGE_OUTPUTS, StageOutput
+
 MANIFEST_SCHEMA = "nlsflow.manifest"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: metrics are the stage's output model (schemas.outputs); 1 is refused
 MANIFEST_NAME = "manifest.json"
 
 
@@ -29,10 +31,17 @@ class Manifest(BaseModel):
     config: dict[str, Any] = Field(description="the resolved config this stage depends on")
     inputs: dict[str, str] = Field(description="upstream stage -> fingerprint of its manifest")
     outputs: list[OutputFile]
-    metrics: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(
+        default_factory=dict, description="the stage's output model as JSON (schemas.outputs.STAGE_OUTPUTS[stage])"
+    )
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     duration_s: float = 0.0
     versions: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def output(self) -> StageOutput:
+        """The metrics as the stage's typed output model; raises pydantic's ValidationError when they do not fit."""
+        return STAGE_OUTPUTS[self.stage].model_validate(self.metrics)
 
     def fingerprint(self) -> str:
         """Content identity: config, inputs and output digests (not timings), so downstream stages can key on it."""

@@ -16,18 +16,20 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from nlsflow.artifacts import is_up_to_date, list_outputs, read_inputs, stage_dir, write_manifest
 from nlsflow.config import load_config
-from nlsflow.errors import NlsflowError
+from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.io import atomic_dir, atomic_write_text
-from schemas import STAGE_INPUTS, Manifest, PipelineConfig
+from schemas import STAGE_INPUTS, STAGE_OUTPUTS, Manifest, PipelineConfig, StageOutput
 
 log = logging.getLogger("nlsflow")
 
 
 @dataclass
 class StageContext:
-    """What a stage's `run` gets: the config, where to write, and its upstream manifests and folders."""
+    """What a stage's `run` gets: the config, where to write, and its upstream manifests, outputs and folders."""
 
     cfg: PipelineConfig
     stage: str
@@ -41,12 +43,17 @@ class StageContext:
     def input_dir(self, stage: str) -> Path:
         return stage_dir(self.run_dir, stage)
 
+    def output(self, stage: str) -> StageOutput:
+        """An upstream stage's typed outputs, e.g. `ctx.output("evaluate").subnet` (schemas.outputs)."""
+        return self.inputs[stage].output
+
     @property
     def data_root(self) -> Path:
         return Path(self.cfg.data.root)
 
 
-StageFn = Callable[[StageContext], dict[str, Any]]
+# A stage returns its output model (schemas.outputs); a dict of the same keys is still taken and validated.
+StageFn = Callable[[StageContext], StageOutput | dict[str, Any]]
 
 
 def _versions() -> dict[str, str]:
@@ -70,6 +77,22 @@ def setup_runtime(cfg: PipelineConfig) -> None:
     torch.manual_seed(cfg.seed)
 
 
+def _as_output(stage: str, result: BaseModel | dict[str, Any]) -> BaseModel:
+    """The stage's return value as its output model: checked, or validated from a dict."""
+    model = STAGE_OUTPUTS[stage]
+    if isinstance(result, BaseModel):
+        if not isinstance(result, model):
+            raise TypeError(f"the '{stage}' stage returned a {type(result).__name__}, expected {model.__name__}")
+        return result
+    try:
+        return model.model_validate(result)
+    except ValidationError as e:
+        raise NlsflowError(
+            f"the '{stage}' stage's metrics do not fit {model.__name__} (schemas/outputs.py): "
+            f"{format_validation_error(e)}"
+        ) from None
+
+
 def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False) -> Manifest | None:
     """Run one stage unless its manifest already matches; returns the new manifest, or None when skipped."""
     config = cfg.stage_config(stage)
@@ -83,13 +106,13 @@ def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False)
     setup_runtime(cfg)
     start = time.perf_counter()
     with atomic_dir(stage_dir(run_dir, stage)) as tmp:
-        metrics = fn(StageContext(cfg=cfg, stage=stage, out_dir=tmp, inputs=inputs))
+        output = _as_output(stage, fn(StageContext(cfg=cfg, stage=stage, out_dir=tmp, inputs=inputs)))
         manifest = Manifest(
             stage=stage,
             config=config,
             inputs={k: m.fingerprint() for k, m in inputs.items()},
             outputs=list_outputs(tmp),
-            metrics=metrics,
+            metrics=output.model_dump(mode="json"),
             duration_s=round(time.perf_counter() - start, 3),
             versions=_versions(),
         )

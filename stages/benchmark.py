@@ -19,22 +19,28 @@ from nlsflow.artifacts import write_table
 from nlsflow.deploy.measure import Variant, measure_in_subprocess
 from nlsflow.deploy.report import plot_results, results_markdown, with_speedups
 from nlsflow.io import atomic_write_text
+from nlsflow.methods import method_for
 from nlsflow.models import resolve_device
+from schemas.outputs import BenchmarkOutput, ExtractOutput, PruneOutput, Scores
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
 
 
 def pytorch_variants(ctx: StageContext) -> list[Variant]:
-    cfg = ctx.cfg
-    pruned, extracted, train = ctx.input_dir("prune") / "model", ctx.input_dir("extract"), ctx.input_dir("train")
-    prune = ctx.inputs["prune"].metrics
+    cfg, method = ctx.cfg, method_for(ctx.cfg)
+    pruned, extracted, train = (
+        ctx.input_dir("prune") / PruneOutput.files.model,
+        ctx.input_dir("extract"),
+        ctx.input_dir("train"),
+    )
+    prune = ctx.output("prune")
     variants = [
-        Variant("dense", prune["base_model"], weights=cfg.dtype, revision=prune.get("base_revision")),
+        Variant("dense", prune.base_model, weights=cfg.dtype, revision=prune.base_revision),
         Variant("pruned", str(pruned), weights=cfg.dtype),
     ]
     if cfg.benchmark.super_adapter:
-        subnet = ctx.inputs["evaluate"].metrics["subnet"]
+        subnet = ctx.output("evaluate").subnet
         variants.append(
             Variant(
                 "super_adapter",
@@ -43,19 +49,20 @@ def pytorch_variants(ctx: StageContext) -> list[Variant]:
                 adapter_dir=str(train / "adapter"),
                 search_space=str(train / "search_space.json"),
                 subnet=tuple(sorted(subnet.items())),
-                sparsity_preserving=cfg.train.sparsity_preserving,
+                sparsity_preserving=method.masked,
             )
         )
-    if (extracted / "merged").is_dir():
-        variants.append(Variant("extracted_merged", str(extracted / "merged"), weights=cfg.dtype))
-    adapter_base = extracted / "base" if (extracted / "base").is_dir() else pruned  # LoNAS: the narrowed base
+    merged, narrowed = extracted / ExtractOutput.files.merged, extracted / ExtractOutput.files.base
+    if merged.is_dir():
+        variants.append(Variant("extracted_merged", str(merged), weights=cfg.dtype))
+    adapter_base = narrowed if narrowed.is_dir() else pruned  # LoNAS: the narrowed base
     variants.append(
         Variant(
             "extracted_adapter",
             str(adapter_base),
             weights=cfg.dtype,
-            adapter_dir=str(extracted / "adapter"),
-            sparsity_preserving=cfg.train.sparsity_preserving,
+            adapter_dir=str(extracted / method.adapter_folder),
+            sparsity_preserving=method.masked,
         )
     )  # as extract scored it
     return variants
@@ -70,7 +77,7 @@ def semi_structured_variants(ctx: StageContext, variants: list[Variant]) -> tupl
         return [], "skipped: PyTorch's semi-structured sparse kernels need a CUDA device"
     if cfg.prune.structure != "2:4" or not cfg.prune.sparsity:
         return [], f"skipped: the base is pruned {cfg.prune.structure!r}, not 2:4"
-    sparse = {"pruned"} | ({"extracted_merged"} if cfg.train.sparsity_preserving else set())  # a plain merge densifies
+    sparse = {"pruned"} | ({"extracted_merged"} if method_for(cfg).masked else set())  # a plain merge densifies
     pairs = []
     for v in variants:
         if v.name in sparse:
@@ -94,7 +101,7 @@ def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure)
     from nlsflow.models import load_tokenizer
 
     bc, ec, rows, predictions = ctx.cfg.benchmark, ctx.cfg.evaluate, [], []
-    folders = {weights: ctx.out_dir / "openvino" / weights for weights in bc.openvino}
+    folders = {weights: ctx.out_dir / BenchmarkOutput.files.openvino / weights for weights in bc.openvino}
     exports = export_openvino_formats(
         source.model_dir, folders, group_size=bc.int4_group_size, int4_ratio=bc.int4_ratio
     )
@@ -108,13 +115,14 @@ def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure)
     for weights, folder in tqdm(folders.items(), desc="openvino"):
         name = f"{source.name}@openvino-{weights}"
         log.info("%s: %.1f MB, %s", name, exports[weights]["size_on_disk_mb"], exports[weights]["weight_formats"])
-        scored = {}
+        scored = None
         if score:
             decoder = OpenVINODecoder(folder, ctx.cfg.num_threads)
-            found, scored = evaluate_test_sets(
+            found, scores = evaluate_test_sets(
                 None, load_tokenizer(source.model_dir), ctx.data_root, ec, name, decoder=decoder
             )
             predictions += found
+            scored = Scores.model_validate(scores)
         rows += [
             {
                 **stats,
@@ -130,24 +138,25 @@ def openvino_rows(ctx: StageContext, source: Variant, source_row: dict, measure)
     return rows, predictions, status
 
 
-def _accuracy(metrics: dict | None) -> dict:
-    if not metrics or "average_accuracy" not in metrics:
+def _accuracy(scores: Scores | None) -> dict:
+    if scores is None:
         return {"accuracy": None, "accuracy_strict": None}
-    return {"accuracy": metrics["average_accuracy"], "accuracy_strict": metrics["average_accuracy_strict"]}
+    return {"accuracy": scores.average_accuracy, "accuracy_strict": scores.average_accuracy_strict}
 
 
-def known_accuracies(ctx: StageContext) -> dict[str, dict]:
+def known_accuracies(ctx: StageContext) -> dict[str, Scores]:
     """What earlier stages scored, by variant name."""
-    evaluate, extract = ctx.inputs["evaluate"].metrics, ctx.inputs["extract"].metrics
-    known = {**evaluate.get("baselines", {}), "super_adapter": evaluate}
-    if "average_accuracy" in extract:
-        known["extracted_merged"] = known["extracted_adapter"] = extract
+    evaluate, extract = ctx.output("evaluate"), ctx.output("extract")
+    known = {**evaluate.baselines, "super_adapter": evaluate.scores}
+    if extract.scores is not None:
+        known["extracted_merged"] = known["extracted_adapter"] = extract.scores
     return known
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> BenchmarkOutput:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
-    vocab_size = json.loads((ctx.input_dir("prune") / "model" / "config.json").read_text())["vocab_size"]
+    model_config = ctx.input_dir("prune") / PruneOutput.files.model / "config.json"
+    vocab_size = json.loads(model_config.read_text())["vocab_size"]
     settings = dict(
         dtype=cfg.dtype,
         device=cfg.device,
@@ -191,19 +200,20 @@ def run(ctx: StageContext) -> dict:
         unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0,
         same_device=resolve_device(cfg.device).type == "cpu",
     )
-    write_table(ctx.out_dir / "results.parquet", "results", rows)
+    files = BenchmarkOutput.files
+    write_table(ctx.out_dir / files.results, "results", rows)
     if predictions:
-        write_table(ctx.out_dir / "predictions.parquet", "predictions", predictions)
-    atomic_write_text(ctx.out_dir / "results.md", results_markdown(rows))
+        write_table(ctx.out_dir / files.predictions, "predictions", predictions)
+    atomic_write_text(ctx.out_dir / files.results_markdown, results_markdown(rows))
     plot_results(rows, ctx.out_dir)
     by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
-    return {
-        "results": by_batch[bc.batch_sizes[0]],
-        "results_by_batch": {str(bs): v for bs, v in by_batch.items()},
-        "openvino": openvino,
-        "semi_structured": semi_structured,
-        "settings": bc.model_dump(),
-    }
+    return BenchmarkOutput(
+        results=by_batch[bc.batch_sizes[0]],
+        results_by_batch={str(bs): v for bs, v in by_batch.items()},
+        openvino=openvino,
+        semi_structured=semi_structured,
+        settings=bc,
+    )
 
 
 if __name__ == "__main__":

@@ -1,37 +1,32 @@
-"""Stage 5, extract: the chosen subnet as a clean PEFT adapter (optionally merged), checked against the super-network.
+"""Stage 5, extract: the chosen subnet as deployable folders, each checked against the super-network.
 
-Writes `extract/adapter/` (stock PEFT: per-module rank_pattern/alpha_pattern, loads with no nlsflow code),
-with `extract.merge` `extract/merged/` (HF folder), and with `extract.evaluate` `extract/predictions.parquet`
-(the extracted model on the test sets). The max |logit difference| and accuracies go into the manifest.
-A NOLA super-adapter is materialized first, so `extract/adapter/` is stock LoRA; `extract/nola/` keeps its
-compact form (coefficients, seed, shapes, and the subnet's ranks in subnet.json).
-With elastic base width (LoNAS) the inactive MLP channels are cut out: `extract/base/` is the narrowed base the
-adapter belongs to, and `extract/merged/` is narrowed too (a stock HF folder when every layer has one width,
-else `per_layer_llama` with its code in the folder).
+The method decides what it writes (`Method.extract`, `Method.merge`): a stock PEFT sub-adapter at
+`extract/adapter/` (per-module rank_pattern/alpha_pattern) and with `extract.merge` the merged model at
+`extract/merged/`; Shears' masked sub-adapter at `extract/masked_adapter/` (it needs the base's mask, so its merged
+model is what deploys); LoNAS's narrowed base at `extract/base/`; NOLA's compact form at `extract/nola/`. Every
+folder is loaded as a user would and its logits compared with the super-network's at the subnet (float32): the
+stage fails naming the one that differs. With `extract.evaluate` the deployable one is scored on the test sets
+(`extract/predictions.parquet`).
 """
 
 from __future__ import annotations
 
-import json
+import gc
 import logging
-import shutil
 
 import torch
-from peft import PeftModel
 
-from nlsflow.adapters.elastic import activate, extract_sub_adapter, validate_subnet
-from nlsflow.adapters.masking import make_sparsity_preserving, masked_merge, require_sparsity
-from nlsflow.adapters.nola import is_nola
-from nlsflow.adapters.shortcuts import copy_shortcuts, has_shortcuts, load_shortcuts
-from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
-from nlsflow.adapters.width import narrow_model, save_narrowed
-from nlsflow.artifacts import read_table, write_table
+from nlsflow.adapters.elastic import activate, validate_subnet
+from nlsflow.adapters.shortcuts import attached_shortcuts
+from nlsflow.adapters.supernet import NAMED_SUBNETS
+from nlsflow.artifacts import read_json, read_table, write_table
 from nlsflow.data.datasets import generate_prompt
 from nlsflow.errors import NlsflowError
 from nlsflow.evaluation.scoring import evaluate_test_sets
-from nlsflow.io import folder_bytes
-from nlsflow.models import DTYPES, load_causal_lm, resolve_device
-from nlsflow.pruning import sparsity_table
+from nlsflow.methods import Artifact, ExtractPlan, method_for
+from nlsflow.models import resolve_device
+from schemas.files import ChosenSubnetFile
+from schemas.outputs import ExtractOutput, PruneOutput, SearchOutput, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -41,115 +36,107 @@ CHECK_DTYPE = (
 )
 
 
+def run(ctx: StageContext) -> ExtractOutput:
+    cfg, xc = ctx.cfg, ctx.cfg.extract
+    device, method = resolve_device(cfg.device), method_for(cfg)
+    base_dir, train_dir = ctx.input_dir("prune") / PruneOutput.files.model, ctx.input_dir("train")
+    model, tokenizer, space = method.load(base_dir, train_dir, CHECK_DTYPE, device)
+    subnet, subnet_name = chosen_subnet(ctx, space)
+    activate(model, space, subnet)
+    batch = probe_batch(ctx, tokenizer, device)
+    expected = logits(model, batch)
+
+    plan = ExtractPlan(
+        ctx.out_dir,
+        ctx.input_dir("extract"),
+        base_dir,
+        train_dir,
+        tokenizer,
+        cfg.dtype,
+        device,
+        xc.merge,
+        xc.tolerance,
+        xc.merge_tolerance,
+    )
+    artifacts = method.extract(model, space, subnet, plan)
+    del model  # the super-network: from here on only what was written is loaded
+    if xc.merge:
+        artifacts.append(method.merge(plan))
+    metrics = check_artifacts(artifacts, batch, expected, device, plan.metrics)
+
+    deployable = next(a for a in artifacts if a.deployable)
+    if xc.evaluate:  # the deployable model, loaded as a user would, on the test sets
+        rows, scores = evaluate_test_sets(
+            deployable.load(cfg.dtype, device), tokenizer, ctx.data_root, cfg.evaluate, "extracted"
+        )
+        write_table(ctx.out_dir / ExtractOutput.files.predictions, "predictions", rows)
+        metrics.update(scores)
+    return ExtractOutput(
+        subnet_name=subnet_name, subnet=subnet, check_dtype=CHECK_DTYPE, deployable=deployable.name, **metrics
+    )
+
+
+def chosen_subnet(ctx: StageContext, space) -> tuple[dict[str, int], str]:
+    """`extract.subnet`: the searched one, a named one, or a given mapping; checked against the search space."""
+    choice = ctx.cfg.extract.subnet
+    if isinstance(choice, dict):
+        subnet, name = choice, "given"
+    elif choice == "searched":
+        chosen = ctx.input_dir("search") / SearchOutput.files.chosen
+        subnet, name = read_json(chosen, ChosenSubnetFile, "search").root, choice
+    else:
+        subnet, name = NAMED_SUBNETS[choice](space), choice
+    try:
+        validate_subnet(space, subnet)
+    except ValueError as e:
+        raise NlsflowError(f"extract.subnet: {e}; see train/search_space.json for the variables and choices") from None
+    return subnet, name
+
+
+def probe_batch(ctx: StageContext, tokenizer, device) -> dict[str, torch.Tensor]:
+    """The first validation prompts: what every artifact's logits are compared on."""
+    probe = read_table(ctx.input_dir("train") / TrainOutput.files.validation, "records").to_pylist()[:PROBE_RECORDS]
+    prompts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in probe]
+    return tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
+
+
 @torch.inference_mode()
 def logits(model, batch) -> torch.Tensor:
     out = model(**batch).logits.float()
     return out[batch["attention_mask"].bool()]  # compare real tokens only
 
 
-def load_extracted(base_dir, adapter_dir, dtype: str, device, sparse: bool):
-    """The extracted adapter on its base with stock PEFT, plus its mask (Shears) and shortcuts (HeteroLoRA)."""
-    sub = PeftModel.from_pretrained(load_causal_lm(str(base_dir), dtype, device), str(adapter_dir)).eval()
-    if sparse:  # a stock adapter reproduces the masked super-network only with the mask: deploy extract/merged/
-        make_sparsity_preserving(sub)
-    return sub, load_shortcuts(sub, adapter_dir)
-
-
-def run(ctx: StageContext) -> dict:
-    cfg, xc = ctx.cfg, ctx.cfg.extract
-    device = resolve_device(cfg.device)
-    base_dir, train_dir = ctx.input_dir("prune") / "model", ctx.input_dir("train")
-    sparse = cfg.train.sparsity_preserving
-    model, tokenizer, space = load_supernet(
-        base_dir, train_dir / "adapter", train_dir / "search_space.json", CHECK_DTYPE, device, sparse
-    )
-    if isinstance(xc.subnet, dict):
-        subnet, subnet_name = xc.subnet, "given"
-    elif xc.subnet == "searched":
-        subnet, subnet_name = json.loads((ctx.input_dir("search") / "chosen.json").read_text()), xc.subnet
-    else:
-        subnet, subnet_name = NAMED_SUBNETS[xc.subnet](space), xc.subnet
-    try:
-        validate_subnet(space, subnet)
-    except ValueError as e:
-        raise NlsflowError(f"extract.subnet: {e}; see train/search_space.json for the variables and choices") from None
-    activate(model, space, subnet)
-
-    probe = read_table(train_dir / "validation.parquet", "records").to_pylist()[:PROBE_RECORDS]
-    prompts = [generate_prompt(r["instruction"], r["input"], r["output"]) for r in probe]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=256).to(device)
-    expected = logits(model, batch)
-
-    adapter_dir, sizes = ctx.out_dir / "adapter", []
-    if any(v.kind == "width" for v in space):  # LoNAS: the sub-adapter belongs to the base without the cut channels
-        narrow = load_causal_lm(str(base_dir), cfg.dtype, torch.device("cpu"))  # slicing only: keep the GPU free
-        sizes = narrow_model(narrow, space, subnet)
-        base_dir = ctx.out_dir / "base"
-        save_narrowed(narrow, sizes, base_dir)
-        tokenizer.save_pretrained(base_dir)
-        del narrow
-    extract_sub_adapter(
-        model,
-        space,
-        subnet,
-        adapter_dir,
-        base_model_name_or_path=str(ctx.input_dir("extract") / "base") if sizes else None,
-    )
-    with_shortcuts = has_shortcuts(train_dir / "adapter")  # HeteroLoRA: not mergeable, they travel as files
-    if with_shortcuts:
-        copy_shortcuts(train_dir / "adapter", adapter_dir)
-    del model
-    sub, shortcut_modules = load_extracted(base_dir, adapter_dir, CHECK_DTYPE, device, sparse)
-    shortcut_params = sum(p.numel() for p in shortcut_modules.parameters()) if shortcut_modules else 0
-    diff = (logits(sub, batch) - expected).abs().max().item()
-    log.info("extracted adapter vs super-network subnet: max |Δlogit| = %.3g", diff)
-    if diff > xc.tolerance:
-        raise NlsflowError(
-            f"extracted adapter differs from the super-network by {diff:.3g} > extract.tolerance="
-            f"{xc.tolerance:g}; this is a bug, please report it with {adapter_dir}"
+def check_artifacts(artifacts: list[Artifact], batch, expected, device, metrics: dict) -> dict:
+    """Load each written folder as a user would; its max |logit difference| from the super-network must be within
+    its tolerance, or the stage fails naming it. Returns the metrics with each difference and the adapter's size."""
+    for artifact in artifacts:
+        model = artifact.load(CHECK_DTYPE, device)
+        diff = (logits(model, batch) - expected).abs().max().item()
+        log.info(
+            "%s vs super-network subnet: max |Δlogit| = %.3g (loads with %s)", artifact.name, diff, artifact.loads_with
         )
-    metrics = {
-        "subnet_name": subnet_name,
-        "subnet": subnet,
-        "max_abs_logit_diff": diff,
-        "check_dtype": CHECK_DTYPE,
-        "adapter_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" in n) + shortcut_params,
-        "base_params": sum(p.numel() for n, p in sub.named_parameters() if "lora_" not in n),
-        "shortcuts": with_shortcuts,
-    }
-    if sizes:
-        metrics["mlp_widths"] = sizes
-    metrics["adapter_bytes"] = folder_bytes(adapter_dir)
-    if is_nola(train_dir / "adapter"):  # NOLA's compact form: the coefficients, and the ranks to slice the factors to
-        shutil.copytree(train_dir / "adapter", ctx.out_dir / "nola")
-        (ctx.out_dir / "nola" / "subnet.json").write_text(json.dumps(subnet, indent=2))
-        metrics["nola_bytes"] = folder_bytes(ctx.out_dir / "nola")
-    if xc.merge:
-        merged = masked_merge(sub) if sparse else sub.merge_and_unload()
-        merged_diff = (logits(merged, batch) - expected).abs().max().item()
-        if merged_diff > xc.merge_tolerance:
+        if diff > artifact.tolerance:
             raise NlsflowError(
-                f"merged model differs from the super-network by {merged_diff:.3g} > extract.merge_tolerance="
-                f"{xc.merge_tolerance:g}; set extract.merge=false to keep the adapter only"
+                f"extract/{artifact.name} differs from the super-network by {diff:.3g} > {artifact.tolerance:g} "
+                f"(extract.{'merge_' if artifact.kind == 'merged' else ''}tolerance); this is a bug, please report "
+                f"it (set extract.merge=false to keep the adapter only)"
             )
-        if sparse:  # fails loudly, naming the first layer that lost zeros
-            pruned = read_table(ctx.input_dir("prune") / "sparsity.parquet", "sparsity").to_pylist()
-            require_sparsity(merged, {r["layer"]: r["zeros"] for r in pruned})
-        metrics["merged_max_abs_logit_diff"] = merged_diff
-        layers = sparsity_table(merged)
-        metrics["merged_sparsity"] = sum(l.zeros for l in layers) / sum(l.in_features * l.out_features for l in layers)
-        metrics["merged_params"] = sum(p.numel() for p in merged.parameters()) + shortcut_params
-        save_narrowed(merged.to(DTYPES[cfg.dtype]), sizes, ctx.out_dir / "merged")
-        tokenizer.save_pretrained(ctx.out_dir / "merged")
-        if with_shortcuts:
-            copy_shortcuts(adapter_dir, ctx.out_dir / "merged")
-        del merged
-    if xc.evaluate:  # the deployable model, loaded with stock PEFT, on the test sets
-        sub, _ = load_extracted(base_dir, adapter_dir, cfg.dtype, device, sparse)
-        rows, scores = evaluate_test_sets(sub, tokenizer, ctx.data_root, ctx.cfg.evaluate, "extracted")
-        write_table(ctx.out_dir / "predictions.parquet", "predictions", rows)
-        metrics.update(scores)
+        metrics[_diff_key(artifact)] = diff
+        if artifact.kind == "adapter":
+            shortcuts = attached_shortcuts(model)  # HeteroLoRA's, outside the model's module tree
+            lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+            metrics["adapter_params"] = lora_params + sum(p.numel() for s in shortcuts for p in s.parameters())
+            metrics["base_params"] = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+            metrics["shortcuts"] = bool(shortcuts)
+        del model
+        gc.collect()
     return metrics
+
+
+def _diff_key(artifact: Artifact) -> str:
+    return {"adapter": "max_abs_logit_diff", "merged": "merged_max_abs_logit_diff"}.get(
+        artifact.kind, f"{artifact.name}_max_abs_logit_diff"
+    )
 
 
 if __name__ == "__main__":

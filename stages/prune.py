@@ -18,12 +18,13 @@ from nlsflow.data.datasets import (
 )
 from nlsflow.models import load_causal_lm, load_tokenizer, materialize_base_model, resolve_device
 from nlsflow.pruning import perplexity, prune_model, sparsity_table
+from schemas.outputs import PruneOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> PruneOutput:
     cfg, pc = ctx.cfg, ctx.cfg.prune
     device = resolve_device(cfg.device)
     root, download = ctx.data_root, cfg.data.download
@@ -60,8 +61,8 @@ def run(ctx: StageContext) -> dict:
         ppl_pruned = perplexity(model, test_ids.to(device), pc.perplexity_seqlen)
     log.info("WikiText-2 perplexity: dense %.2f -> pruned %.2f", ppl_dense, ppl_pruned)
 
-    model.save_pretrained(ctx.out_dir / "model")
-    tokenizer.save_pretrained(ctx.out_dir / "model")
+    model.save_pretrained(ctx.out_dir / PruneOutput.files.model)
+    tokenizer.save_pretrained(ctx.out_dir / PruneOutput.files.model)
     rows = [
         {
             "layer": l.name,
@@ -72,19 +73,19 @@ def run(ctx: StageContext) -> dict:
         }
         for l in layers
     ]
-    write_table(ctx.out_dir / "sparsity.parquet", "sparsity", rows)
+    write_table(ctx.out_dir / PruneOutput.files.sparsity, "sparsity", rows)
     pruned_weights = sum(l.in_features * l.out_features for l in layers)
     params = sum(p.numel() for p in model.parameters())
-    return {
-        "base_model": base,
-        "base_revision": revision,
-        "params": params,
-        "nonzero_params": int(sum((p != 0).sum().item() for p in model.parameters())),
-        "pruned_layers": len(layers),
-        "sparsity": sum(l.zeros for l in layers) / max(pruned_weights, 1),
-        "ppl_dense": ppl_dense,
-        "ppl_pruned": ppl_pruned,
-    }
+    return PruneOutput(
+        base_model=base,
+        base_revision=revision,
+        params=params,
+        nonzero_params=int(sum((p != 0).sum().item() for p in model.parameters())),
+        pruned_layers=len(layers),
+        sparsity=sum(l.zeros for l in layers) / max(pruned_weights, 1),
+        ppl_dense=ppl_dense,
+        ppl_pruned=ppl_pruned,
+    )
 
 
 if __name__ == "__main__":

@@ -9,33 +9,30 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 
 from nlsflow.adapters.elastic import adapter_parameters, linear_macs_per_token
-from nlsflow.adapters.supernet import NAMED_SUBNETS, load_supernet
-from nlsflow.artifacts import read_table, write_table
+from nlsflow.adapters.supernet import NAMED_SUBNETS
+from nlsflow.artifacts import read_table, write_json, write_table
 from nlsflow.evaluation.scoring import subnet_accuracy
 from nlsflow.io import atomic_write_text, sha256_json
+from nlsflow.methods import method_for
 from nlsflow.models import resolve_device
 from nlsflow.search.nsga2 import SubnetEvaluator, choose, nsga2_search, plot_search
+from schemas.files import ChosenSubnetFile
+from schemas.outputs import SearchOutput, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
 
 
-def run(ctx: StageContext) -> dict:
+def run(ctx: StageContext) -> SearchOutput:
     cfg, sc = ctx.cfg, ctx.cfg.search
     train_dir = ctx.input_dir("train")
-    model, tokenizer, space = load_supernet(
-        ctx.input_dir("prune") / "model",
-        train_dir / "adapter",
-        train_dir / "search_space.json",
-        cfg.dtype,
-        resolve_device(cfg.device),
-        cfg.train.sparsity_preserving,
+    model, tokenizer, space = method_for(cfg).load(
+        ctx.input_dir("prune") / "model", train_dir, cfg.dtype, resolve_device(cfg.device)
     )
-    validation = read_table(train_dir / "validation.parquet", "records").to_pylist()[: sc.val_samples]
+    validation = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()[: sc.val_samples]
 
     def accuracy(subnet) -> float:
         return subnet_accuracy(
@@ -72,9 +69,9 @@ def run(ctx: StageContext) -> dict:
     evaluations = nsga2_search(
         space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds
     )
-    heuristic = next(e for e in evaluations if e.label == "heuristic")
+    heuristic = evaluate(seeds["heuristic"])  # by subnet, not label: in a one-subnet space they coincide
     ref_acc = heuristic.accuracy if sc.ref_acc is None else sc.ref_acc
-    maximal = next(e for e in evaluations if e.label == "maximal")
+    maximal = evaluate(seeds["maximal"])
     max_cost = None if sc.cost_budget is None else sc.cost_budget * maximal.cost
     chosen = choose(evaluations, ref_acc, sc.acc_delta, sc.rule, max_cost)
     log.info(
@@ -87,7 +84,7 @@ def run(ctx: StageContext) -> dict:
     )
 
     write_table(
-        ctx.out_dir / "evaluations.parquet",
+        ctx.out_dir / SearchOutput.files.evaluations,
         "evaluations",
         [
             {
@@ -103,28 +100,28 @@ def run(ctx: StageContext) -> dict:
             for e in evaluations
         ],
     )
-    atomic_write_text(ctx.out_dir / "chosen.json", json.dumps(chosen.subnet, indent=2))
+    write_json(ctx.out_dir / SearchOutput.files.chosen, ChosenSubnetFile(chosen.subnet))
     progression = io.StringIO()
     writer = csv.writer(progression)
     writer.writerow(["eval_id", "accuracy", sc.cost, "pareto", "label", "config"])
     writer.writerows([e.eval_id, e.accuracy, e.cost, e.pareto, e.label, e.key] for e in evaluations)
-    atomic_write_text(ctx.out_dir / "search_progression.csv", progression.getvalue())
+    atomic_write_text(ctx.out_dir / SearchOutput.files.progression, progression.getvalue())
     plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
-    return {
-        "evaluations": len(evaluations),
-        "resumed_from_cache": evaluate.resumed,
-        "pareto_size": sum(e.pareto for e in evaluations),
-        "val_samples": len(validation),
-        "ref_acc": ref_acc,
-        "rule": sc.rule,
-        "max_cost": max_cost,
-        "chosen": chosen.subnet,
-        "chosen_accuracy": chosen.accuracy,
-        "chosen_cost": chosen.cost,
-        "cost": sc.cost,
-        "heuristic_accuracy": heuristic.accuracy,
-        "heuristic_cost": heuristic.cost,
-    }
+    return SearchOutput(
+        evaluations=len(evaluations),
+        resumed_from_cache=evaluate.resumed,
+        pareto_size=sum(e.pareto for e in evaluations),
+        val_samples=len(validation),
+        ref_acc=ref_acc,
+        rule=sc.rule,
+        max_cost=max_cost,
+        chosen=chosen.subnet,
+        chosen_accuracy=chosen.accuracy,
+        chosen_cost=chosen.cost,
+        cost=sc.cost,
+        heuristic_accuracy=heuristic.accuracy,
+        heuristic_cost=heuristic.cost,
+    )
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_wrong_schema_version(math_run, tmp_path):
     doc["schema_version"] = 0
     manifest.write_text(json.dumps(doc))
     line = _error_line(_stage_cli("train", run, "train.learning_rate=0.02"))
-    assert "schema nlsflow.manifest v0, expected nlsflow.manifest v1" in line
+    assert "schema nlsflow.manifest v0, expected nlsflow.manifest v2" in line
 
 
 def test_failing_stage_leaves_no_partial_folder(tmp_path):
@@ -105,13 +105,14 @@ def test_failed_rerun_keeps_the_previous_complete_stage(math_run, tmp_path):
     [
         (
             [
-                "train.sparsity_preserving=true",
-                "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [172, 86]}]",
+                "method=lonas",
+                "method.sparsity_preserving=true",
+                "method.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [172, 86]}]",
             ],
-            "train.width_groups (LoNAS) and train.sparsity_preserving (Shears) cannot be combined",
+            "unknown key 'method.lonas.sparsity_preserving'",
         ),
         (
-            ["train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [86, 172]}]"],
+            ["method=lonas", "method.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [86, 172]}]"],
             "group 'w': choices [86, 172] must be positive and strictly descending",
         ),
         (
@@ -136,7 +137,8 @@ def test_width_choices_must_start_at_the_module_size(tmp_path):
         tmp_path,
         "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]",
         "train.groups=[{name: all, modules: [q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj], choices: [8, 4]}]",
-        "train.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [128, 64]}]",
+        "method=lonas",
+        "method.width_groups=[{name: w, modules: [gate_proj, up_proj], choices: [128, 64]}]",
         "train.max_steps=1",
     )
     run_stage("prune", prune.run, cfg)
@@ -155,7 +157,8 @@ def test_yaml_merge_keys_still_load_and_overlapping_width_groups_are_refused(tmp
     with pytest.raises(NlsflowError, match="module 'up_proj' is in width groups 'a' and 'b'; list it in one"):
         tiny_config(
             tmp_path,
-            "train.width_groups=[{name: a, modules: [gate_proj, up_proj], choices: [172, 86]}, "
+            "method=lonas",
+            "method.width_groups=[{name: a, modules: [gate_proj, up_proj], choices: [172, 86]}, "
             "{name: b, modules: [up_proj], choices: [172, 86]}]",
         )
 

@@ -163,8 +163,8 @@ def test_shortcuts_round_trip_and_refuse_another_model(tmp_path):
 
 @pytest.mark.slow
 def test_dynamic_mode_changes_the_enabled_set_and_logs_when(tmp_path, caplog):
-    cfg = method_config(tmp_path, "heterolora", "train.max_steps=60", "train.heterolora.realloc_every=0.1")
-    assert cfg.method == "heterolora" and cfg.train.heterolora.mode == "dynamic" and cfg.prune.sparsity == 0
+    cfg = method_config(tmp_path, "heterolora", "train.max_steps=60", "method.selection.realloc_every=0.1")
+    assert cfg.method.name == "heterolora" and cfg.method.selection.mode == "dynamic" and cfg.prune.sparsity == 0
     with caplog.at_level(logging.INFO):
         run_all(cfg)
     train_dir = stage_dir(tmp_path, "train")
@@ -192,11 +192,7 @@ def test_static_rank_budget_with_shortcuts_extracts_with_the_supernet_logits(tmp
     cfg = method_config(
         tmp_path,
         "heterolora",
-        "train.heterolora.mode=static",
-        "train.heterolora.select=rank_budget",
-        "train.heterolora.rank_budget=0.4",
-        "train.heterolora.proxy=alpha_test",
-        "train.heterolora.shortcut_rank=2",
+        "method.selection={mode: static, select: rank_budget, rank_budget: 0.4, proxy: alpha_test, shortcut_rank: 2}",
     )
     run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
     train_dir, extract_dir = stage_dir(tmp_path, "train"), stage_dir(tmp_path, "extract")
@@ -229,10 +225,7 @@ def test_static_shortcuts_travel_with_the_extracted_adapter_and_merged_model(tmp
     cfg = method_config(
         tmp_path,
         "heterolora",
-        "train.heterolora.mode=static",
-        "train.heterolora.ranking=separate",
-        "train.heterolora.proxy=synflow",
-        "train.heterolora.shortcut_rank=2",
+        "method.selection={mode: static, ranking: separate, proxy: synflow, shortcut_rank: 2}",
         "evaluate.baselines=[pruned]",
     )
     run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
@@ -257,9 +250,9 @@ def test_static_shortcuts_travel_with_the_extracted_adapter_and_merged_model(tmp
 
 
 def test_config_refuses_what_heterolora_cannot_do(tmp_path):
-    with pytest.raises(NlsflowError, match="heterolora cannot be combined with train.adapter=nola"):
+    with pytest.raises(NlsflowError, match="train.adapter has moved; write method.name"):
         method_config(tmp_path, "heterolora", "train.adapter=nola")
-    with pytest.raises(NlsflowError, match="rank_budget is static only"):
-        method_config(tmp_path, "heterolora", "train.heterolora.select=rank_budget")
-    with pytest.raises(NlsflowError, match="train.heterolora.proxy"):
-        method_config(tmp_path, "heterolora", "train.heterolora.proxy=fisher")
+    with pytest.raises(NlsflowError, match="unknown key 'method.heterolora.selection.dynamic.select'"):
+        method_config(tmp_path, "heterolora", "method.selection.select=rank_budget")
+    with pytest.raises(NlsflowError, match="method.heterolora.selection.dynamic.proxy"):
+        method_config(tmp_path, "heterolora", "method.selection.proxy=fisher")

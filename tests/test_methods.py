@@ -38,7 +38,7 @@ def run_all(cfg, modules=(prune, train, evaluate, search, extract)):
 
 def test_shears_merges_with_the_pruned_sparsity_in_every_layer(tmp_path):
     cfg = method_config(tmp_path, "shears")
-    assert cfg.method == "shears" and cfg.train.sparsity_preserving and cfg.prune.sparsity == 0.5
+    assert cfg.method.name == "shears" and cfg.method.sparsity_preserving and cfg.prune.sparsity == 0.5
     run_all(cfg)
     metrics = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics
     pruned = read_table(stage_dir(tmp_path, "prune") / "sparsity.parquet", "sparsity").to_pylist()
@@ -52,7 +52,7 @@ def test_shears_merges_with_the_pruned_sparsity_in_every_layer(tmp_path):
 
 def test_lonas_extracts_a_smaller_model_with_the_supernet_logits(tmp_path):
     cfg = method_config(tmp_path, "lonas")
-    assert cfg.method == "lonas" and cfg.prune.sparsity == 0 and cfg.train.width_groups[0].choices[0] == 172
+    assert cfg.method.name == "lonas" and cfg.prune.sparsity == 0 and cfg.method.width_groups[0].choices[0] == 172
     run_all(cfg, (prune, train, evaluate, search, extract, benchmark))
     extract_dir = stage_dir(tmp_path, "extract")
     metrics = read_manifest(extract_dir, "extract").metrics
@@ -107,13 +107,21 @@ def test_search_block_gives_defaults_and_width_groups_fill_the_config(tmp_path):
     assert cfg.search.num_evals == 10  # the profile's own search.num_evals wins over the file's
     with pytest.raises(NlsflowError, match=r"group 'gate_up': modules \['gate_proj'\] are not in train.target_modules"):
         tiny_config(tmp_path, f"train.search_space_file={LONAS}", "train.rank=32")
+    with pytest.raises(NlsflowError, match=r"has width groups, which only method lonas trains \(method is 'shears'\)"):
+        tiny_config(
+            tmp_path,
+            f"train.search_space_file={LONAS}",
+            "train.rank=32",
+            "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]",
+        )
     cfg = tiny_config(
         tmp_path,
+        "method=lonas",
         f"train.search_space_file={LONAS}",
         "train.rank=32",
         "train.target_modules=[q_proj, k_proj, v_proj, up_proj, gate_proj, down_proj]",
     )
-    assert [(g.name, g.modules, g.choices) for g in cfg.train.width_groups] == [
+    assert [(g.name, g.modules, g.choices) for g in cfg.method.width_groups] == [
         ("gate_up_width", ["gate_proj", "up_proj"], [11008, 9632, 8256, 6880, 5504])
     ]
     assert cfg.search.population == 4 and cfg.search.acc_delta == 0.01 and cfg.search.ref_acc == 0.45
@@ -154,14 +162,12 @@ def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(t
     from nlsflow.adapters.nola import CONFIG_FILE, WEIGHTS_FILE, load_nola, materialize, nola_lora_config
     from nlsflow.adapters.supernet import load_search_space_groups
 
-    cfg = method_config(tmp_path, "nola", *([f"train.nola.bits={bits}"] if bits else []))
-    assert (
-        cfg.method == "nola" and cfg.train.adapter == "nola" and cfg.prune.sparsity == 0 and cfg.train.nola.bits == bits
-    )
+    cfg = method_config(tmp_path, "nola", *([f"method.bits={bits}"] if bits else []))
+    assert cfg.method.name == "nola" and cfg.prune.sparsity == 0 and cfg.method.bits == bits
     run_all(cfg)
     trained = read_manifest(stage_dir(tmp_path, "train"), "train").metrics
     lora_layers = 2 * len(cfg.train.target_modules)
-    assert trained["trainable_params"] == lora_layers * (cfg.train.nola.num_basis_a + cfg.train.nola.num_basis_b)
+    assert trained["trainable_params"] == lora_layers * (cfg.method.num_basis_a + cfg.method.num_basis_b)
     adapter = stage_dir(tmp_path, "train") / "adapter"
     assert sorted(p.name for p in adapter.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
     bytes_per_coefficient = 1 if bits else 4  # quantized: one-byte level indices
@@ -187,11 +193,11 @@ def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(t
     with torch.no_grad():
         assert torch.allclose(rebuilt(input_ids=tokens).logits, stock(input_ids=tokens).logits, atol=1e-5)
     if bits is None:  # bases too large for the budget: refused before they are made, the trained adapter kept
-        with pytest.raises(NlsflowError, match=r"NOLA bases would take .* GB > train.nola.max_basis_gb=1e-06"):
-            run_stage("train", train.run, method_config(tmp_path, "nola", "train.nola.max_basis_gb=1e-6"))
+        with pytest.raises(NlsflowError, match=r"NOLA bases would take .* GB > method.max_basis_gb=1e-06"):
+            run_stage("train", train.run, method_config(tmp_path, "nola", "method.max_basis_gb=1e-6"))
         assert read_manifest(stage_dir(tmp_path, "train"), "train").metrics == trained
 
 
 def test_nola_refuses_what_it_cannot_do_yet(tmp_path):
-    with pytest.raises(NlsflowError, match="adapter=nola cannot be combined"):
-        method_config(tmp_path, "nola", "train.sparsity_preserving=true")
+    with pytest.raises(NlsflowError, match="unknown key 'method.nola.sparsity_preserving'"):
+        method_config(tmp_path, "nola", "method.sparsity_preserving=true")

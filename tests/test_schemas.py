@@ -37,9 +37,9 @@ def test_layers_name_the_files_in_order():
         "profiles/llama7b.lonas.commonsense.yaml",
     ]
     with pytest.raises(
-        NlsflowError, match=r"unknown method 'lora'.*choose from \['heterolora', 'lonas', 'nola', 'shears'\]"
+        NlsflowError, match=r"unknown method 'qlora'.*choose from \['heterolora', 'lonas', 'lora', 'nola', 'shears'\]"
     ):
-        config_files("math", "tiny", "lora")
+        config_files("math", "tiny", "qlora")
 
 
 def test_every_profile_file_is_shipped_for_a_known_profile_task_and_method():
@@ -56,7 +56,7 @@ def test_every_profile_file_is_shipped_for_a_known_profile_task_and_method():
 @pytest.mark.parametrize("task,profile,method", list(product(TASKS, PROFILES, METHODS)), ids=lambda p: p.stem)
 def test_every_shipped_config_loads(task, profile, method):
     cfg = load_config(layered(task, profile, method), ["run_dir=runs/x"])
-    assert cfg.task == task.stem and cfg.profile == profile.stem and cfg.method == method.stem
+    assert cfg.task == task.stem and cfg.profile == profile.stem and cfg.method.name == method.stem
     for stage in STAGES:
         assert set(cfg.stage_config(stage)) == {"shared", *STAGE_SECTIONS[stage]} and stage in STAGE_SECTIONS[stage]
 
@@ -108,9 +108,23 @@ def test_stage_inputs_form_a_dag_in_stage_order():
         assert all(STAGES.index(up) < i for up in STAGE_INPUTS[stage])
 
 
+PRUNE_METRICS = {
+    "base_model": "tiny",
+    "base_revision": None,
+    "params": 10,
+    "nonzero_params": 5,
+    "pruned_layers": 2,
+    "sparsity": 0.5,
+    "ppl_dense": 10.0,
+    "ppl_pruned": 12.5,
+}
+
+
 def _manifest(folder, **kw):
     (folder / "data.bin").write_bytes(b"abc")
-    return Manifest(stage="prune", config={"a": 1}, inputs={}, outputs=list_outputs(folder), metrics={"x": 1.5}, **kw)
+    return Manifest(
+        stage="prune", config={"a": 1}, inputs={}, outputs=list_outputs(folder), metrics=PRUNE_METRICS, **kw
+    )
 
 
 def test_manifest_round_trip_and_fingerprint(tmp_path):
@@ -126,7 +140,7 @@ def test_manifest_round_trip_and_fingerprint(tmp_path):
 @pytest.mark.parametrize(
     "edit,message",
     [
-        (lambda d: d.update(schema_version=99), "expected nlsflow.manifest v1"),
+        (lambda d: d.update(schema_version=99), "expected nlsflow.manifest v2"),
         (lambda d: d.update(stage="train"), "belongs to stage 'train'"),
         (lambda d: d.update(surprise=1), "unknown key 'surprise'"),
     ],

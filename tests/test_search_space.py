@@ -296,7 +296,7 @@ PLAIN = {
         (
             lambda d: d["groups"][1].__setitem__("choices", [16, 32]),
             {},
-            r"group 'up' \(groups\[1\]\): choices \[16, 32\]",
+            r"groups.1: .*group 'up': choices \[16, 32\] must be positive and strictly descending",
         ),
         (
             lambda d: d["groups"][1].__setitem__("modules", ["up_proj", "v_proj"]),

@@ -11,9 +11,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from nlsflow.adapters.elastic import activate, resolve_space
-from nlsflow.adapters.supernet import load_search_space_groups, load_supernet
+from nlsflow.adapters.masking import make_sparsity_preserving
+from nlsflow.adapters.supernet import load_search_space_groups
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
 from nlsflow.data.datasets import calibration_batch, calibration_documents, generate_prompt
+from nlsflow.methods import method_for
 from nlsflow.models import load_causal_lm, load_tokenizer
 from nlsflow.pruning import wanda_scores
 from schemas import STAGES
@@ -122,17 +124,21 @@ def test_search_evaluations_are_unique_and_the_choice_is_on_record(math_run):
     assert len((folder / "search_progression.csv").read_text().splitlines()) == len(rows) + 1
 
 
-def test_extracted_adapter_loads_with_stock_peft_and_matches_supernet(math_run):
-    """No nlsflow code on the extracted side: PeftModel.from_pretrained on the pruned base."""
+def test_extracted_masked_adapter_loads_with_peft_and_the_mask_and_matches_supernet(math_run):
+    """The default method is Shears, sparsity-preserving: PeftModel.from_pretrained on the pruned base, then the
+    base's mask (the one documented step), gives the super-network's logits; without the mask it would not."""
     base_dir, train_dir = _dir(math_run, "prune") / "model", _dir(math_run, "train")
     chosen = json.loads((_dir(math_run, "search") / "chosen.json").read_text())
-    supernet, tokenizer, space = load_supernet(
-        base_dir, train_dir / "adapter", train_dir / "search_space.json", "float32", torch.device("cpu")
-    )
+    supernet, tokenizer, space = method_for(math_run).load(base_dir, train_dir, "float32", torch.device("cpu"))
     activate(supernet, space, chosen)
+    extract_dir = _dir(math_run, "extract")
+    assert not (extract_dir / "adapter").exists() and read_manifest(extract_dir, "extract").metrics["deployable"] == (
+        "merged"
+    )
     extracted = PeftModel.from_pretrained(
-        load_causal_lm(str(base_dir), "float32", torch.device("cpu")), str(_dir(math_run, "extract") / "adapter")
+        load_causal_lm(str(base_dir), "float32", torch.device("cpu")), str(extract_dir / "masked_adapter")
     ).eval()
+    make_sparsity_preserving(extracted)
     batch = tokenizer(
         [generate_prompt("What is 2 plus 3?"), generate_prompt("Name a prime.", "", "7")],
         return_tensors="pt",

@@ -26,8 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nlsflow.artifacts import read_json, write_json
 from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_dir, folder_bytes
+from schemas.files import NolaConfigFile
 
 CONFIG_FILE, WEIGHTS_FILE = "nola_config.json", "nola_coefficients.safetensors"
 
@@ -137,13 +139,11 @@ def save_nola(peft_model, spec: NolaSpec, out_dir: Path, adapter_name: str = "de
     state = coefficient_state(peft_model, adapter_name)
     shapes = {f"{n}.lora_{f}": list(l.weight.shape) for n, f, l in _factors(peft_model, adapter_name)}
     lora = peft_model.peft_config[adapter_name]
-    doc = {
-        "nola": asdict(spec),
-        "shapes": shapes,
-        "lora_config": json.loads(json.dumps(lora.to_dict(), default=sorted)),
-    }
+    doc = NolaConfigFile(
+        nola=asdict(spec), shapes=shapes, lora_config=json.loads(json.dumps(lora.to_dict(), default=sorted))
+    )
     with atomic_dir(Path(out_dir)) as tmp:
-        (tmp / CONFIG_FILE).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        write_json(tmp / CONFIG_FILE, doc, sort_keys=True)
         if spec.bits:  # store level indices (one byte each) and each tensor's range, not floats
             codes = {}
             for key, c in state.items():
@@ -155,18 +155,18 @@ def save_nola(peft_model, spec: NolaSpec, out_dir: Path, adapter_name: str = "de
     return folder_bytes(out_dir)
 
 
-def read_nola(folder: Path) -> tuple[NolaSpec, dict, dict[str, torch.Tensor]]:
-    """(spec, document, coefficients) of a saved NOLA adapter, quantized codes turned back into levels."""
+def read_nola(folder: Path) -> tuple[NolaSpec, NolaConfigFile, dict[str, torch.Tensor]]:
+    """(spec, config file, coefficients) of a saved NOLA adapter, quantized codes turned back into levels."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise NlsflowError(f"{folder} is not a NOLA adapter (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    doc = json.loads((folder / CONFIG_FILE).read_text())
-    spec = NolaSpec(**doc["nola"])
+    doc = read_json(folder / CONFIG_FILE, NolaConfigFile, "train")
+    spec = NolaSpec(**doc.nola.model_dump())
     stored = load_file(str(folder / WEIGHTS_FILE))
     if not spec.bits:
         return spec, doc, stored
     coefficients = {}
-    for key in doc["shapes"]:
+    for key in doc.shapes:
         lo, step = stored[f"{key}.grid"]
         coefficients[key] = lo + stored[f"{key}.codes"].float() * step
     return spec, doc, coefficients
@@ -179,15 +179,15 @@ def is_nola(folder: Path) -> bool:
 def nola_lora_config(folder: Path) -> LoraConfig:
     """The LoRA config (rank, alpha, targets) the NOLA adapter's factors have."""
     _, doc, _ = read_nola(folder)
-    return LoraConfig.from_peft_type(**doc["lora_config"])
+    return LoraConfig.from_peft_type(**doc.lora_config)
 
 
 def load_nola(peft_model, folder: Path, adapter_name: str = "default") -> NolaSpec:
     """Reparametrize a fresh PEFT LoRA model of the same config and load the saved coefficients into it."""
     spec, doc, coefficients = read_nola(folder)
     shapes = {f"{n}.lora_{f}": list(l.weight.shape) for n, f, l in _factors(peft_model, adapter_name)}
-    if shapes != doc["shapes"]:  # checked before anything changes: a mismatch leaves the model as it was
-        key = next(k for k in sorted(shapes.keys() | doc["shapes"].keys()) if shapes.get(k) != doc["shapes"].get(k))
+    if shapes != doc.shapes:  # checked before anything changes: a mismatch leaves the model as it was
+        key = next(k for k in sorted(shapes.keys() | doc.shapes.keys()) if shapes.get(k) != doc.shapes.get(k))
         raise NlsflowError(
             f"NOLA adapter {folder} does not fit this model at {key}: was it trained on this base "
             "with the same target_modules and rank?"

@@ -253,7 +253,7 @@ class Choice:
 def choose(
     model, cands: list[Candidate], batches: list[dict], settings, rank_choices: dict[str, tuple[int, ...]], seed: int
 ) -> Choice:
-    """Score the candidates and select (`settings`: train.heterolora; `rank_choices`: per candidate, descending)."""
+    """Score the candidates and select (`settings`: method.selection; `rank_choices`: per candidate, descending)."""
     scores = score(model, cands, batches, settings.proxy, settings.probe_std, seed)
     if settings.select == "rank_budget":
         per_rank = {c.name: c.params_per_rank for c in cands}

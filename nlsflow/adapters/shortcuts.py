@@ -67,7 +67,7 @@ def decoder_layers(model) -> nn.ModuleList:
     if len(found) != 1:
         raise NlsflowError(
             f"shortcuts need one decoder-layer list named 'layers'; {type(model).__name__} has {len(found)}; "
-            "set train.heterolora.shortcuts=false for this model"
+            "set method.selection.shortcuts=false for this model"
         )
     return found[0]
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from nlsflow.adapters.masking import make_sparsity_preserving
 from nlsflow.adapters.nola import is_nola, load_nola, materialize, nola_lora_config
 from nlsflow.adapters.shortcuts import load_shortcuts
 from nlsflow.adapters.width import WidthGroup, make_width_elastic
-from nlsflow.io import atomic_write_text
+from nlsflow.artifacts import read_json, write_json
 from nlsflow.models import load_causal_lm, load_tokenizer
+from schemas.files import GroupEntry, SearchSpaceFile, VariableEntry
 
 NAMED_SUBNETS = {"heuristic": heuristic_subnet, "maximal": maximal_subnet, "minimal": minimal_subnet}
 
@@ -42,34 +42,29 @@ def make_supernet(peft_model, groups: list[ElasticGroup], width_groups: list[Wid
 def save_search_space(
     path: Path, groups: list[ElasticGroup], width_groups: list[WidthGroup], space: list[Variable]
 ) -> None:
-    doc = {
-        "groups": [asdict(g) for g in groups],
-        "width_groups": [asdict(g) for g in width_groups],
-        "variables": [
-            {
-                "name": v.name,
-                "kind": v.kind,
-                "modules": list(v.modules),
-                "consumers": list(v.consumers),
-                "choices": list(v.choices),
-            }
+    """Write `train/search_space.json` (schemas.files.SearchSpaceFile): groups, variables and the named subnets."""
+    doc = SearchSpaceFile(
+        groups=[GroupEntry(**asdict(g)) for g in groups],
+        width_groups=[GroupEntry(**asdict(g)) for g in width_groups],
+        variables=[
+            VariableEntry(name=v.name, kind=v.kind, modules=v.modules, consumers=v.consumers, choices=v.choices)
             for v in space
         ],
-        "subnets": {name: fn(space) for name, fn in NAMED_SUBNETS.items()},
-    }
-    atomic_write_text(path, json.dumps(doc, indent=2))
+        subnets={name: fn(space) for name, fn in NAMED_SUBNETS.items()},
+    )
+    write_json(path, doc)
 
 
 def load_search_space_groups(path: Path) -> tuple[list[ElasticGroup], list[WidthGroup]]:
-    doc = json.loads(Path(path).read_text())
+    """The rank groups and width groups of a `search_space.json`; one line naming the train stage if it does not fit."""
+    doc = read_json(path, SearchSpaceFile, "train")
 
-    def read(rows, cls):
+    def read(rows: list[GroupEntry], cls):
         return [
-            cls(name=g["name"], modules=tuple(g["modules"]), choices=tuple(g["choices"]), per_layer=g["per_layer"])
-            for g in rows
+            cls(name=g.name, modules=tuple(g.modules), choices=tuple(g.choices), per_layer=g.per_layer) for g in rows
         ]
 
-    return read(doc["groups"], ElasticGroup), read(doc.get("width_groups", []), WidthGroup)
+    return read(doc.groups, ElasticGroup), read(doc.width_groups, WidthGroup)
 
 
 def load_supernet(

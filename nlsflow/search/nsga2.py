@@ -149,6 +149,10 @@ def nsga2_search(
         initial.append([int(rng.integers(len(v.choices))) for v in space])
     for name, subnet in seeds.items():
         evaluate(subnet, label=name)
+    size = math.prod(len(v.choices) for v in space)
+    if len(evaluate.evaluations) >= size:  # the seeds are the whole space (plain LoRA: one subnet): nothing to search
+        log.info("the search space holds %d subnet(s), all evaluated: NSGA-II not needed", size)
+        return _flag_pareto(sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id))
     algorithm = NSGA2(
         pop_size=population,
         sampling=np.array(initial[:population]),
@@ -156,7 +160,7 @@ def nsga2_search(
         mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,
     )
-    budget = min(num_evals, math.prod(len(v.choices) for v in space))
+    budget = min(num_evals, size)
     termination = _UniqueEvaluations(evaluate, budget, max_gen=10 * math.ceil(budget / population) + 10)
     with tqdm(total=budget, desc="search", unit="subnet", initial=len(evaluate.evaluations)) as bar:
         evaluate.progress = bar
@@ -164,7 +168,10 @@ def nsga2_search(
             _SubnetProblem(space, evaluate), algorithm, termination, copy_termination=False, seed=seed, verbose=False
         )
         evaluate.progress = None
-    results = sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id)
+    return _flag_pareto(sorted(evaluate.evaluations.values(), key=lambda e: e.eval_id))
+
+
+def _flag_pareto(results: list[Evaluation]) -> list[Evaluation]:
     front = NonDominatedSorting().do(np.array([[-e.accuracy, e.cost] for e in results]), only_non_dominated_front=True)
     for i in front:
         results[i].pareto = True

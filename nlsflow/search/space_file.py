@@ -34,7 +34,7 @@ from nlsflow.adapters.elastic import ElasticGroup
 from nlsflow.adapters.width import WidthGroup
 from nlsflow.config import yaml_load
 from nlsflow.errors import NlsflowError, format_validation_error
-from schemas.config import GroupConfig
+from schemas.methods import GroupConfig
 
 SEARCH_KEYS = ("algorithm", "num_evals", "population", "ref_acc", "acc_delta")
 _IGNORED_SEARCH_KEYS = ("batchnorm_adaptation",)  # LLMs have no batch norm; the seed configs set it to 0 samples
