@@ -42,7 +42,7 @@ pipeline: venv
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
 
 # Every method on the same task and profile, one table: `make compare TASK=math PROFILE=tiny` (METHODS=a,b to pick).
-METHODS ?= shears,lonas,nola,heterolora
+METHODS ?= lora,shears,lonas,nola,heterolora
 compare: venv
 	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)

@@ -23,12 +23,12 @@ from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_write_text
 from nlsflow.layers import config_files
 
-METHODS = ("shears", "lonas", "nola", "heterolora")
+METHODS = ("lora", "shears", "lonas", "nola", "heterolora")  # plain LoRA first: the baseline row
 COLUMNS = {  # column -> header
     "method": "method",
     "trainable_params": "trainable params",
     "train_adapter_bytes": "adapter bytes (trained)",
-    "adapter_bytes": "adapter bytes (extracted, stock)",
+    "adapter_bytes": "adapter bytes (extracted)",
     "compact_bytes": "NOLA compact bytes",
     "params": "params",
     "nonzero_params": "non-zero params",

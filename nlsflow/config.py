@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
@@ -11,52 +9,9 @@ import yaml
 from pydantic import ValidationError
 
 from nlsflow.errors import NlsflowError, format_validation_error
+from nlsflow.yaml12 import yaml_load
 from schemas.config import PipelineConfig
 from schemas.methods import MOVED_TRAIN_KEYS
-
-
-class _Yaml12Loader(yaml.SafeLoader):
-    """SafeLoader without YAML 1.1's base-60 numbers, so `structure: 2:4` stays the string '2:4' (not 124), and
-    with duplicate keys refused (YAML forbids them; PyYAML would silently keep the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        self.flatten_mapping(node)  # resolve `<<` merge keys first; a key they bring in may be overridden
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, Hashable):
-                break  # the base class reports unhashable keys
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})", key_node.start_mark
-                )
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regex) for tag, regex in resolvers if not (tag.endswith((":int", ":float")) and regex.match("2:4"))]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-for _tag, _pattern, _first in [
-    (
-        "tag:yaml.org,2002:int",
-        r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$",
-        "-+0123456789",
-    ),
-    (
-        "tag:yaml.org,2002:float",
-        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?"
-        r"|\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
-        r"|[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+)$",
-        "-+0123456789.",
-    ),
-]:
-    _Yaml12Loader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
-
-
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Yaml12Loader)
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -120,6 +75,7 @@ def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
         key, value = parse_override(item)
         _refuse_moved_keys({"train": {key.split(".")[1]: None}} if key.startswith("train.") else {}, f"override {item}")
         _set_dotted(tree, key, value)
+    _refuse_moved_keys(tree, "the overrides")  # a whole `train={...}` section given on the command line
     _expand_search_space_file(tree)
     where = ", ".join(map(str, paths)) or "overrides"
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Iterable
@@ -12,10 +13,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from nlsflow.adapters.width import is_per_layer
 from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_dir, sha256_json
-from nlsflow.per_layer_llama import PerLayerLlamaForCausalLM
+from nlsflow.per_layer_llama import PerLayerLlamaConfig, PerLayerLlamaForCausalLM
 
 log = logging.getLogger(__name__)
 
@@ -166,3 +166,9 @@ def load_causal_lm(path: str, dtype: str, device: torch.device, revision: str | 
     with _loading(path):
         model = loader.from_pretrained(path, dtype=DTYPES[dtype], revision=revision)
     return model.to(device).eval()
+
+
+def is_per_layer(folder: Path | str) -> bool:
+    """A narrowed model saved with per-layer MLP widths (LoNAS), which our class loads."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == PerLayerLlamaConfig.model_type

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
@@ -21,7 +22,7 @@ from nlsflow.deploy.report import plot_results, results_markdown, with_speedups
 from nlsflow.io import atomic_write_text
 from nlsflow.methods import method_for
 from nlsflow.models import resolve_device
-from schemas.outputs import BenchmarkOutput, ExtractOutput, PruneOutput, Scores
+from schemas.outputs import BenchmarkOutput, ExtractOutput, PruneOutput, Scores, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,10 @@ def pytorch_variants(ctx: StageContext) -> list[Variant]:
                 "super_adapter",
                 str(pruned),
                 weights=cfg.dtype,
-                adapter_dir=str(train / "adapter"),
-                search_space=str(train / "search_space.json"),
+                adapter_dir=str(train / TrainOutput.files.adapter),
+                search_space=str(train / TrainOutput.files.search_space),
                 subnet=tuple(sorted(subnet.items())),
-                sparsity_preserving=method.masked,
+                masked=method.masked,
             )
         )
     merged, narrowed = extracted / ExtractOutput.files.merged, extracted / ExtractOutput.files.base
@@ -62,7 +63,7 @@ def pytorch_variants(ctx: StageContext) -> list[Variant]:
             str(adapter_base),
             weights=cfg.dtype,
             adapter_dir=str(extracted / method.adapter_folder),
-            sparsity_preserving=method.masked,
+            masked=method.masked,
         )
     )  # as extract scored it
     return variants
@@ -155,6 +156,38 @@ def known_accuracies(ctx: StageContext) -> dict[str, Scores]:
 
 def run(ctx: StageContext) -> BenchmarkOutput:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
+    measure = measurer(ctx)
+    variants = pytorch_variants(ctx)
+    extra, semi_structured = semi_structured_variants(ctx, variants)
+    rows = pytorch_rows(variants + extra, known_accuracies(ctx), bc.batch_sizes, measure)
+
+    openvino, predictions = "off (benchmark.openvino=[])", []
+    deployable = next((v for v in variants if v.name == "extracted_merged"), None)
+    if bc.openvino and deployable is None:
+        openvino = "skipped: no merged model to export (extract.merge=false)"
+    elif bc.openvino:
+        source_row = next(r for r in rows if r["model"] == deployable.name)
+        found, predictions, openvino = openvino_rows(ctx, deployable, source_row, measure)
+        rows += found
+    rows = with_speedups(
+        rows,
+        unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0,
+        same_device=resolve_device(cfg.device).type == "cpu",
+    )
+    write_report(ctx, rows, predictions)
+    by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
+    return BenchmarkOutput(
+        results=by_batch[bc.batch_sizes[0]],
+        results_by_batch={str(bs): v for bs, v in by_batch.items()},
+        openvino=openvino,
+        semi_structured=semi_structured,
+        settings=bc,
+    )
+
+
+def measurer(ctx: StageContext) -> Callable[[Variant, int], dict]:
+    """`measure(variant, batch_size)`: a variant timed at a batch size in its own process, with the run's settings."""
+    cfg, bc = ctx.cfg, ctx.cfg.benchmark
     model_config = ctx.input_dir("prune") / PruneOutput.files.model / "config.json"
     vocab_size = json.loads(model_config.read_text())["vocab_size"]
     settings = dict(
@@ -171,12 +204,17 @@ def run(ctx: StageContext) -> BenchmarkOutput:
     def measure(variant: Variant, batch_size: int) -> dict:
         return measure_in_subprocess(variant, batch_size=batch_size, **settings)
 
-    variants = pytorch_variants(ctx)
-    extra, semi_structured = semi_structured_variants(ctx, variants)
-    known, rows = known_accuracies(ctx), []
-    for variant in tqdm(variants + extra, desc="benchmark"):
+    return measure
+
+
+def pytorch_rows(
+    variants: list[Variant], known: dict[str, Scores], batch_sizes: list[int], measure: Callable[[Variant, int], dict]
+) -> list[dict]:
+    """Every PyTorch variant measured at every batch size, with the accuracy an earlier stage scored it at."""
+    rows = []
+    for variant in tqdm(variants, desc="benchmark"):
         accuracy = _accuracy(known.get(variant.name.split("@")[0]))  # 2:4 kernels run the same weights
-        for batch_size in bc.batch_sizes:
+        for batch_size in batch_sizes:
             row = {
                 **measure(variant, batch_size),
                 "model": variant.name,
@@ -186,34 +224,17 @@ def run(ctx: StageContext) -> BenchmarkOutput:
             }
             log.info("%s, batch %d: %.1f tokens/s", variant.name, batch_size, row["tokens_per_s"])
             rows.append(row)
+    return rows
 
-    openvino, predictions = "off (benchmark.openvino=[])", []
-    deployable = next((v for v in variants if v.name == "extracted_merged"), None)
-    if bc.openvino and deployable is None:
-        openvino = "skipped: no merged model to export (extract.merge=false)"
-    elif bc.openvino:
-        source_row = next(r for r in rows if r["model"] == deployable.name)
-        found, predictions, openvino = openvino_rows(ctx, deployable, source_row, measure)
-        rows += found
-    rows = with_speedups(
-        rows,
-        unstructured=cfg.prune.structure == "unstructured" and cfg.prune.sparsity > 0,
-        same_device=resolve_device(cfg.device).type == "cpu",
-    )
+
+def write_report(ctx: StageContext, rows: list[dict], predictions: list[dict]) -> None:
+    """The results as a table, as markdown and as plots; the OpenVINO exports' predictions, where scored."""
     files = BenchmarkOutput.files
     write_table(ctx.out_dir / files.results, "results", rows)
     if predictions:
         write_table(ctx.out_dir / files.predictions, "predictions", predictions)
     atomic_write_text(ctx.out_dir / files.results_markdown, results_markdown(rows))
     plot_results(rows, ctx.out_dir)
-    by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
-    return BenchmarkOutput(
-        results=by_batch[bc.batch_sizes[0]],
-        results_by_batch={str(bs): v for bs, v in by_batch.items()},
-        openvino=openvino,
-        semi_structured=semi_structured,
-        settings=bc,
-    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
 from nlsflow.evaluation.scoring import evaluate_test_sets
 from nlsflow.methods import method_for
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
-from schemas.outputs import EvaluateOutput
+from schemas.outputs import EvaluateOutput, PruneOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,9 @@ def run(ctx: StageContext) -> EvaluateOutput:
     cfg, ec = ctx.cfg, ctx.cfg.evaluate
     device = resolve_device(cfg.device)
     train_dir = ctx.input_dir("train")
-    model, tokenizer, space = method_for(cfg).load(ctx.input_dir("prune") / "model", train_dir, cfg.dtype, device)
+    model, tokenizer, space = method_for(cfg).load(
+        ctx.input_dir("prune") / PruneOutput.files.model, train_dir, cfg.dtype, device
+    )
     subnet = NAMED_SUBNETS[ec.subnet](space)
     activate(model, space, subnet)
     rows, scores = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, ec.subnet)

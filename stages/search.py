@@ -10,17 +10,18 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Callable
+from functools import partial
 
-from nlsflow.adapters.elastic import adapter_parameters, linear_macs_per_token
 from nlsflow.adapters.supernet import NAMED_SUBNETS
 from nlsflow.artifacts import read_table, write_json, write_table
 from nlsflow.evaluation.scoring import subnet_accuracy
 from nlsflow.io import atomic_write_text, sha256_json
 from nlsflow.methods import method_for
 from nlsflow.models import resolve_device
-from nlsflow.search.nsga2 import SubnetEvaluator, choose, nsga2_search, plot_search
+from nlsflow.search.nsga2 import Evaluation, SubnetEvaluator, choose, nsga2_search, plot_search
 from schemas.files import ChosenSubnetFile
-from schemas.outputs import SearchOutput, TrainOutput
+from schemas.outputs import PruneOutput, SearchOutput, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -29,42 +30,12 @@ log = logging.getLogger(__name__)
 def run(ctx: StageContext) -> SearchOutput:
     cfg, sc = ctx.cfg, ctx.cfg.search
     train_dir = ctx.input_dir("train")
-    model, tokenizer, space = method_for(cfg).load(
-        ctx.input_dir("prune") / "model", train_dir, cfg.dtype, resolve_device(cfg.device)
+    method = method_for(cfg)
+    model, tokenizer, space = method.load(
+        ctx.input_dir("prune") / PruneOutput.files.model, train_dir, cfg.dtype, resolve_device(cfg.device)
     )
     validation = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()[: sc.val_samples]
-
-    def accuracy(subnet) -> float:
-        return subnet_accuracy(
-            model,
-            tokenizer,
-            space,
-            validation,
-            subnet,
-            max_new_tokens=sc.generation.max_new_tokens,
-            num_beams=sc.generation.num_beams,
-            batch_size=sc.generation.batch_size,
-        )
-
-    def params(subnet) -> int:
-        return adapter_parameters(model, space, subnet)
-
-    def macs(subnet) -> int:
-        return linear_macs_per_token(model, space, subnet)
-
-    # Evaluations persist outside the stage folder (which appears only when the stage completes), keyed by what an
-    # accuracy depends on: a killed search resumes from them, and a changed population or budget reuses them.
-    cache_key = sha256_json(
-        {
-            "inputs": {k: m.fingerprint() for k, m in ctx.inputs.items()},
-            "cost": sc.cost,
-            "val_samples": sc.val_samples,
-            "generation": sc.generation.model_dump(),
-            "dtype": cfg.dtype,
-        }
-    )
-    cache_path = ctx.run_dir / ".cache" / f"search-{cache_key[:16]}.parquet"
-    evaluate = SubnetEvaluator(accuracy, params if sc.cost == "params" else macs, cache_path=cache_path)
+    evaluate = cached_evaluator(ctx, model, tokenizer, space, validation, method)
     seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
     evaluations = nsga2_search(
         space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds
@@ -83,29 +54,9 @@ def run(ctx: StageContext) -> SearchOutput:
         heuristic.cost,
     )
 
-    write_table(
-        ctx.out_dir / SearchOutput.files.evaluations,
-        "evaluations",
-        [
-            {
-                "eval_id": e.eval_id,
-                "config": e.key,
-                "accuracy": e.accuracy,
-                "params": params(e.subnet),
-                "macs": macs(e.subnet),
-                "pareto": e.pareto,
-                "label": e.label,
-                "seconds": e.seconds,
-            }
-            for e in evaluations
-        ],
-    )
+    write_evaluations(ctx.out_dir / SearchOutput.files.evaluations, evaluations, partial(method.cost, model, space))
     write_json(ctx.out_dir / SearchOutput.files.chosen, ChosenSubnetFile(chosen.subnet))
-    progression = io.StringIO()
-    writer = csv.writer(progression)
-    writer.writerow(["eval_id", "accuracy", sc.cost, "pareto", "label", "config"])
-    writer.writerows([e.eval_id, e.accuracy, e.cost, e.pareto, e.label, e.key] for e in evaluations)
-    atomic_write_text(ctx.out_dir / SearchOutput.files.progression, progression.getvalue())
+    write_progression(ctx.out_dir / SearchOutput.files.progression, evaluations, sc.cost)
     plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
     return SearchOutput(
         evaluations=len(evaluations),
@@ -122,6 +73,74 @@ def run(ctx: StageContext) -> SearchOutput:
         heuristic_accuracy=heuristic.accuracy,
         heuristic_cost=heuristic.cost,
     )
+
+
+def cached_evaluator(ctx: StageContext, model, tokenizer, space, validation: list[dict], method) -> SubnetEvaluator:
+    """Scores a subnet's validation accuracy and its cost (`search.cost`), persisting every evaluation at once."""
+    sc = ctx.cfg.search
+
+    def accuracy(subnet) -> float:
+        return subnet_accuracy(
+            model,
+            tokenizer,
+            space,
+            validation,
+            subnet,
+            max_new_tokens=sc.generation.max_new_tokens,
+            num_beams=sc.generation.num_beams,
+            batch_size=sc.generation.batch_size,
+        )
+
+    def cost(subnet) -> int:
+        return method.cost(model, space, subnet, sc.cost)
+
+    cache_path = ctx.run_dir / ".cache" / f"search-{cache_key(ctx)[:16]}.parquet"
+    return SubnetEvaluator(accuracy, cost, cache_path=cache_path)
+
+
+def cache_key(ctx: StageContext) -> str:
+    """Evaluations persist outside the stage folder (which appears only when the stage completes), keyed by what an
+    accuracy depends on: a killed search resumes from them, and a changed population or budget reuses them."""
+    sc = ctx.cfg.search
+    return sha256_json(
+        {
+            "inputs": {k: m.fingerprint() for k, m in ctx.inputs.items()},
+            "cost": sc.cost,
+            "val_samples": sc.val_samples,
+            "generation": sc.generation.model_dump(),
+            "dtype": ctx.cfg.dtype,
+        }
+    )
+
+
+def write_evaluations(path, evaluations: list[Evaluation], cost: Callable[[dict, str], int]) -> None:
+    """Table 'evaluations': every subnet scored, with both costs, its Pareto flag and label."""
+    write_table(
+        path,
+        "evaluations",
+        [
+            {
+                "eval_id": e.eval_id,
+                "config": e.key,
+                "accuracy": e.accuracy,
+                "params": cost(e.subnet, "params"),
+                "macs": cost(e.subnet, "macs"),
+                "pareto": e.pareto,
+                "label": e.label,
+                "seconds": e.seconds,
+            }
+            for e in evaluations
+        ],
+    )
+
+
+def write_progression(path, evaluations: list[Evaluation], cost: str) -> None:
+    """Every evaluation in order, as CSV, as the seeds write it."""
+    progression = io.StringIO()
+    writer = csv.writer(progression)
+    writer.writerow(["eval_id", "accuracy", cost, "pareto", "label", "config"])
+    writer.writerows([e.eval_id, e.accuracy, e.cost, e.pareto, e.label, e.key] for e in evaluations)
+    atomic_write_text(path, progression.getvalue())
 
 
 if __name__ == "__main__":

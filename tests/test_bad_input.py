@@ -151,7 +151,7 @@ def test_width_choices_must_start_at_the_module_size(tmp_path):
 
 
 def test_yaml_merge_keys_still_load_and_overlapping_width_groups_are_refused(tmp_path):
-    from nlsflow.config import yaml_load
+    from nlsflow.yaml12 import yaml_load
 
     assert yaml_load("a: &x {b: 1}\nc: {<<: *x, d: 2}\n") == {"a": {"b": 1}, "c": {"b": 1, "d": 2}}
     with pytest.raises(NlsflowError, match="module 'up_proj' is in width groups 'a' and 'b'; list it in one"):

@@ -20,15 +20,17 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
         "benchmark.repeats=1",
         NO_OPENVINO,
     ]
-    rows = compare("math", "tiny", ("shears", "nola"), tmp_path, overrides)
-    assert [r["method"] for r in rows] == ["shears", "nola"]
+    rows = compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, overrides)
+    assert [r["method"] for r in rows] == ["lora", "shears", "nola"]
     table = read_table(tmp_path / "compare-math-tiny.parquet", "comparison").to_pylist()
     assert table == rows and set(rows[0]) == set(COLUMNS)
     for row in rows:
         run_dir = tmp_path / f"math-tiny-{row['method']}"
         train = read_manifest(stage_dir(run_dir, "train"), "train")
         assert row["trainable_params"] == train.metrics["trainable_params"] and row["train_seconds"] == train.duration_s
-    shears, nola = rows
+    lora, shears, nola = rows
+    assert lora["trainable_params"] == shears["trainable_params"]  # the same targets at the maximal rank
+    assert lora["nonzero_params"] > shears["nonzero_params"]  # plain LoRA keeps the dense base
     assert (
         nola["trainable_params"] < shears["trainable_params"]
         and nola["train_adapter_bytes"] < shears["train_adapter_bytes"]
@@ -36,8 +38,10 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     assert nola["nonzero_params"] > shears["nonzero_params"]  # NOLA keeps the dense base, Shears prunes half
     assert shears["nonzero_macs_per_token"] < shears["macs_per_token"] == nola["macs_per_token"]  # same shapes
     assert nola["nonzero_macs_per_token"] > shears["nonzero_macs_per_token"]
-    assert compare("math", "tiny", ("shears", "nola"), tmp_path, existing=True) == rows  # tabulated, nothing run
+    assert (
+        compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, existing=True) == rows
+    )  # tabulated, nothing run
     with pytest.raises(NlsflowError, match="math-tiny-lonas/train/manifest.json: run the 'train' stage first"):
         compare("math", "tiny", ("lonas",), tmp_path, existing=True)
     text = (tmp_path / "compare-math-tiny.md").read_text()
-    assert text == markdown(rows) and text.count("\n") == 4 and "| nola |" in text
+    assert text == markdown(rows) and text.count("\n") == 5 and "| nola |" in text

@@ -81,8 +81,8 @@ def test_method_defaults_to_shears_and_a_bare_name_is_short_for_a_mapping(tmp_pa
 # --- stages never ask which method runs -------------------------------------------------------------------------
 
 METHOD_WORDS = ("shears", "lonas", "nola", "heterolora")  # "lora" is also PEFT's word (lora_A, "lora_" prefixes)
-# The settings only a method has: every field of a method config but its name, less names shared with other
-# sections (seed: the run's; bits is NOLA's only). The brief's list, derived from the schemas so a new one is covered.
+# The settings only a method has: every field of a method config but its name, less `seed` (also the run's own
+# setting). Derived from the schemas, so a new method's settings are covered; the three named ones are pinned.
 SHARED_FIELD_NAMES = {"seed", "name"}
 METHOD_SETTINGS = {f for t in _method_config_types() for f in t.model_fields if f not in SHARED_FIELD_NAMES} | {
     "selection",

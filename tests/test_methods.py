@@ -106,7 +106,7 @@ def test_search_block_gives_defaults_and_width_groups_fill_the_config(tmp_path):
     assert cfg.search.ref_acc == 0.3 and cfg.search.acc_delta == 0.02
     assert cfg.search.num_evals == 10  # the profile's own search.num_evals wins over the file's
     with pytest.raises(NlsflowError, match=r"group 'gate_up': modules \['gate_proj'\] are not in train.target_modules"):
-        tiny_config(tmp_path, f"train.search_space_file={LONAS}", "train.rank=32")
+        tiny_config(tmp_path, "method=lonas", f"train.search_space_file={LONAS}", "train.rank=32")
     with pytest.raises(NlsflowError, match=r"has width groups, which only method lonas trains \(method is 'shears'\)"):
         tiny_config(
             tmp_path,

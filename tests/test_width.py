@@ -22,14 +22,13 @@ from nlsflow.adapters.elastic import (
 from nlsflow.adapters.supernet import make_supernet
 from nlsflow.adapters.width import (
     WidthGroup,
-    is_per_layer,
     make_width_elastic,
     narrow_model,
     reorder_mlp_channels,
     save_narrowed,
 )
 from nlsflow.errors import NlsflowError
-from nlsflow.models import load_causal_lm
+from nlsflow.models import is_per_layer, load_causal_lm
 
 WIDTHS = (64, 48, 32)
 GROUPS = [

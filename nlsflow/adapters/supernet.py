@@ -29,7 +29,7 @@ NAMED_SUBNETS = {"heuristic": heuristic_subnet, "maximal": maximal_subnet, "mini
 
 
 def groups_from_config(groups, cls=ElasticGroup) -> list:
-    """`train.groups` as ElasticGroups (or `train.width_groups` as WidthGroups, with cls=WidthGroup)."""
+    """`train.groups` as ElasticGroups (or `method.width_groups` as WidthGroups, with cls=WidthGroup)."""
     return [cls(name=g.name, modules=tuple(g.modules), choices=tuple(g.choices), per_layer=g.per_layer) for g in groups]
 
 

@@ -13,7 +13,6 @@ and `save_narrowed` writes it as a stock HF folder (one width for every layer) o
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from collections.abc import Sequence
@@ -156,14 +155,6 @@ def save_narrowed(model: nn.Module, sizes: list[int], out_dir: Path, **save_kwar
     model.config = config
     model.save_pretrained(out_dir, **save_kwargs)
     shutil.copyfile(per_layer_llama.__file__, out_dir / "per_layer_llama.py")
-
-
-def is_per_layer(folder: Path | str) -> bool:
-    config = Path(folder) / "config.json"
-    return (
-        config.is_file()
-        and json.loads(config.read_text()).get("model_type") == per_layer_llama.PerLayerLlamaConfig.model_type
-    )
 
 
 def _mlps(model: nn.Module) -> list[tuple[nn.Linear, list[nn.Linear]]]:

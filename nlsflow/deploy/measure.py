@@ -27,7 +27,7 @@ class Variant:
     adapter_dir: str | None = None  # a PEFT adapter on model_dir
     search_space: str | None = None  # with adapter_dir: a super-adapter, made elastic and activated at `subnet`
     subnet: tuple[tuple[str, int], ...] | None = None
-    sparsity_preserving: bool = False  # Shears: the adapter's delta masked by the base's zeros, as it was trained
+    masked: bool = False  # Shears: the adapter's delta masked by the base's zeros, as it was trained
     revision: str | None = None
     semi_structured: bool = False  # swap 2:4-sparse weights for torch's semi-structured sparse tensors (CUDA)
     dtype: str | None = None  # overrides the run's dtype (the 2:4 kernels need float16 or bfloat16)
@@ -94,7 +94,7 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
             Path(variant.search_space),
             dtype,
             device,
-            variant.sparsity_preserving,
+            variant.masked,
         )
         activate(model, space, dict(variant.subnet))
         macs = linear_macs_per_token(model, space, dict(variant.subnet))
@@ -102,7 +102,7 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
         model = load_causal_lm(variant.model_dir, dtype, device, variant.revision)
         if variant.adapter_dir:
             model = PeftModel.from_pretrained(model, variant.adapter_dir).eval()
-            if variant.sparsity_preserving:
+            if variant.masked:
                 make_sparsity_preserving(model)
         load_shortcuts(model, Path(variant.adapter_dir or variant.model_dir))  # HeteroLoRA's, when the folder has any
         macs = model_linear_macs(model)

@@ -19,7 +19,14 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from nlsflow.adapters.elastic import ElasticGroup, Subnet, Variable, extract_sub_adapter
+from nlsflow.adapters.elastic import (
+    ElasticGroup,
+    Subnet,
+    Variable,
+    adapter_parameters,
+    extract_sub_adapter,
+    linear_macs_per_token,
+)
 from nlsflow.adapters.shortcuts import Shortcuts, load_shortcuts
 from nlsflow.adapters.supernet import groups_from_config, load_supernet, make_supernet, save_search_space
 from nlsflow.adapters.width import WidthGroup, save_narrowed
@@ -142,6 +149,11 @@ class Method:
         return load_supernet(
             base_dir, train_dir / TRAIN.adapter, train_dir / TRAIN.search_space, dtype, device, self.masked
         )
+
+    def cost(self, model: PeftModel, space: list[Variable], subnet: Subnet, kind: str) -> int:
+        """The search's second objective for a subnet: its adapter parameters ("params") or its linear layers'
+        MACs per token ("macs", base and adapter, as the elastic widths and ranks leave them)."""
+        return (adapter_parameters if kind == "params" else linear_macs_per_token)(model, space, subnet)
 
     # --- extraction ---------------------------------------------------------------------------------------------
     adapter_loads_with: str = "peft"

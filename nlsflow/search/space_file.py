@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from nlsflow.adapters.elastic import ElasticGroup
 from nlsflow.adapters.width import WidthGroup
-from nlsflow.config import yaml_load
 from nlsflow.errors import NlsflowError, format_validation_error
+from nlsflow.yaml12 import yaml_load
 from schemas.methods import GroupConfig
 
 SEARCH_KEYS = ("algorithm", "num_evals", "population", "ref_acc", "acc_delta")
