@@ -7,7 +7,7 @@ rank, alpha, the elastic rank groups) stays in `train`; `nlsflow.methods` implem
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, model_validator
 
@@ -38,9 +38,10 @@ class ShearsMethod(Strict):
 
     name: Literal["shears"] = "shears"
     sparsity_preserving: bool = Field(
-        True,
+        False,
         description="mask the adapter's delta by the base's zeros (SQFT-style), so the merged model keeps the pruned "
-        "base's sparsity exactly; false: the original Shears (a merge fills the zeros)",
+        "base's sparsity exactly (configs/methods/shears.yaml sets it); false: the paper's Shears, whose merge fills "
+        "the zeros",
     )
 
 
@@ -140,7 +141,7 @@ class HeteroLoraMethod(Strict):
 MethodConfig = Annotated[
     LoraMethod | ShearsMethod | LonasMethod | NolaMethod | HeteroLoraMethod, Field(discriminator="name")
 ]
-METHOD_NAMES = ("lora", "shears", "lonas", "nola", "heterolora")
+METHOD_NAMES = tuple(get_args(m.model_fields["name"].annotation)[0] for m in get_args(get_args(MethodConfig)[0]))
 
 # Keys of the old flat `train` section, and where their settings live now.
 MOVED_TRAIN_KEYS = {

@@ -146,7 +146,7 @@ class SearchOutput(Strict):
 
 
 class ExtractFiles(Strict):
-    adapter: str = Field("adapter", description="the sub-adapter, stock PEFT")
+    adapter: str = Field("adapter", description="the sub-adapter in PEFT format (HeteroLoRA: plus its shortcut files)")
     masked_adapter: str = Field(
         "masked_adapter",
         description="Shears, sparsity-preserving: the sub-adapter in PEFT format, which is the trained model only "
@@ -168,6 +168,10 @@ class ExtractOutput(Strict):
         "alone is not the trained model (Shears' masked adapter)"
     )
     max_abs_logit_diff: float = Field(description="max |logit difference|, sub-adapter vs super-network subnet")
+    loads_with: dict[str, str] = Field(
+        description="every folder written under extract/ -> what loading it as the checked model takes: 'peft' / "
+        "'transformers' alone, or what else (Shears' mask, HeteroLoRA's shortcuts, NOLA's expansion)"
+    )
     nola_max_abs_logit_diff: float | None = Field(
         None, description="NOLA: its compact form (files.nola) expanded vs super-network subnet"
     )
@@ -176,7 +180,7 @@ class ExtractOutput(Strict):
     base_params: int = Field(description="parameters of the base the sub-adapter goes on (LoNAS: narrowed)")
     shortcuts: bool = Field(description="HeteroLoRA shortcut modules travel with the adapter")
     mlp_widths: list[int] | None = Field(None, description="LoNAS: MLP width of every layer of the narrowed base")
-    adapter_bytes: int = Field(description="bytes on disk of files.adapter")
+    adapter_bytes: int = Field(description="bytes on disk of the sub-adapter (files.adapter, or files.masked_adapter)")
     nola_bytes: int | None = Field(None, description="NOLA: bytes on disk of the compact form, files.nola")
     merged_max_abs_logit_diff: float | None = Field(None, description="extract.merge: merged model vs super-network")
     merged_sparsity: float | None = Field(None, description="extract.merge: zeros / weights of the merged linears")

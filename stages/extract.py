@@ -31,9 +31,8 @@ from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
 PROBE_RECORDS = 8
-CHECK_DTYPE = (
-    "float32"  # the equivalence check runs in float32 whatever the run's dtype: bf16 kernels differ in rounding
-)
+# The equivalence checks run in float32 whatever the run's dtype: bf16 kernels differ in rounding.
+CHECK_DTYPE = "float32"
 
 
 def run(ctx: StageContext) -> ExtractOutput:
@@ -47,16 +46,16 @@ def run(ctx: StageContext) -> ExtractOutput:
     expected = logits(model, batch)
 
     plan = ExtractPlan(
-        ctx.out_dir,
-        ctx.input_dir("extract"),
-        base_dir,
-        train_dir,
-        tokenizer,
-        cfg.dtype,
-        device,
-        xc.merge,
-        xc.tolerance,
-        xc.merge_tolerance,
+        out_dir=ctx.out_dir,
+        final_dir=ctx.input_dir("extract"),
+        prune_dir=ctx.input_dir("prune"),
+        train_dir=train_dir,
+        tokenizer=tokenizer,
+        dtype=cfg.dtype,
+        device=device,
+        merge=xc.merge,
+        tolerance=xc.tolerance,
+        merge_tolerance=xc.merge_tolerance,
     )
     artifacts = method.extract(model, space, subnet, plan)
     del model  # the super-network: from here on only what was written is loaded
@@ -64,7 +63,11 @@ def run(ctx: StageContext) -> ExtractOutput:
         artifacts.append(method.merge(plan))
     metrics = check_artifacts(artifacts, batch, expected, device, plan.metrics)
 
-    deployable = next(a for a in artifacts if a.deployable)
+    deployable = next((a for a in artifacts if a.deployable), None)
+    if deployable is None:
+        raise NlsflowError(
+            f"method {method.name} wrote no deployable folder (extract.merge={xc.merge}); set extract.merge=true"
+        )
     if xc.evaluate:  # the deployable model, loaded as a user would, on the test sets
         rows, scores = evaluate_test_sets(
             deployable.load(cfg.dtype, device), tokenizer, ctx.data_root, cfg.evaluate, "extracted"
@@ -116,12 +119,14 @@ def check_artifacts(artifacts: list[Artifact], batch, expected, device, metrics:
             "%s vs super-network subnet: max |Δlogit| = %.3g (loads with %s)", artifact.name, diff, artifact.loads_with
         )
         if diff > artifact.tolerance:
+            merged = artifact.kind == "merged"
+            fix = "set extract.merge=false to keep the adapter only" if merged else "this is a bug, please report it"
             raise NlsflowError(
                 f"extract/{artifact.name} differs from the super-network by {diff:.3g} > {artifact.tolerance:g} "
-                f"(extract.{'merge_' if artifact.kind == 'merged' else ''}tolerance); this is a bug, please report "
-                f"it (set extract.merge=false to keep the adapter only)"
+                f"(extract.{'merge_' if merged else ''}tolerance); {fix}"
             )
         metrics[_diff_key(artifact)] = diff
+        metrics.setdefault("loads_with", {})[artifact.name] = artifact.loads_with
         if artifact.kind == "adapter":
             shortcuts = attached_shortcuts(model)  # HeteroLoRA's, outside the model's module tree
             lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)

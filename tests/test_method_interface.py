@@ -73,7 +73,8 @@ def test_every_shipped_method_file_loads_for_the_tiny_profile(tmp_path, method, 
 
 def test_method_defaults_to_shears_and_a_bare_name_is_short_for_a_mapping(tmp_path):
     cfg = load_config(TINY_CONFIGS, tiny_overrides(tmp_path))  # no method file: the default
-    assert cfg.method.name == "shears" and type(method_for(cfg)) is Shears and cfg.method.sparsity_preserving
+    # as before methods were types: elastic LoRA on the pruned base, unmasked (configs/methods/shears.yaml masks)
+    assert cfg.method.name == "shears" and type(method_for(cfg)) is Shears and not cfg.method.sparsity_preserving
     cfg = load_config(TINY_CONFIGS, tiny_overrides(tmp_path, "method=nola", "method.num_basis_a=3"))
     assert type(method_for(cfg)) is Nola and cfg.method.num_basis_a == 3
 

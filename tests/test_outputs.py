@@ -80,6 +80,7 @@ EXTRACT = {
     "base_params": 353088,
     "shortcuts": False,
     "adapter_bytes": 11369,
+    "loads_with": {"masked_adapter": "peft + the base's mask", "merged": "transformers"},
 }
 MERGED = {"merged_max_abs_logit_diff": 8.8e-07, "merged_sparsity": 0.5, "merged_params": 353088}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ from nlsflow.adapters.elastic import (
     extract_sub_adapter,
     linear_macs_per_token,
 )
-from nlsflow.adapters.shortcuts import Shortcuts, load_shortcuts
+from nlsflow.adapters.shortcuts import Shortcuts, has_shortcuts, load_shortcuts
 from nlsflow.adapters.supernet import groups_from_config, load_supernet, make_supernet, save_search_space
 from nlsflow.adapters.width import WidthGroup, save_narrowed
 from nlsflow.errors import NlsflowError
@@ -35,7 +36,7 @@ from nlsflow.io import folder_bytes
 from nlsflow.models import DTYPES, load_causal_lm
 from nlsflow.pruning import sparsity_table
 from schemas.config import TrainConfig
-from schemas.outputs import ExtractOutput, TrainOutput
+from schemas.outputs import ExtractOutput, PruneOutput, TrainOutput
 
 TRAIN, EXTRACT = TrainOutput.files, ExtractOutput.files
 ScoringBatches = Callable[[int, int], list[dict]]  # (step, count) -> seeded training micro-batches
@@ -71,13 +72,13 @@ class Artifact:
     deployable: bool = False  # the one the extract stage scores on the test sets
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractPlan:
     """What `Method.extract` is given: where to write, the base and settings, and the check tolerances."""
 
     out_dir: Path  # the stage's temp folder
     final_dir: Path  # where it lands: paths written into configs name it
-    base_dir: Path  # the pruned base
+    prune_dir: Path  # the prune stage's folder: the base and its sparsity table
     train_dir: Path
     tokenizer: Any
     dtype: str  # the run's dtype: merged weights are saved in it
@@ -86,6 +87,11 @@ class ExtractPlan:
     tolerance: float
     merge_tolerance: float
     metrics: dict[str, Any] = field(default_factory=dict)  # what the method measured, for the stage's output
+
+    @property
+    def base_dir(self) -> Path:
+        """The pruned base the super-network was trained on."""
+        return self.prune_dir / PruneOutput.files.model
 
 
 class Method:
@@ -176,7 +182,7 @@ class Method:
             "adapter",
             lambda dtype, device: self.load_adapter(base_dir, adapter_dir, dtype, device),
             plan.tolerance,
-            self.adapter_loads_with,
+            _with_shortcuts(self.adapter_loads_with, adapter_dir),
             deployable=True,
         )
 
@@ -192,8 +198,9 @@ class Method:
     def merge(self, plan: ExtractPlan) -> Artifact:
         """The adapter, loaded as a user would, merged into its base and saved as a plain HF model folder.
 
-        In float32 runs the saved folder itself is checked; in lower-precision runs the float32 merge is checked
-        and the saved folder must hold exactly its weights cast to the run's dtype.
+        In float32 runs the saved folder itself is checked. In lower-precision runs its weights are rounded, so the
+        float32 merge (kept on the CPU) is checked, and the folder must hold exactly its weights cast to the run's
+        dtype, every one of them.
         """
         merged_dir, adapter_dir = plan.out_dir / EXTRACT.merged, plan.out_dir / self.adapter_folder
         adapter_model = self.load_adapter(self.adapter_base(plan), adapter_dir, "float32", plan.device)
@@ -204,20 +211,23 @@ class Method:
             t.in_features * t.out_features for t in layers
         )
         plan.metrics["merged_params"] = sum(p.numel() for p in merged.parameters()) + shortcut_params
-        saved = merged if plan.dtype == "float32" else copy.deepcopy(merged).to(DTYPES[plan.dtype])
-        save_narrowed(saved, plan.metrics.get("mlp_widths", []), merged_dir)
+        widths = plan.metrics.get("mlp_widths") or []
+        if plan.dtype == "float32":
+            save_narrowed(merged, widths, merged_dir)
+            del merged, adapter_model  # checked from the folder: nothing of it stays in memory
+            load = partial(self.load_merged, merged_dir)
+        else:
+            reference = merged.cpu()
+            save_narrowed(copy.deepcopy(reference).to(DTYPES[plan.dtype]), widths, merged_dir)
+            require_saved_weights(merged_dir, reference, plan.dtype)
+
+            def load(dtype: str, device: torch.device) -> nn.Module:
+                return reference.to(device) if dtype == "float32" else self.load_merged(merged_dir, dtype, device)
+
         plan.tokenizer.save_pretrained(merged_dir)
         self.copy_extras(adapter_dir, merged_dir)
-        if plan.dtype != "float32":
-            del saved
-            require_saved_weights(merged_dir, merged, plan.dtype)
-
-        def load(dtype: str, device: torch.device) -> nn.Module:
-            if dtype == "float32" and plan.dtype != "float32":
-                return merged.to(device)
-            return self.load_merged(merged_dir, dtype, device)
-
-        return Artifact(EXTRACT.merged, "merged", load, plan.merge_tolerance, self.merged_loads_with)
+        loads_with = _with_shortcuts(self.merged_loads_with, merged_dir)
+        return Artifact(EXTRACT.merged, "merged", load, plan.merge_tolerance, loads_with)
 
     merged_loads_with: str = "transformers"
 
@@ -231,17 +241,30 @@ class Method:
 
 
 def require_saved_weights(folder: Path, model: nn.Module, dtype: str) -> None:
-    """The folder's safetensors hold exactly `model`'s weights cast to `dtype`, or a one-line error names the first."""
+    """The folder's safetensors hold every weight of `model` (tied ones once) cast to `dtype`, exactly; else one
+    line names the first that differs or is missing."""
     from safetensors.torch import load_file
 
     saved = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         saved.update(load_file(str(file)))
+    storages = {}
     for name, tensor in model.state_dict().items():
-        if name in saved and not torch.equal(saved[name], tensor.to(DTYPES[dtype]).cpu()):
-            raise NlsflowError(
-                f"{folder}: {name} differs from the merged model cast to {dtype}; this is a bug, report it"
-            )
+        if name not in saved and storages.get(tensor.data_ptr()) in saved:  # tied to a weight saved under its name
+            continue
+        storages.setdefault(tensor.data_ptr(), name)
+        if name not in saved or not torch.equal(saved[name], tensor.to(DTYPES[dtype]).cpu()):
+            problem = "is missing" if name not in saved else f"differs from the merged model cast to {dtype}"
+            raise NlsflowError(f"{folder}: {name} {problem}; this is a bug, please report it")
+
+
+def _with_shortcuts(loads_with: str, folder: Path) -> str:
+    """Shortcut modules (HeteroLoRA's) are not LoRA: a folder that holds them needs nlsflow to attach them."""
+    return (
+        f"{loads_with} + its shortcuts (nlsflow.adapters.shortcuts.load_shortcuts)"
+        if has_shortcuts(folder)
+        else loads_with
+    )
 
 
 def _shortcut_params(model: nn.Module) -> int:

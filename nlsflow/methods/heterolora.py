@@ -41,8 +41,6 @@ class _Reselect(TrainHook):
 
 class HeteroLora(Method):
     name = "heterolora"
-    adapter_loads_with = "peft + shortcuts (nlsflow.adapters.shortcuts.load_shortcuts) when it has any"
-    merged_loads_with = "transformers + shortcuts (nlsflow.adapters.shortcuts.load_shortcuts) when it has any"
 
     def __init__(self, config, train, seed):
         super().__init__(config, train, seed)

@@ -61,7 +61,7 @@ class Shears(Method):
         if not self.masked:
             return super().merge_into_base(adapter_model, plan)
         merged = masked_merge(adapter_model)
-        pruned = read_table(plan.base_dir.parent / PruneOutput.files.sparsity, "sparsity").to_pylist()
+        pruned = read_table(plan.prune_dir / PruneOutput.files.sparsity, "sparsity").to_pylist()
         require_sparsity(merged, {r["layer"]: r["zeros"] for r in pruned})  # one line naming the first layer
         return merged
 
