@@ -239,7 +239,8 @@ def test_static_shortcuts_travel_with_the_extracted_adapter_and_merged_model(tmp
         and extracted["max_abs_logit_diff"] <= 1e-4
         and extracted["merged_max_abs_logit_diff"] <= 1e-4
     )
-    for folder in ("adapter", "merged"):
+    for folder in ("adapter", "merged"):  # not stock: the manifest says what loading them takes
+        assert extracted["loads_with"][folder].endswith("+ its shortcuts (nlsflow.adapters.shortcuts.load_shortcuts)")
         assert json.loads((extract_dir / folder / CONFIG_FILE).read_text())["layers"] == shortcut_layers
     merged = load_causal_lm(str(extract_dir / "merged"), "float32", torch.device("cpu"))
     plain = _logits(merged)

@@ -107,7 +107,8 @@ class HeteroLora(Method):
         return sum(c.A.numel() + c.B.numel() for c in self.candidates if c.name in choice.enabled)
 
     def save(self, net: Supernet, out_dir: Path) -> dict[str, Any]:
-        """The adapter and search space hold the enabled modules only; the choice and its history beside them."""
+        """The adapter and search space hold the enabled modules only (`net` is narrowed to them, as the train stage
+        then reports it); the choice and its history beside them."""
         choice, rows = self.final_choice()
         lora_modules, shortcut_layers = choice.lora_modules(self.candidates), choice.shortcut_layers(self.candidates)
         net.groups = selection.groups_with_modules(net.groups, lora_modules)
