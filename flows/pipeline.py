@@ -25,12 +25,12 @@ from prefect.states import Failed
 from flows.runners import RUNNERS, get_runner
 from flows.stage_process import StageInterrupted
 from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
-from nlsflow.artifacts import is_up_to_date, read_manifest, read_table, stage_dir
-from nlsflow.config import dump_config, load_config
-from nlsflow.errors import NlsflowError
-from nlsflow.io import atomic_write_text
+from nlsflow.artifacts import read_manifest, read_table, rerun_reason, stage_dir
+from nlsflow.config import load_config, write_run_config
+from nlsflow.errors import NlsflowError, storage_error
 from nlsflow.layers import config_files
-from schemas import STAGES
+from nlsflow.runlock import hold_run_folder
+from schemas import STAGES, PipelineConfig
 
 PROGRESS = re.compile(r"^(train|search):\s+(\d+)%\|")  # the stages' tqdm bars, as streamed by the runner
 
@@ -47,7 +47,7 @@ def _interrupted(task, task_run, state) -> bool:
 
 
 # Resume is by content: a stage is skipped when its manifest matches its config and its inputs' digests
-# (schemas.manifest.is_up_to_date), so Prefect's own result cache stays off: it could not see a deleted run folder.
+# (nlsflow.artifacts.rerun_reason), so Prefect's own result cache stays off: it could not see a deleted run folder.
 @task(task_run_name="{stage}", retries=2, retry_delay_seconds=5, retry_condition_fn=_interrupted, cache_policy=None)
 def run_stage(
     stage: str, config_file: Path, runner_name: str, force: bool = False, runner_options: dict | None = None
@@ -55,10 +55,12 @@ def run_stage(
     """Run one stage through the runner unless it is up to date; return its status, time and metrics."""
     logger = get_run_logger()
     cfg = load_config([config_file])
-    if not force and is_up_to_date(Path(cfg.run_dir), stage, cfg.stage_config(stage)):
+    reason = "--force" if force else rerun_reason(Path(cfg.run_dir), stage, cfg)
+    if reason is None:
         logger.info("%s is up to date: skipped", stage)
         status = "skipped"
     else:
+        logger.info("%s: running (%s)", stage, reason)
         progress = {}
 
         def log(line: str) -> None:
@@ -94,14 +96,14 @@ def pipeline(
     """
     cfg = load_config([Path(p) for p in config_files], overrides or [])
     get_runner(runner, runner_options)  # an unknown runner or a bad option fails here, before any stage
-    config_file = Path(cfg.run_dir) / "config.yaml"
-    atomic_write_text(config_file, dump_config(cfg))
     results = []
-    for stage in STAGES:
-        state = run_stage(stage, config_file, runner, force, runner_options, return_state=True)
-        if state.is_failed():
-            return Failed(message=state.message)  # later stages would only fail on the missing input
-        results.append(state.result())
+    with hold_run_folder(Path(cfg.run_dir), "flows.pipeline", lambda: pending_stage(cfg, force)):
+        config_file = write_run_config(cfg)
+        for stage in STAGES:
+            state = run_stage(stage, config_file, runner, force, runner_options, return_state=True)
+            if state.is_failed():
+                return Failed(message=state.message)  # later stages would only fail on the missing input
+            results.append(state.result())
     about = f"{cfg.task} / {cfg.profile} / {cfg.method.name}"
     create_markdown_artifact(summary_markdown(results), key="nlsflow-summary", description=about)
     create_table_artifact(
@@ -119,6 +121,14 @@ def pipeline(
         description=f"benchmark: every variant, {about}",
     )
     return results
+
+
+def pending_stage(cfg: PipelineConfig, force: bool) -> str | None:
+    """The first stage that would write into the run folder, and why; None when every stage is up to date."""
+    for stage in STAGES:
+        if reason := "--force" if force else rerun_reason(Path(cfg.run_dir), stage, cfg):
+            return f"'{stage}' needs to run ({reason})"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,10 +160,20 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: v for k, v in {"gpus": args.gpus, "image": args.image, "mounts": args.mount}.items() if v}
         if options and args.runner != "docker":
             parser.error("--gpus, --image and --mount apply to --runner docker only")
-        state = pipeline([str(f) for f in files], args.overrides, args.runner, args.force, options, return_state=True)
-    except NlsflowError as e:  # a config error, before any stage ran
+        cfg = load_config(files, args.overrides)  # a config error: one line, before the Prefect server starts
+        print(f"run folder: {cfg.run_dir}", file=sys.stderr)
+        # held here so a second run is refused before any server starts; the flow's stages share it
+        with hold_run_folder(Path(cfg.run_dir), " ".join(sys.argv), lambda: pending_stage(cfg, args.force)):
+            write_run_config(cfg)  # refuses a user's own config.yaml there, before the server starts
+            state = pipeline(list(map(str, files)), args.overrides, args.runner, args.force, options, return_state=True)
+    except NlsflowError as e:  # a config error, a busy or read-only run folder: before any stage ran
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if line := storage_error(e):
+            print(f"error: {line}", file=sys.stderr)
+            return 2
+        raise
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
         return 2

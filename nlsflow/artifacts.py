@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.io import atomic_write_bytes, atomic_write_text, sha256_file
-from schemas.config import STAGE_INPUTS
+from schemas.config import STAGE_INPUTS, STAGES, PipelineConfig
 from schemas.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, MANIFEST_VERSION, Manifest, OutputFile
 from schemas.outputs import STAGE_OUTPUTS, StageOutput
 from schemas.tables import TABLE_VERSION, TABLES
@@ -95,21 +95,106 @@ def read_output(run_dir: Path, stage: str, verify: bool = True) -> StageOutput:
     return read_manifest(stage_dir(run_dir, stage), stage, verify=verify).output
 
 
-def read_inputs(run_dir: Path, stage: str) -> dict[str, Manifest]:
-    """The verified manifests of a stage's upstream stages."""
-    return {up: read_manifest(stage_dir(run_dir, up), up) for up in STAGE_INPUTS[stage]}
+def upstream_stages(stage: str) -> list[str]:
+    """Every stage `stage` depends on, directly or not, in pipeline order."""
+    seen: set[str] = set()
+    todo = list(STAGE_INPUTS[stage])
+    while todo:
+        up = todo.pop()
+        if up not in seen:
+            seen.add(up)
+            todo.extend(STAGE_INPUTS[up])
+    return [s for s in STAGES if s in seen]
 
 
-def is_up_to_date(run_dir: Path, stage: str, config: dict[str, Any]) -> bool:
-    """True when the stage's manifest matches this config and the current upstream fingerprints, files intact."""
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config))
+
+
+def config_change(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> str:
+    """The first setting that differs between two stage configs, as `key: old -> new`."""
+    for key in sorted(before.keys() | now.keys()):
+        old, new = before.get(key, "<unset>"), now.get(key, "<unset>")
+        if old != new:
+            if isinstance(old, dict) and isinstance(new, dict):
+                return config_change(old, new, f"{prefix}{key}.")
+            return f"{prefix.removeprefix('shared.')}{key}: {old!r} -> {new!r}"
+    return ""
+
+
+def read_inputs(run_dir: Path, stage: str, cfg: PipelineConfig | None = None) -> dict[str, Manifest]:
+    """The verified manifests of a stage's upstream stages, checked to belong together.
+
+    Every upstream stage (direct or not) must have been made from the others' current results (lineage), and, with
+    `cfg`, with this config's settings; otherwise one line names the stage to re-run.
+    """
+    chain = {up: read_manifest(stage_dir(run_dir, up), up) for up in upstream_stages(stage)}
+    for up, manifest in chain.items():
+        if cfg is not None and manifest.config != (now := _plain(cfg.stage_config(up))):
+            raise NlsflowError(
+                f"{stage_dir(run_dir, up)} was made with other settings than this config "
+                f"({config_change(manifest.config, now)}); re-run the '{up}' stage with this config first "
+                "(make pipeline re-runs whatever changed)"
+            )
+        for parent, fingerprint in manifest.inputs.items():
+            if parent in chain and chain[parent].fingerprint() != fingerprint:
+                raise NlsflowError(
+                    f"{stage_dir(run_dir, up)} was made from an earlier '{parent}' result ('{parent}' re-ran since); "
+                    f"re-run '{up}' and the stages after it (make pipeline re-runs whatever changed)"
+                )
+    return {up: chain[up] for up in STAGE_INPUTS[stage]}
+
+
+def rerun_reason(run_dir: Path, stage: str, cfg: PipelineConfig) -> str | None:
+    """Why the stage must run (not run yet, settings or inputs changed, files corrupt); None when it is up to date."""
     try:
-        inputs = read_inputs(run_dir, stage)
-        done = read_manifest(stage_dir(run_dir, stage), stage)
-    except NlsflowError:
-        return False
-    return done.config == json.loads(json.dumps(config)) and done.inputs == {
-        k: m.fingerprint() for k, m in inputs.items()
-    }
+        inputs = read_inputs(run_dir, stage, cfg)
+    except NlsflowError as e:
+        return f"its inputs are not ready: {e}"
+    folder = stage_dir(run_dir, stage)
+    if not (folder / MANIFEST_NAME).exists():
+        return "not run yet"
+    try:
+        done = read_manifest(folder, stage)
+    except NlsflowError as e:
+        return str(e).split("; re-run")[0]
+    if done.config != (now := _plain(cfg.stage_config(stage))):
+        return f"settings changed ({config_change(done.config, now)})"
+    if changed := [k for k, m in inputs.items() if done.inputs.get(k) != m.fingerprint()]:
+        return f"its input {', '.join(repr(k) for k in changed)} changed"
+    return None
+
+
+def written_files(folder: Path) -> set[str] | None:
+    """The files a stage folder's manifest lists as the stage's own (read leniently: any schema version);
+    None when no readable manifest says."""
+    try:
+        raw = json.loads((Path(folder) / MANIFEST_NAME).read_text())
+        return {MANIFEST_NAME, *(str(out["path"]) for out in raw["outputs"])}
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def check_replaceable(folder: Path, stage: str) -> None:
+    """Refuse to replace a stage folder that holds files the stage did not write: they would be lost."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir()}
+    if not present:
+        return
+    ours = written_files(folder)
+    if ours is None:
+        raise NlsflowError(
+            f"{folder} has no readable {MANIFEST_NAME}, so nlsflow cannot tell its own files from yours; "
+            f"move or delete {folder} and re-run the '{stage}' stage"
+        )
+    if foreign := sorted(present - ours):
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise NlsflowError(
+            f"{folder} holds files the '{stage}' stage did not write ({shown}), and re-running it replaces that "
+            f"folder; move them out of {folder} and re-run"
+        )
 
 
 def write_json(path: Path, doc: BaseModel, sort_keys: bool = False) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,13 @@ from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.yaml12 import yaml_load
 from schemas.config import PipelineConfig
 from schemas.methods import MOVED_TRAIN_KEYS
+
+log = logging.getLogger("nlsflow")
+
+RUN_CONFIG_NAME = "config.yaml"
+# The first line of the resolved config the pipeline writes into a run folder: stages run alone read that file,
+# and the folder it sits in is the run folder (a copied run works in the copy).
+RUN_CONFIG_HEADER = "# nlsflow run config: the resolved settings of this run (written by flows.pipeline)\n"
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -65,31 +73,85 @@ def _refuse_moved_keys(tree: dict, where: str) -> None:
 
 
 def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
-    """Merge YAML files in order, apply dotted overrides, validate."""
+    """Merge YAML files in order, apply dotted overrides, validate.
+
+    The run folder is `run_dir=` from the overrides if given, else the folder of a run config among the files
+    (what the pipeline wrote there, RUN_CONFIG_HEADER), else the files' run_dir.
+    """
     tree: dict = {}
     for path in paths:
         tree = _deep_merge(tree, load_yaml(path))
+    keys = []
     for item in overrides:
         if isinstance(tree.get("method"), str):  # `method: nola` is short for {name: nola}: overrides may add fields
             tree["method"] = {"name": tree["method"]}
         key, value = parse_override(item)
         _refuse_moved_keys({"train": {key.split(".")[1]: None}} if key.startswith("train.") else {}, f"override {item}")
         _set_dotted(tree, key, value)
+        keys.append(key)
     _refuse_moved_keys(tree, "the overrides")  # a whole `train={...}` section given on the command line
     _expand_search_space_file(tree)
-    where = ", ".join(map(str, paths)) or "overrides"
     try:
         cfg = PipelineConfig.model_validate(tree)
     except ValidationError as e:
-        raise NlsflowError(f"config error in {where}: {format_validation_error(e)}") from None
+        raise NlsflowError(
+            f"config error in {_blame(e, paths, overrides, keys)}: {format_validation_error(e)}"
+        ) from None
     from nlsflow.data.datasets import EVAL_DATASETS
 
     if unknown := [d for d in cfg.evaluate.datasets if d not in EVAL_DATASETS]:
         raise NlsflowError(
-            f"config error in {where}: evaluate.datasets: unknown datasets {unknown}; choose from "
-            f"{sorted(EVAL_DATASETS)}"
+            f"config error in {_blame(None, paths, overrides, keys, 'evaluate.datasets')}: evaluate.datasets: "
+            f"unknown datasets {unknown}; choose from {sorted(EVAL_DATASETS)}"
         )
+    if "run_dir" not in keys and (run_configs := [p for p in paths if is_run_config(p)]):
+        folder = Path(run_configs[-1]).resolve().parent
+        if Path(cfg.run_dir) != folder:
+            log.warning(
+                "run folder: %s, where %s sits (the file names %s: a copied run)", folder, run_configs[-1], cfg.run_dir
+            )
+            cfg = cfg.model_copy(update={"run_dir": str(folder)})
     return cfg
+
+
+def _blame(error: ValidationError | None, paths, overrides, keys: list[str], dotted: str = "") -> str:
+    """Where a config error comes from: the command-line overrides that set the faulty keys, else the files."""
+    locs = [".".join(str(p) for p in err["loc"]) for err in error.errors()] if error else [dotted]
+    guilty = [
+        item
+        for item, key in zip(overrides, keys)
+        if any(loc == key or loc.startswith(key + ".") or key.startswith(loc + ".") for loc in locs)
+    ]
+    if guilty:
+        return "the command line (" + " ".join(guilty) + ")"
+    return ", ".join(map(str, paths)) or "the overrides"
+
+
+def is_run_config(path: Path) -> bool:
+    """A run's resolved config, written by the pipeline (its first line is RUN_CONFIG_HEADER)."""
+    try:
+        with open(path) as f:
+            return f.readline() == RUN_CONFIG_HEADER
+    except OSError:
+        return False
+
+
+def write_run_config(cfg: PipelineConfig) -> Path:
+    """Write the resolved config to <run_dir>/config.yaml, unless the same is there; never over a user's own file."""
+    from nlsflow.io import atomic_write_text
+
+    path = Path(cfg.run_dir) / RUN_CONFIG_NAME
+    text = RUN_CONFIG_HEADER + dump_config(cfg)
+    if path.exists():
+        if not is_run_config(path):
+            raise NlsflowError(
+                f"{path} is not a run config nlsflow wrote, and the pipeline writes the run's resolved config there; "
+                "move your file out of the run folder (e.g. into configs/) and pass it with --config"
+            )
+        if path.read_text() == text:
+            return path
+    atomic_write_text(path, text)
+    return path
 
 
 def _expand_search_space_file(tree: dict) -> None:

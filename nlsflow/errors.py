@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 from pydantic import ValidationError
 
 
@@ -21,3 +23,16 @@ def format_validation_error(e: ValidationError) -> str:
             got = repr(err.get("input"))
             parts.append(f"{where}: {err['msg']}" + (f" (got {got})" if len(got) <= 80 else ""))
     return "; ".join(parts)
+
+
+def storage_error(e: OSError) -> str | None:
+    """A full disk, a quota or a read-only file system, as one line; None for other OS errors."""
+    where = e.filename or "the run folder"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"no space left writing {where} ({e.strerror}); free space there and re-run: the stages that finished "
+            "are kept, this one wrote nothing"
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot access {where} ({e.strerror}); make it accessible to this user, or give another run_dir"
+    return None

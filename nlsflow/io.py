@@ -73,6 +73,7 @@ def atomic_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        share_tree(tmp)
         if keep_existing and path.exists():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
@@ -80,6 +81,19 @@ def atomic_dir(path: Path, keep_existing: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def share_tree(folder: Path) -> None:
+    """Give every file and folder under `folder` the modes the umask allows (libraries such as safetensors write
+    owner-only files); run folders are shared: containers, the UI, colleagues on a cluster."""
+    mask = _umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if path.is_symlink():
+            continue
+        full = 0o777 if path.is_dir() else 0o666
+        mode = path.stat().st_mode & 0o7777
+        if (mode | full) & ~mask != mode:
+            os.chmod(path, (mode | full) & ~mask)
 
 
 def replace_dir(src: Path, dst: Path) -> None:

@@ -18,10 +18,11 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nlsflow.artifacts import is_up_to_date, list_outputs, read_inputs, stage_dir, write_manifest
+from nlsflow.artifacts import check_replaceable, list_outputs, read_inputs, rerun_reason, stage_dir, write_manifest
 from nlsflow.config import load_config
-from nlsflow.errors import NlsflowError, format_validation_error
+from nlsflow.errors import NlsflowError, format_validation_error, storage_error
 from nlsflow.io import atomic_dir, atomic_write_text
+from nlsflow.runlock import hold_run_folder
 from schemas import STAGE_INPUTS, STAGE_OUTPUTS, Manifest, PipelineConfig, StageOutput
 
 log = logging.getLogger("nlsflow")
@@ -94,14 +95,30 @@ def _as_output(stage: str, result: BaseModel | dict[str, Any]) -> BaseModel:
 
 
 def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False) -> Manifest | None:
-    """Run one stage unless its manifest already matches; returns the new manifest, or None when skipped."""
-    config = cfg.stage_config(stage)
+    """Run one stage unless its manifest already matches; returns the new manifest, or None when skipped.
+
+    It holds the run folder's lock throughout (a pipeline's stages share the pipeline's), and refuses inputs that do
+    not belong together or a stage folder holding files it did not write.
+    """
     run_dir = Path(cfg.run_dir)
-    if not force and is_up_to_date(run_dir, stage, config):
-        log.info("%s: up to date, skipped", stage)
-        return None
-    inputs = read_inputs(run_dir, stage)
-    for stale in run_dir.glob(f".{stage}.*.tmp"):  # left by a killed run of this stage: never a result
+
+    def pending() -> str | None:
+        reason = "--force" if force else rerun_reason(run_dir, stage, cfg)
+        return None if reason is None else f"'{stage}' needs to run ({reason})"
+
+    with hold_run_folder(run_dir, f"python -m stages.{stage}", pending):
+        reason = "--force" if force else rerun_reason(run_dir, stage, cfg)
+        if reason is None:
+            log.info("%s: up to date, skipped", stage)
+            return None
+        log.info("%s: running (%s)", stage, reason)
+        return _run(stage, fn, cfg, run_dir)
+
+
+def _run(stage: str, fn: StageFn, cfg: PipelineConfig, run_dir: Path) -> Manifest:
+    inputs = read_inputs(run_dir, stage, cfg)
+    check_replaceable(stage_dir(run_dir, stage), stage)
+    for stale in run_dir.glob(f".{stage}.*.tmp"):  # left by a killed run of this stage (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
     setup_runtime(cfg)
     start = time.perf_counter()
@@ -109,7 +126,7 @@ def run_stage(stage: str, fn: StageFn, cfg: PipelineConfig, force: bool = False)
         output = _as_output(stage, fn(StageContext(cfg=cfg, stage=stage, out_dir=tmp, inputs=inputs)))
         manifest = Manifest(
             stage=stage,
-            config=config,
+            config=cfg.stage_config(stage),
             inputs={k: m.fingerprint() for k, m in inputs.items()},
             outputs=list_outputs(tmp),
             metrics=output.model_dump(mode="json"),
@@ -145,17 +162,28 @@ def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
     except NlsflowError as e:
         print(f"error: {stage}: {e}", file=sys.stderr)
         return 2
+    log.info("run folder: %s", cfg.run_dir)
     try:
         run_stage(stage, fn, cfg, force=args.force)
     except NlsflowError as e:
         print(f"error: {stage}: {e}", file=sys.stderr)
         return 2
-    except (
-        FileNotFoundError,
-        ValueError,
-    ) as e:  # bad input caught deep in a library: one line here, the trace in a file
-        trace = Path(cfg.run_dir) / f"{stage}.error.log"
-        atomic_write_text(trace, traceback.format_exc())
-        print(f"error: {stage}: {e} (traceback: {trace})", file=sys.stderr)
-        return 2
+    except OSError as e:
+        if line := storage_error(e):
+            print(f"error: {stage}: {line}", file=sys.stderr)
+            return 2
+        return _with_trace(stage, cfg, e)
+    except ValueError as e:  # bad input caught deep in a library: one line here, the trace in a file
+        return _with_trace(stage, cfg, e)
     return 0
+
+
+def _with_trace(stage: str, cfg: PipelineConfig, e: Exception) -> int:
+    trace = Path(cfg.run_dir) / f"{stage}.error.log"
+    try:
+        atomic_write_text(trace, traceback.format_exc())
+        where = f" (traceback: {trace})"
+    except OSError:
+        where = ""
+    print(f"error: {stage}: {e}{where}", file=sys.stderr)
+    return 2

@@ -17,11 +17,11 @@ from nlsflow.adapters.nola import CONFIG_FILE, NolaSpec, make_nola, read_nola, s
 from nlsflow.adapters.supernet import load_search_space_groups, save_search_space
 from nlsflow.adapters.width import WidthGroup
 from nlsflow.artifacts import (
-    is_up_to_date,
     list_outputs,
     read_json,
     read_manifest,
     read_output,
+    rerun_reason,
     stage_dir,
     write_json,
     write_manifest,
@@ -179,7 +179,7 @@ def test_version_1_manifest_is_refused_with_one_line_and_is_not_up_to_date(tmp_p
     assert (
         "v1, expected nlsflow.manifest v2" in line and "re-run the 'prune' stage with this version of nlsflow" in line
     )
-    assert not is_up_to_date(tmp_path, "prune", {})
+    assert "v1, expected nlsflow.manifest v2" in rerun_reason(tmp_path, "prune", tiny_config(tmp_path))
 
 
 @pytest.mark.parametrize(
