@@ -10,6 +10,7 @@ calling user (its files in the run folder stay yours) and is removed whatever ha
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from docker.types import DeviceRequest, Mount
 from requests.exceptions import RequestException
 
 import docker
-from flows.stage_process import STAGE_ENV, StageInterrupted, stage_args, stream_lines
+from flows.signals import forward_stop_signals
+from flows.stage_process import STAGE_ENV, StageInterrupted, StageStoppedBySignal, stage_args, stream_lines
 from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError
 from nlsflow.models import cache_root
@@ -111,6 +113,18 @@ def stage_mounts(
     return [Mount(target=str(p), source=str(p), type="bind", read_only=p in readable) for p in own] + list(given)
 
 
+def _kill_soon(container, sig: int) -> None:
+    """Send `sig` to the container from a thread: a signal handler must not re-enter the engine client."""
+
+    def kill() -> None:
+        try:
+            container.kill(signal=sig)
+        except (APIError, RequestException):
+            pass  # it has exited already
+
+    threading.Thread(target=kill, name="nlsflow-stop", daemon=True).start()
+
+
 class DockerRunner:
     """Runs `<image> --config <run_dir>/config.yaml [--force]` in a fresh container per stage attempt.
 
@@ -160,8 +174,9 @@ class DockerRunner:
             )
             container.start()
             started = True
-            out = stream_lines(container.logs(stream=True, follow=True), log)
-            code = container.wait().get("StatusCode", -1)
+            with forward_stop_signals(lambda sig: _kill_soon(container, sig)) as stop:
+                out = stream_lines(container.logs(stream=True, follow=True), log)
+                code = container.wait().get("StatusCode", -1)
             container.reload()
             oom_killed = container.attrs["State"].get("OOMKilled", False)
         except ImageNotFound:
@@ -187,6 +202,8 @@ class DockerRunner:
                 except (APIError, RequestException):
                     pass
             client.close()
+        if stop.signum:  # this process was asked to stop and passed it on: not a failure to retry
+            raise StageStoppedBySignal(stage, stop.signum, code)
         if code > 128 or oom_killed:
             raise StageInterrupted(
                 f"stage '{stage}' container was killed (exit {code}{', out of memory' if oom_killed else ''})"

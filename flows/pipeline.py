@@ -23,6 +23,7 @@ from prefect.artifacts import (
 from prefect.states import Failed
 
 from flows.runners import RUNNERS, get_runner
+from flows.signals import start_ephemeral_server_shielded, stop_signal
 from flows.stage_process import StageInterrupted
 from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
 from nlsflow.artifacts import read_manifest, read_table, rerun_reason, stage_dir
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         # held here so a second run is refused before any server starts; the flow's stages share it
         with hold_run_folder(Path(cfg.run_dir), " ".join(sys.argv), lambda: pending_stage(cfg, args.force)):
             write_run_config(cfg)  # refuses a user's own config.yaml there, before the server starts
+            start_ephemeral_server_shielded()  # Ctrl-C reaches the stage, not the embedded server
             state = pipeline(list(map(str, files)), args.overrides, args.runner, args.force, options, return_state=True)
     except NlsflowError as e:  # a config error, a busy or read-only run folder: before any stage ran
         print(f"error: {e}", file=sys.stderr)
@@ -174,9 +176,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:  # outside a stage (the server starting, between stages): nothing half-written
+        print("error: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
     if state.is_failed():
         print(f"error: {state.message}", file=sys.stderr)
-        return 2
+        return 128 + signum if (signum := stop_signal()) else 2
     render_summary(state.result())
     return 0
 

@@ -9,7 +9,16 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.stage_process import REPO_ROOT, STAGE_ENV, StageInterrupted, StageRunner, stage_command, stream_lines
+from flows.signals import forward_stop_signals
+from flows.stage_process import (
+    REPO_ROOT,
+    STAGE_ENV,
+    StageInterrupted,
+    StageRunner,
+    StageStoppedBySignal,
+    stage_command,
+    stream_lines,
+)
 from nlsflow.errors import NlsflowError
 
 
@@ -29,8 +38,12 @@ class LocalRunner:
             text=True,
             bufsize=1,
         )
-        out = stream_lines(proc.stdout, log)
-        if proc.wait() < 0:
+        with forward_stop_signals(proc.send_signal) as stop:
+            out = stream_lines(proc.stdout, log)
+            proc.wait()
+        if stop.signum:  # this process was asked to stop and passed it on: not a failure to retry
+            raise StageStoppedBySignal(stage, stop.signum, proc.returncode)
+        if proc.returncode < 0:
             raise StageInterrupted(f"stage '{stage}' was killed by signal {-proc.returncode}")
         if proc.returncode != 0:
             raise out.failure(stage, proc.returncode)

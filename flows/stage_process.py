@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import re
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,13 +29,38 @@ class StageInterrupted(RuntimeError):
     """The stage's process was killed (a signal, the OOM killer) or its engine failed: worth a retry."""
 
 
+class StageStoppedBySignal(NlsflowError):
+    """The flow was asked to stop (SIGINT, SIGTERM) while a stage ran, and passed the signal on: never retried."""
+
+    def __init__(self, stage: str, signum: int, exit_code: int):
+        self.stage, self.signum, self.exit_code = stage, signum, exit_code
+        super().__init__(_stopped_message(stage, signum, exit_code))
+
+    def __reduce__(self):
+        return type(self), (self.stage, self.signum, self.exit_code)
+
+
+def _stopped_message(stage: str, signum: int, exit_code: int) -> str:
+    name = signal.Signals(signum).name
+    if exit_code == 0:  # the stage had just finished: its output stands
+        return f"stopped by {name} after '{stage}' finished; re-run the same command to resume"
+    if exit_code < 0:  # it died of the signal before it could catch it (a local process)
+        how = f"the stage was killed by {signal.Signals(-exit_code).name}"
+    elif exit_code == 128 + signum:
+        how = "the stage stopped cleanly"
+    else:
+        how = f"the stage exited with code {exit_code}"
+    return f"stopped by {name} during '{stage}' ({how}); re-run the same command to resume from '{stage}'"
+
+
 class StageRunner(Protocol):
     name: str
 
     def run(self, stage: str, config_file: Path, log: Callable[[str], None], force: bool = False) -> None:
         """Run the stage to completion, streaming its output lines to `log`.
 
-        Raise NlsflowError when the stage failed (it says why), StageInterrupted when it was killed.
+        Raise NlsflowError when the stage failed (it says why), StageInterrupted when it was killed, and
+        StageStoppedBySignal when this process was asked to stop and passed the signal on (flows.signals).
         """
 
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ValidationError
 from nlsflow.artifacts import check_replaceable, list_outputs, read_inputs, rerun_reason, stage_dir, write_manifest
 from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError, format_validation_error, storage_error
+from nlsflow.interrupts import StageStopped, stop_handlers
 from nlsflow.io import atomic_dir, atomic_write_text
 from nlsflow.runlock import hold_run_folder
 from schemas import STAGE_INPUTS, STAGE_OUTPUTS, Manifest, PipelineConfig, StageOutput
@@ -140,6 +141,16 @@ def _run(stage: str, fn: StageFn, cfg: PipelineConfig, run_dir: Path) -> Manifes
 
 
 def main(stage: str, fn: StageFn, argv: list[str] | None = None) -> int:
+    """A stage's command line: one line on any error; SIGINT/SIGTERM stop it cleanly (exit 128 + the signal)."""
+    try:
+        with stop_handlers():
+            return _main(stage, fn, argv)
+    except StageStopped as e:
+        print(f"error: {stage}: {e}; the stage wrote nothing (re-run the same command to resume)", file=sys.stderr)
+        return e.exit_code
+
+
+def _main(stage: str, fn: StageFn, argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog=f"python -m stages.{stage}",
         description=f"nlsflow stage '{stage}' (reads: {', '.join(STAGE_INPUTS[stage]) or 'nothing'})",

@@ -24,9 +24,9 @@ from flows.docker_runner import LABEL, DockerRunner, device_requests, parse_moun
 from flows.runners import get_runner
 from flows.stage_process import StageInterrupted
 from nlsflow.artifacts import read_manifest, stage_dir
-from nlsflow.config import dump_config
+from nlsflow.config import write_run_config
 from nlsflow.errors import NlsflowError
-from nlsflow.io import atomic_write_text
+from nlsflow.runlock import run_lock
 from schemas import STAGES
 
 # timings and what is made of them, not results
@@ -78,9 +78,8 @@ def test_unknown_runner_options_are_one_line():
 
 @needs_data
 def test_stage_mounts_cover_what_a_stage_touches(tmp_path):
-    config_file = tmp_path / "run" / "config.yaml"
     cfg = tiny_config(tmp_path / "run")
-    atomic_write_text(config_file, dump_config(cfg))
+    config_file = write_run_config(cfg)
     mounts = {m["Target"]: m["ReadOnly"] for m in stage_mounts(config_file, cfg)}
     assert mounts[cfg.run_dir] is False and mounts[os.environ["NLSFLOW_CACHE"]] is False
     assert mounts[cfg.data.root] is False  # data.download may fetch missing files into it
@@ -98,8 +97,7 @@ def test_stage_mounts_cover_what_a_stage_touches(tmp_path):
 @needs_data
 def test_missing_engine_names_the_local_runner(tmp_path, monkeypatch):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
-    config_file = tmp_path / "run" / "config.yaml"
-    atomic_write_text(config_file, dump_config(tiny_config(tmp_path / "run")))
+    config_file = write_run_config(tiny_config(tmp_path / "run"))
     with pytest.raises(NlsflowError, match="no Docker engine at unix://.*RUNNER=local") as err:
         DockerRunner().run("prune", config_file, print)
     assert "\n" not in str(err.value)
@@ -194,9 +192,7 @@ def _leftover_containers(client) -> list:
 
 
 def _config_file(run_dir: Path) -> Path:
-    config_file = run_dir / "config.yaml"
-    atomic_write_text(config_file, dump_config(tiny_config(run_dir)))
-    return config_file
+    return write_run_config(tiny_config(run_dir))
 
 
 def _same_content(a: Path, b: Path, a_root: str, b_root: str) -> bool:
@@ -293,4 +289,22 @@ def test_bad_image_or_gpu_request_leaves_no_container(engine, tmp_path):
         pytest.skip("this engine has the NVIDIA runtime: a GPU request would start")
     with pytest.raises(NlsflowError, match="container could not start: .*GPUS=none"):
         DockerRunner(**{**options, "gpus": "all"}).run("prune", config_file, print)
+    assert _leftover_containers(client) == []
+
+
+@pytest.mark.slow
+@needs_data
+def test_a_container_stage_is_refused_while_the_host_holds_the_run_folder(engine, tmp_path):
+    """flock across the bind mount: the container's stage is another run unless it carries the holder's token."""
+    client, options = engine
+    config_file = _config_file(tmp_path / "run")
+    lines = []
+    with run_lock(tmp_path / "run", "the host"):
+        token = os.environ.pop("NLSFLOW_RUN_LOCK")  # the runner passes NLSFLOW_* on: without it, another run
+        try:
+            with pytest.raises(NlsflowError, match=r"is in use by pid \d+ on host .*\(the host\)"):
+                DockerRunner(**options).run("prune", config_file, lines.append)
+        finally:
+            os.environ["NLSFLOW_RUN_LOCK"] = token
+    assert not (tmp_path / "run" / "prune").exists()
     assert _leftover_containers(client) == []
