@@ -8,6 +8,8 @@ GPUS ?=
 IMAGE ?=
 FLAVOR ?= cpu
 ARGS ?=
+# Recipes pass it as one word (--args "$$ARGS"); nlsflow.cli.split_args keeps spaces inside {...}, [...] and quotes.
+export ARGS
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
@@ -39,23 +41,23 @@ CONFIGS = $(shell $(PY) -m nlsflow.layers $(TASK) $(PROFILE) $(METHOD))
 
 pipeline: venv
 	$(PY) -m flows.pipeline --runner $(RUNNER) --task $(TASK) --profile $(PROFILE) --method $(METHOD) run_dir=$(RUN_DIR) \
-	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') --args "$$ARGS"
 
 # Every method on the same task and profile, one table: `make compare TASK=math PROFILE=tiny` (METHODS=a,b to pick).
 METHODS ?= lora,shears,lonas,nola,heterolora
 compare: venv
 	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) \
-	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') $(ARGS)
+	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') --args "$$ARGS"
 
 # This project against what a user would pick instead, each pair measured alternately in one run:
 # `make bench PROFILE=tiny` (ARGS="--repeats 5", "--only training,wanda", "--out DIR" or key=value overrides).
 bench: venv
-	$(PY) -m bench --profile $(PROFILE) $(ARGS)
+	$(PY) -m bench --profile $(PROFILE) --args "$$ARGS"
 
 # One stage alone, e.g. `make stage-search TASK=math` (its inputs must exist in RUN_DIR).
 $(STAGE_TARGETS): stage-%: venv
 	@test -n "$(CONFIGS)" || $(PY) -m nlsflow.layers $(TASK) $(PROFILE) $(METHOD)
-	$(PY) -m stages.$* $(CONFIGS) run_dir=$(RUN_DIR) $(ARGS)
+	$(PY) -m stages.$* $(CONFIGS) run_dir=$(RUN_DIR) --args "$$ARGS"
 
 # A Prefect server with its UI. Point runs at it: PREFECT_API_URL=http://$(UI_HOST):$(UI_PORT)/api make pipeline ...
 UI_HOST ?= 127.0.0.1

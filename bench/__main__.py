@@ -18,6 +18,7 @@ import torch
 from bench import generation, search, training, wanda
 from bench.context import load_context
 from bench.runner import render, write_bench
+from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
 
 COMPARISONS = {"training": training, "wanda": wanda, "search": search, "generation": generation}
@@ -57,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="measured rounds per comparison (default: the profile's)")
     parser.add_argument("--only", default=",".join(COMPARISONS), help=f"comma-separated subset of {list(COMPARISONS)}")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. data.root=/data")
+    try:
+        argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
+    except NlsflowError as e:
+        print(f"error: bench: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging

@@ -19,6 +19,7 @@ from rich.table import Table
 from flows.pipeline import pipeline
 from flows.runners import RUNNERS
 from nlsflow.artifacts import read_manifest, stage_dir, write_table
+from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
 from nlsflow.io import atomic_write_text
 from nlsflow.layers import config_files
@@ -139,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline ... METHOD=<method>`, maybe at other times); run nothing",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
+    try:
+        argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
+    except NlsflowError as e:
+        print(f"error: compare: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if unknown := sorted(set(methods) - set(METHODS)):
@@ -157,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             args.existing,
         )
     except NlsflowError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: compare: {e}", file=sys.stderr)
         return 2
     render(rows, f"{args.task} / {args.profile}: methods compared")
     return 0

@@ -27,9 +27,11 @@ from flows.signals import start_ephemeral_server_shielded, stop_signal
 from flows.stage_process import StageInterrupted
 from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
 from nlsflow.artifacts import read_manifest, read_table, rerun_reason, stage_dir
+from nlsflow.cli import expand_args
 from nlsflow.config import load_config, write_run_config
 from nlsflow.errors import NlsflowError, storage_error
 from nlsflow.layers import config_files
+from nlsflow.models import check_model_source
 from nlsflow.runlock import hold_run_folder
 from schemas import STAGES, PipelineConfig
 
@@ -153,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mount", action="append", default=[], help="docker: extra /host[:/container][:ro] mount")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")
+    try:
+        argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
+    except NlsflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     try:
         files = [*(config_files(args.task, args.profile, args.method) if args.task else []), *args.config]
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         if options and args.runner != "docker":
             parser.error("--gpus, --image and --mount apply to --runner docker only")
         cfg = load_config(files, args.overrides)  # a config error: one line, before the Prefect server starts
+        check_model_source(cfg.model.name_or_path, cfg.model.gguf_file)  # a folder that is not a model, likewise
         print(f"run folder: {cfg.run_dir}", file=sys.stderr)
         # held here so a second run is refused before any server starts; the flow's stages share it
         with hold_run_folder(Path(cfg.run_dir), " ".join(sys.argv), lambda: pending_stage(cfg, args.force)):

@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from nlsflow.artifacts import check_replaceable, list_outputs, read_inputs, rerun_reason, stage_dir, write_manifest
+from nlsflow.cli import expand_args
 from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError, format_validation_error, storage_error
 from nlsflow.interrupts import StageStopped, stop_handlers
@@ -158,6 +159,11 @@ def _main(stage: str, fn: StageFn, argv: list[str] | None) -> int:
     parser.add_argument("--config", action="append", type=Path, required=True, help="YAML file(s), merged in order")
     parser.add_argument("--force", action="store_true", help="run even if the manifest is up to date")
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. prune.sparsity=0.6")
+    try:
+        argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
+    except NlsflowError as e:
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_intermixed_args(argv)  # key=value overrides may come before or after flags
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     warnings.filterwarnings(

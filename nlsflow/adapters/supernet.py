@@ -6,7 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 
 from nlsflow.adapters.elastic import (
     ElasticGroup,
@@ -17,6 +17,7 @@ from nlsflow.adapters.elastic import (
     minimal_subnet,
     resolve_space,
 )
+from nlsflow.adapters.loading import load_peft_adapter
 from nlsflow.adapters.masking import make_sparsity_preserving
 from nlsflow.adapters.nola import is_nola, load_nola, materialize, nola_lora_config
 from nlsflow.adapters.shortcuts import load_shortcuts
@@ -84,7 +85,7 @@ def load_supernet(
         load_nola(model, adapter_dir)
         materialize(model)
     else:
-        model = PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+        model = load_peft_adapter(base, adapter_dir, base_dir).to(device).eval()
         space = make_supernet(model, *load_search_space_groups(search_space_file))
     if sparsity_preserving:  # the adapter's delta only where the base weight is non-zero, as it was trained
         make_sparsity_preserving(model)

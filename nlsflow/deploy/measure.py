@@ -79,9 +79,8 @@ def use_semi_structured_kernels(model: nn.Module) -> tuple[int, int]:
 
 def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
     """The model, and its stats that need the module tree: params, non-zeros, MACs, zero MACs."""
-    from peft import PeftModel
-
     from nlsflow.adapters.elastic import activate, linear_macs_per_token
+    from nlsflow.adapters.loading import load_peft_adapter
     from nlsflow.adapters.masking import make_sparsity_preserving, masked_macs_correction
     from nlsflow.adapters.shortcuts import attached_shortcuts, load_shortcuts
     from nlsflow.adapters.supernet import load_supernet
@@ -101,7 +100,7 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
     else:
         model = load_causal_lm(variant.model_dir, dtype, device, variant.revision)
         if variant.adapter_dir:
-            model = PeftModel.from_pretrained(model, variant.adapter_dir).eval()
+            model = load_peft_adapter(model, variant.adapter_dir, variant.model_dir).eval()
             if variant.masked:
                 make_sparsity_preserving(model)
         load_shortcuts(model, Path(variant.adapter_dir or variant.model_dir))  # HeteroLoRA's, when the folder has any

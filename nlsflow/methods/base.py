@@ -28,12 +28,13 @@ from nlsflow.adapters.elastic import (
     extract_sub_adapter,
     linear_macs_per_token,
 )
+from nlsflow.adapters.loading import load_peft_adapter
 from nlsflow.adapters.shortcuts import Shortcuts, has_shortcuts, load_shortcuts
 from nlsflow.adapters.supernet import groups_from_config, load_supernet, make_supernet, save_search_space
 from nlsflow.adapters.width import WidthGroup, save_narrowed
 from nlsflow.errors import NlsflowError
 from nlsflow.io import folder_bytes
-from nlsflow.models import DTYPES, load_causal_lm
+from nlsflow.models import load_causal_lm, torch_dtype
 from nlsflow.pruning import sparsity_table
 from schemas.config import TrainConfig
 from schemas.outputs import ExtractOutput, PruneOutput, TrainOutput
@@ -188,7 +189,7 @@ class Method:
 
     def load_adapter(self, base_dir: Path, adapter_dir: Path, dtype: str, device: torch.device) -> nn.Module:
         """The extracted adapter on its base, loaded as a user would (stock PEFT, plus what the method documents)."""
-        model = PeftModel.from_pretrained(load_causal_lm(str(base_dir), dtype, device), str(adapter_dir)).eval()
+        model = load_peft_adapter(load_causal_lm(str(base_dir), dtype, device), adapter_dir, base_dir).eval()
         load_shortcuts(model, adapter_dir)
         return model
 
@@ -218,7 +219,7 @@ class Method:
             load = partial(self.load_merged, merged_dir)
         else:
             reference = merged.cpu()
-            save_narrowed(copy.deepcopy(reference).to(DTYPES[plan.dtype]), widths, merged_dir)
+            save_narrowed(copy.deepcopy(reference).to(torch_dtype(plan.dtype)), widths, merged_dir)
             require_saved_weights(merged_dir, reference, plan.dtype)
 
             def load(dtype: str, device: torch.device) -> nn.Module:
@@ -253,7 +254,7 @@ def require_saved_weights(folder: Path, model: nn.Module, dtype: str) -> None:
         if name not in saved and storages.get(tensor.data_ptr()) in saved:  # tied to a weight saved under its name
             continue
         storages.setdefault(tensor.data_ptr(), name)
-        if name not in saved or not torch.equal(saved[name], tensor.to(DTYPES[dtype]).cpu()):
+        if name not in saved or not torch.equal(saved[name], tensor.to(torch_dtype(dtype)).cpu()):
             problem = "is missing" if name not in saved else f"differs from the merged model cast to {dtype}"
             raise NlsflowError(f"{folder}: {name} {problem}; this is a bug, please report it")
 

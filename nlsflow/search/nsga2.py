@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from nlsflow.adapters.elastic import Subnet, Variable
 from nlsflow.artifacts import read_table, write_table
+from nlsflow.errors import NlsflowError
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +65,7 @@ class SubnetEvaluator:
         self.evaluations: dict[str, Evaluation] = {}
         self.progress = None
         if cache_path is not None and Path(cache_path).is_file():
-            for row in read_table(cache_path, "search_cache").to_pylist():
-                subnet = json.loads(row["config"])
-                self.evaluations[row["config"]] = Evaluation(
-                    row["eval_id"], subnet, row["accuracy"], row["cost"], row["seconds"]
-                )
-            log.info("search cache %s: resuming from %d evaluations", cache_path, len(self.evaluations))
+            self.evaluations = _read_cache(Path(cache_path))
         self.resumed = len(self.evaluations)
 
     def _persist(self) -> None:
@@ -104,6 +100,36 @@ class SubnetEvaluator:
         if label and not found.label:
             found.label = label
         return found
+
+
+def _read_cache(path: Path) -> dict[str, Evaluation]:
+    """The evaluations a cache holds; an unreadable or mismatched cache is the search's own: it is set aside as
+    `<name>.corrupt` (kept, not deleted) with a warning, and the search starts over."""
+    try:
+        evaluations = {
+            row["config"]: Evaluation(
+                row["eval_id"], json.loads(row["config"]), row["accuracy"], row["cost"], row["seconds"]
+            )
+            for row in read_table(path, "search_cache").to_pylist()
+        }
+    except (NlsflowError, ValueError) as error:
+        aside = _free_name(path.with_name(path.name + ".corrupt"))
+        path.rename(aside)
+        reason = str(error).split("; re-run")[0]  # read_table's fix names another stage, not this one
+        reason = reason.removeprefix(f"{path} ") if reason.startswith(f"{path} ") else f"is unusable ({reason})"
+        log.warning("search cache %s %s: discarded, kept as %s; the search starts over", path, reason, aside)
+        return {}
+    log.info("search cache %s: resuming from %d evaluations", path, len(evaluations))
+    return evaluations
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, ... : the first that does not exist (an earlier one is never overwritten)."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
 
 
 class _UniqueEvaluations(Termination):
