@@ -184,6 +184,7 @@ def train_supernet(
             for hook in hooks:
                 hook.before_step(step, net)
             subnet = step_subnet(net.space, seed, step)
+            same_on_every_rank(subnet, accelerator, "subnet")
             activate(net.model, net.space, subnet)
             ids = step_batch(len(data.examples), tc.batch_size, seed, step)
             mine = list(range(0, tc.batch_size, micro))[rank::world]  # this process's micro-batches
@@ -241,6 +242,20 @@ class LoopState:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.log_rows, self.recent = state["step"], list(state["log_rows"]), list(state["recent"])
+
+
+def same_on_every_rank(value: Any, accelerator: Accelerator, what: str) -> None:
+    """Refuse to go on when the processes hold different `value`s: they must train the same subnet at each step."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    seen = gather_object([json.dumps(value, sort_keys=True)])
+    if len(set(seen)) > 1:
+        raise NlsflowError(
+            f"the processes disagree on the {what} at this step ({' vs '.join(sorted(set(seen)))}); a bug: please "
+            "report it with the run's config"
+        )
 
 
 def _average_outside(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:

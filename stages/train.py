@@ -11,6 +11,7 @@ processes (stages/train_worker.py), which run the same `train` and write through
 
 from __future__ import annotations
 
+import logging
 import re
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from schemas.outputs import PruneOutput, TrainOutput
 from stages._common import StageContext, main, setup_runtime
 
 VALIDATION_COLUMNS = ("source", "instruction", "input", "output", "answer")
+log = logging.getLogger("nlsflow")
 WORKER_FAILURE = re.compile(r"^rank (\d+) failed: (.*)$")  # what stages.train_worker prints on an error
 
 
@@ -143,6 +145,12 @@ def launch(cfg: PipelineConfig, out_dir: Path) -> TrainOutput:
             str(result_file),
         ],
     ]
+    log.info(
+        "train: starting %d processes per machine through accelerate launch (another machine joins with "
+        "`accelerate launch --machine_rank N ... -m stages.train_worker --config %s`)",
+        cfg.train.processes,
+        config_file,
+    )
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     failures = []
     with deferred_stop(forward=proc.send_signal) as stop:  # the launcher passes it on; the workers checkpoint
