@@ -18,6 +18,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import random
 import signal
 from dataclasses import dataclass, field
@@ -129,8 +130,11 @@ def micro_batch_seed(seed: int, step: int, index: int) -> int:
 def make_accelerator(tc: TrainConfig, device: str, method: Method) -> Accelerator:
     """The accelerate engine of a training run: this process's device and rank, DDP/FSDP/DeepSpeed as launched."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if "WORLD_SIZE" not in os.environ:  # one process that may train again (tests, notebooks): a fresh engine state
+        AcceleratorState._reset_state(reset_partial_state=True)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=method.may_leave_parameters_unused)]
     return Accelerator(cpu=device == "cpu", mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
 
