@@ -6,7 +6,7 @@
     except StageStopped as e:          # e.signum, e.signal_name
         ...                            # one line, exit code 128 + e.signum
 
-A loop that can save its state (a training checkpoint) catches StageStopped, saves, and raises it again.
+A loop that must finish a step first (the training loop, which checkpoints) runs under `deferred_stop` instead.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -72,6 +73,35 @@ def stop_handlers() -> Iterator[None]:
         if threading.current_thread() is threading.main_thread():
             for sig, handler in previous.items():
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+@dataclass
+class StopFlag:
+    signum: int | None = None  # the stop signal that arrived, if any
+
+
+@contextlib.contextmanager
+def deferred_stop(forward: Callable[[int], None] | None = None) -> Iterator[StopFlag]:
+    """While the block runs, SIGINT/SIGTERM only set the flag (and go on to `forward`, e.g. a child process): a
+    loop stops at its next safe point (the training loop checkpoints first), then raises StageStopped itself.
+    The previous handlers are back afterwards."""
+    flag = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def record(signum: int, frame) -> None:
+        flag.signum = flag.signum or signum
+        if forward is not None:
+            with contextlib.suppress(OSError):  # the child may be gone already
+                forward(signum)
+
+    previous = {sig: signal.signal(sig, record) for sig in STOP_SIGNALS}
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
 
 
 def stop_requested() -> int | None:

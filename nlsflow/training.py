@@ -4,20 +4,26 @@
     data = TrainingData.prepare(train_records, tokenizer, cfg.train, cfg.seed, device)
     result = train_supernet(method, net, data, cfg.train, cfg.seed)
 
-The loop draws each step's subnet from a `random.Random(seed)` and each epoch's order from a seeded torch
-generator, so a run is reproducible from its config. Methods change what trains (`Method.build`), which
+Each step's subnet, global batch and micro-batch RNG (dropout) are functions of (seed, step), so a run is
+reproducible from its config, every process of a distributed run trains the same subnet, and a resumed run
+continues exactly where the checkpoint left it. The loop runs on accelerate (`make_accelerator`): one CPU or GPU,
+DDP over N processes, FSDP or DeepSpeed as the launch configures. Methods change what trains (`Method.build`), which
 parameters the optimizer holds (`Method.trainable_parameters`) and what happens before a step (`Method.hooks`);
 the loop itself never asks which method runs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import math
+import os
 import random
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.utils import parametrize
@@ -25,10 +31,15 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
 from nlsflow.adapters.elastic import activate, random_subnet
+from nlsflow.checkpoints import Checkpoints
 from nlsflow.data.datasets import check_contamination, load_train_records, split_validation, tokenize_for_training
 from nlsflow.errors import NlsflowError
+from nlsflow.interrupts import StageStopped, deferred_stop
 from nlsflow.methods.base import Method, Supernet
 from schemas.config import PipelineConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def split_records(cfg: PipelineConfig, data_root: Path) -> tuple[list[dict], list[dict], dict]:
@@ -77,6 +88,7 @@ class TrainResult:
     steps: int
     steps_per_epoch: int
     log_rows: list[dict[str, Any]]  # the training_log table
+    resumed_from: int = 0  # the checkpoint's step this run continued from (0: from the start)
 
     @property
     def final_loss(self) -> float:
@@ -84,53 +96,183 @@ class TrainResult:
 
 
 def total_steps(num_examples: int, tc: TrainConfig) -> tuple[int, int]:
-    """(optimizer steps, steps per epoch) for `tc.epochs` over `num_examples`, capped at `tc.max_steps`."""
-    per_epoch = math.ceil(num_examples / tc.batch_size)
+    """(optimizer steps, steps per epoch) for `tc.epochs` over `num_examples`, capped at `tc.max_steps`.
+
+    An epoch is `num_examples // batch_size` steps: the remainder of each shuffled order is dropped."""
+    per_epoch = max(1, num_examples // tc.batch_size)
     steps = math.ceil(per_epoch * tc.epochs)
     return (steps if tc.max_steps is None else min(steps, tc.max_steps)), per_epoch
 
 
-def train_supernet(method: Method, net: Supernet, data: TrainingData, tc: TrainConfig, seed: int) -> TrainResult:
-    """Train the super-network: every optimizer step trains one random subnet on `tc.batch_size` sequences."""
+def step_subnet(space, seed: int, step: int) -> dict[str, int]:
+    """The subnet every process trains at `step`: a function of (seed, step) alone, so ranks and resumes agree."""
+    return random_subnet(space, random.Random(f"subnet:{seed}:{step}"))
+
+
+def step_batch(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """The global batch of `step` (1-based): its slice of the epoch's seeded order."""
+    per_epoch = max(1, num_examples // batch_size)
+    epoch, position = divmod(step - 1, per_epoch)
+    order = _epoch_order(num_examples, seed, epoch)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    return torch.randperm(num_examples, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+
+
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """Seeds the RNG (dropout) of the global batch's `index`-th micro-batch: the same on any number of processes."""
+    return (seed * 1_000_003 + step) * 4099 + index
+
+
+def make_accelerator(tc: TrainConfig, device: str, method: Method) -> Accelerator:
+    """The accelerate engine of a training run: this process's device and rank, DDP/FSDP/DeepSpeed as launched."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if "WORLD_SIZE" not in os.environ:  # one process that may train again (tests, notebooks): a fresh engine state
+        AcceleratorState._reset_state(reset_partial_state=True)
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=method.may_leave_parameters_unused)]
+    return Accelerator(cpu=device == "cpu", mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
+
+
+def train_supernet(
+    method: Method,
+    net: Supernet,
+    data: TrainingData,
+    tc: TrainConfig,
+    seed: int,
+    accelerator: Accelerator | None = None,
+    checkpoints: Checkpoints | None = None,
+) -> TrainResult:
+    """Train the super-network: every optimizer step trains one subnet on `tc.batch_size` sequences.
+
+    Under accelerate with N processes each computes every N-th micro-batch of the same global batch, and the
+    gradients are averaged: the result does not depend on N beyond float rounding. With `checkpoints`, the run
+    resumes from the newest one and saves every `tc.checkpoint_every` steps and when stopped (SIGTERM, Ctrl-C).
+    """
+    accelerator = accelerator or make_accelerator(tc, data.device.type, method)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = tc.micro_batch_size
+    if tc.batch_size % (micro * world):
+        raise NlsflowError(
+            f"train.batch_size={tc.batch_size} does not split into micro-batches of {micro} over {world} processes; "
+            "make batch_size a multiple of micro_batch_size x processes"
+        )
     steps, steps_per_epoch = total_steps(len(data.examples), tc)
     params = method.trainable_parameters(net)
+    inside = {id(p) for p in net.model.parameters()}
+    outside = [p for p in params if id(p) not in inside]  # not synced by DDP
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, tc.warmup_steps, steps)
-    subnet_rng, order_rng = random.Random(seed), torch.Generator().manual_seed(seed)
+    model, optimizer = accelerator.prepare(net.model, optimizer)
+    scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, tc.warmup_steps, steps)  # one step per step
     hooks = method.hooks(net, steps_per_epoch, data.scoring_batches)
+    state = LoopState()
+    if checkpoints is not None:
+        checkpoints.attach(accelerator, params, scheduler, *hooks, state)
+        checkpoints.resume()
     net.model.train()
-    log_rows, recent, order = [], [], []
-    for step in tqdm(range(1, steps + 1), desc="train", unit="step"):
-        for hook in hooks:
-            hook.before_step(step, net)
-        subnet = random_subnet(net.space, subnet_rng)
-        activate(net.model, net.space, subnet)
-        if len(order) < tc.batch_size:  # a new epoch: reshuffle (the remainder of the last one is dropped)
-            order = torch.randperm(len(data.examples), generator=order_rng).tolist()
-        batch_ids, order = order[: tc.batch_size], order[tc.batch_size :]
-        loss_sum = 0.0
-        for i in range(0, tc.batch_size, tc.micro_batch_size):
-            batch = data.batch(batch_ids[i : i + tc.micro_batch_size])
-            with parametrize.cached():  # NOLA: each factor is recombined once per forward, not at every access
-                loss = net.model(**batch).loss * tc.micro_batch_size / tc.batch_size
-                loss.backward()
-            loss_sum += loss.item()
-        if tc.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent.append(loss_sum)
-        if step % tc.log_every == 0 or step == steps:
-            log_rows.append(
-                {
-                    "step": step,
-                    "epoch": step / steps_per_epoch,
-                    "loss": sum(recent) / len(recent),
-                    "learning_rate": learning_rate,
-                    "active_config": json.dumps(subnet),
-                }
-            )
-            recent = []
-    return TrainResult(steps, steps_per_epoch, log_rows)
+    progress = tqdm(
+        range(state.step + 1, steps + 1),
+        desc="train",
+        unit="step",
+        initial=state.step,
+        total=steps,
+        disable=not accelerator.is_main_process,
+    )
+    with deferred_stop() as stop:
+        for step in progress:
+            for hook in hooks:
+                hook.before_step(step, net)
+            subnet = step_subnet(net.space, seed, step)
+            same_on_every_rank(subnet, accelerator, "subnet")
+            activate(net.model, net.space, subnet)
+            ids = step_batch(len(data.examples), tc.batch_size, seed, step)
+            mine = list(range(0, tc.batch_size, micro))[rank::world]  # this process's micro-batches
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for j, start in enumerate(mine):
+                torch.manual_seed(micro_batch_seed(seed, step, start // micro))
+                last = j == len(mine) - 1
+                with contextlib.ExitStack() as scope:
+                    if not last:  # gradients are all-reduced once, after the last micro-batch
+                        scope.enter_context(accelerator.no_sync(model))
+                    scope.enter_context(parametrize.cached())  # NOLA: factors recombined once per forward
+                    batch = data.batch(ids[start : start + micro])
+                    loss = model(**batch).loss * micro * world / tc.batch_size
+                    accelerator.backward(loss)
+                loss_sum += loss.detach() / world
+            _average_outside(outside, accelerator)
+            if tc.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, tc.max_grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16: a step with inf gradients is skipped
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.recent.append(accelerator.reduce(loss_sum, reduction="sum").item())
+            if step % tc.log_every == 0 or step == steps:
+                state.log_rows.append(
+                    {
+                        "step": step,
+                        "epoch": step / steps_per_epoch,
+                        "loss": sum(state.recent) / len(state.recent),
+                        "learning_rate": learning_rate,
+                        "active_config": json.dumps(subnet),
+                    }
+                )
+                state.recent = []
+            state.step = step
+            stopping = _anyone(stop.signum is not None, accelerator)
+            if checkpoints is not None and (stopping or checkpoints.due(step)):
+                checkpoints.save(step)
+            if stopping:
+                raise StageStopped(stop.signum or signal.SIGTERM)
+    return TrainResult(steps, steps_per_epoch, state.log_rows, resumed_from=checkpoints.resumed if checkpoints else 0)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step beyond the weights: checkpointed with them."""
+
+    step: int = 0
+    log_rows: list[dict[str, Any]] = field(default_factory=list)
+    recent: list[float] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "log_rows": self.log_rows, "recent": self.recent}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.log_rows, self.recent = state["step"], list(state["log_rows"]), list(state["recent"])
+
+
+def same_on_every_rank(value: Any, accelerator: Accelerator, what: str) -> None:
+    """Refuse to go on when the processes hold different `value`s: they must train the same subnet at each step."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    seen = gather_object([json.dumps(value, sort_keys=True)])
+    if len(set(seen)) > 1:
+        raise NlsflowError(
+            f"the processes disagree on the {what} at this step ({' vs '.join(sorted(set(seen)))}); a bug: please "
+            "report it with the run's config"
+        )
+
+
+def _average_outside(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:
+    """Average the gradients DDP does not see (parameters outside the wrapped model: HeteroLoRA's shortcuts)."""
+    if accelerator.num_processes == 1:
+        return
+    for p in params:
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        p.grad = accelerator.reduce(grad, reduction="mean")
+
+
+def _anyone(flag: bool, accelerator: Accelerator) -> bool:
+    """True on every process when it is true on any (all stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum").item())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -151,6 +151,26 @@ class TrainConfig(Strict):
     max_train_samples: int | None = Field(None, gt=0, description="cap on training records")
     val_size: int = Field(1000, ge=1, description="records held out of training for the search stage")
     log_every: int = Field(10, gt=0, description="steps between loss-log rows")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast precision of the forward pass; the adapter and optimizer state stay float32"
+    )
+    # How training runs, not what it computes (TrainConfig.RUNTIME): out of the stage's digest, so changing one
+    # resumes from the last checkpoint instead of re-training.
+    processes: int = Field(1, gt=0, description="training processes on this machine (one per GPU; on CPU, gloo)")
+    accelerate_config: str | None = Field(
+        None,
+        description="an `accelerate config` file: FSDP, DeepSpeed ZeRO, several machines; its process count "
+        "per machine is `processes`",
+    )
+    gradient_checkpointing: bool = Field(False, description="recompute the base's activations (non-reentrant)")
+    checkpoint_every: int | None = Field(
+        None, gt=0, description="steps between resumable checkpoints (None: only when stopped by SIGTERM/Ctrl-C)"
+    )
+    keep_checkpoints: int = Field(2, gt=0, description="checkpoints kept (the newest)")
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset(
+        {"processes", "accelerate_config", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints"}
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -307,4 +327,9 @@ class PipelineConfig(Strict):
         """What a stage's result depends on: its config sections plus the shared fields (not paths or threads)."""
         shared = self.model_dump(include={"task", "seed", "device", "dtype", "model"})
         shared["data"] = self.data.model_dump(include={"train_sets", "contamination"})
-        return {"shared": shared, **{section: getattr(self, section).model_dump() for section in STAGE_SECTIONS[stage]}}
+        return {"shared": shared, **{section: self._digested(section) for section in STAGE_SECTIONS[stage]}}
+
+    def _digested(self, section: str) -> dict[str, Any]:
+        """A section's settings that a result depends on (not TrainConfig.RUNTIME's: how it was computed)."""
+        value = getattr(self, section)
+        return value.model_dump(exclude=set(getattr(value, "RUNTIME", ())))

@@ -82,6 +82,8 @@ class TrainOutput(Strict):
     width_variables: int = Field(description="of which elastic base widths (LoNAS)")
     train_sets: list[str] = Field(description="registered training sets")
     contamination: ContaminationReport = Field(description="the test-question overlap check")
+    resumed_from_step: int = Field(0, description="the checkpoint's step this run resumed from (0: from the start)")
+    processes: int = Field(1, description="training processes (all machines)")
     heterolora_enabled: int | None = Field(None, description="HeteroLoRA: modules enabled at the end")
     heterolora_candidates: int | None = Field(None, description="HeteroLoRA: candidate modules scored")
     heterolora_reallocations: int | None = Field(None, description="HeteroLoRA dynamic: re-selections made")

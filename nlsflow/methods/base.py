@@ -60,6 +60,13 @@ class TrainHook:
     def before_step(self, step: int, net: Supernet) -> None:  # pragma: no cover - an interface
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue as if never stopped (checkpointed with the weights)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
 
 @dataclass
 class Artifact:
@@ -102,6 +109,7 @@ class Method:
     masked: bool = False  # the adapter's delta is masked by the base's zeros (Shears' sparsity-preserving)
     adapter_folder: str = EXTRACT.adapter  # the extracted sub-adapter's folder under extract/
     adapter_kind: str = "lora"  # what train/adapter/ holds: LoRA factors ("nola": coefficients of random bases)
+    may_leave_parameters_unused: bool = False  # a step may not use every trainable parameter (DDP must look)
 
     def __init__(self, config: Any, train: TrainConfig, seed: int):
         self.config, self.train, self.seed = config, train, seed

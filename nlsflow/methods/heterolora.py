@@ -38,6 +38,21 @@ class _Reselect(TrainHook):
             activate(net.model, net.space, maximal_subnet(net.space))
             self.reselection(step)
 
+    def state_dict(self) -> dict[str, Any]:
+        choice = self.reselection.choice
+        kept = (
+            None
+            if choice is None
+            else {"enabled": sorted(choice.enabled), "ranks": choice.ranks, "scores": choice.scores}
+        )
+        return {"choice": kept, "rows": list(self.reselection.rows)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.reselection.rows = list(state["rows"])
+        if (kept := state["choice"]) is not None:
+            self.reselection.choice = selection.Choice(set(kept["enabled"]), dict(kept["ranks"]), dict(kept["scores"]))
+            selection.set_enabled(self.reselection.cands, self.reselection.choice.enabled)
+
 
 class HeteroLora(Method):
     name = "heterolora"
@@ -45,6 +60,7 @@ class HeteroLora(Method):
     def __init__(self, config, train, seed):
         super().__init__(config, train, seed)
         self.selection = config.selection
+        self.may_leave_parameters_unused = config.selection.mode == "dynamic"  # switched-off modules get no gradient
         self.choice: selection.Choice | None = None  # static: chosen in build
         self.reselect: _Reselect | None = None  # dynamic: its hook keeps the choice and the history
         self.candidates: list[selection.Candidate] = []
