@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,7 +121,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_uninterrupted_adapter(
 
     proc = _start(config_file, *steps)
     try:
-        _wait_for(".cache/train-*/step-00000010/meta.json", cfg.run_dir, proc)
+        _wait_for(".cache/train-*/step-00000010/meta.json", Path(cfg.run_dir), proc)
         proc.send_signal(stop)
         out, _ = proc.communicate(timeout=120)
     finally:
@@ -144,7 +145,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint_to_the_uninterrupted_adapter(
     assert output.resumed_from_step >= 10 and "resuming training from step" in resumed.stderr
     assert _max_diff(uninterrupted, _adapter(cfg.run_dir)) == 0.0
     assert (stage_dir(cfg.run_dir, "train") / "training_log.parquet").read_bytes() == log
-    assert not list(cfg.run_dir.glob(".cache/train-*")), "checkpoints are removed once the stage is done"
+    assert not list(Path(cfg.run_dir).glob(".cache/train-*")), "checkpoints are removed once the stage is done"
 
 
 def test_a_checkpoint_of_other_settings_is_refused_with_one_line(pruned, tmp_path):
@@ -152,12 +153,12 @@ def test_a_checkpoint_of_other_settings_is_refused_with_one_line(pruned, tmp_pat
     steps = ("train.max_steps=40", "train.checkpoint_every=5")
     proc = _start(config_file, *steps)
     try:
-        _wait_for(".cache/train-*/step-00000005/meta.json", cfg.run_dir, proc)
+        _wait_for(".cache/train-*/step-00000005/meta.json", Path(cfg.run_dir), proc)
         proc.kill()
     finally:
         proc.kill()
         proc.wait()
-    meta = next(cfg.run_dir.glob(".cache/train-*/step-00000005/meta.json"))
+    meta = next(Path(cfg.run_dir).glob(".cache/train-*/step-00000005/meta.json"))
     for newer in meta.parent.parent.glob("step-*"):  # only step 5 left: the one we alter
         if newer != meta.parent:
             shutil.rmtree(newer)
@@ -193,7 +194,7 @@ def test_ranks_that_drew_different_subnets_are_caught(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(SAME_ON_EVERY_RANK)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
         cwd=REPO,
         capture_output=True,
         text=True,
