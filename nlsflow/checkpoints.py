@@ -42,8 +42,12 @@ class Checkpoints:
 
     def attach(self, accelerator: Accelerator, params: list[torch.nn.Parameter], *stateful: Any) -> None:
         """What to save: `params` (the trained parameters, in optimizer order) and objects with state_dict()."""
+        from accelerate.utils import DistributedType
+
         self.accelerator, self.params = accelerator, params
         accelerator.register_for_checkpointing(*stateful)
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return  # sharded parameters: accelerate saves the whole sharded state its own way
         accelerator.register_save_state_pre_hook(self._save_trained)
         accelerator.register_load_state_pre_hook(self._load_trained)
 
