@@ -178,6 +178,7 @@ def test_an_error_in_a_training_process_is_one_line(pruned, tmp_path):
 
 SAME_ON_EVERY_RANK = """
 import sys
+from pathlib import Path
 from accelerate import Accelerator
 from nlsflow.training import same_on_every_rank
 a = Accelerator(cpu=True)
@@ -185,7 +186,7 @@ same_on_every_rank({"qkv": 8}, a, "subnet")
 try:
     same_on_every_rank({"qkv": 8 if a.is_main_process else 4}, a, "subnet")
 except Exception as e:
-    print("caught:", e, flush=True)
+    Path(sys.argv[1], f"rank{a.process_index}.txt").write_text(str(e))
 a.end_training()
 """
 
@@ -194,7 +195,7 @@ def test_ranks_that_drew_different_subnets_are_caught(tmp_path):
     script = tmp_path / "check.py"
     script.write_text(SAME_ON_EVERY_RANK)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), tmp_path],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -202,7 +203,9 @@ def test_ranks_that_drew_different_subnets_are_caught(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("caught: the processes disagree on the subnet at this step") == 2
+    for rank in (0, 1):  # each process refuses, with the one line naming both draws
+        message = (tmp_path / f"rank{rank}.txt").read_text()
+        assert message.startswith("the processes disagree on the subnet at this step") and '{"qkv": 4}' in message
 
 
 @pytest.mark.gpu
