@@ -12,50 +12,23 @@ import contextlib
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+from nlsflow.interrupts import StopFlag, deferred_stop
 
 _last_stop: int | None = None  # the signal that stopped a stage in this process, for the exit code
 
 
-@dataclass
-class StopRequest:
-    """Which stop signal arrived while a stage ran (None if none)."""
-
-    signum: int | None = None
-
-    @property
-    def signal_name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum else None
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
 @contextlib.contextmanager
-def forward_stop_signals(send: Callable[[int], None]) -> Iterator[StopRequest]:
+def forward_stop_signals(send: Callable[[int], None]) -> Iterator[StopFlag]:
     """While the block runs, SIGINT and SIGTERM are recorded and passed to `send` (the stage) instead of stopping
-    this process; the previous handlers (Prefect's SIGTERM bridge) are back afterwards. A no-op off the main thread."""
-    stop = StopRequest()
-    if not _in_main_thread():
-        yield stop
-        return
-
-    def forward(signum: int, frame) -> None:
-        global _last_stop
-        stop.signum = stop.signum or signum
-        _last_stop = stop.signum
-        with contextlib.suppress(Exception):  # the stage may be gone already; raising here would hit any line
-            send(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in STOP_SIGNALS}
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+    this process (nlsflow.interrupts.deferred_stop); the signal is kept for main's exit code."""
+    global _last_stop
+    with deferred_stop(forward=send) as stop:
+        try:
+            yield stop
+        finally:
+            if stop.signum is not None:
+                _last_stop = stop.signum
 
 
 def stop_signal() -> int | None:
@@ -77,7 +50,7 @@ def start_ephemeral_server_shielded() -> None:
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
-    if server.running or not _in_main_thread():
+    if server.running or threading.current_thread() is not threading.main_thread():
         return
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
