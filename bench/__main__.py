@@ -15,13 +15,19 @@ from pathlib import Path
 
 import torch
 
-from bench import generation, search, training, wanda
+from bench import accelerate_loop, generation, search, training, wanda
 from bench.context import load_context
 from bench.runner import render, write_bench
 from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
 
-COMPARISONS = {"training": training, "wanda": wanda, "search": search, "generation": generation}
+COMPARISONS = {
+    "training": training,
+    "accelerate": accelerate_loop,
+    "wanda": wanda,
+    "search": search,
+    "generation": generation,
+}
 
 
 def bench(

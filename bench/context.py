@@ -24,18 +24,37 @@ class BenchSettings:
     repeats: int  # measured rounds: every variant once per round, in turn
     warmup: int  # rounds run first and discarded
     train_steps: int  # optimizer steps per training measurement
+    loop_steps: int  # optimizer steps per measurement of the accelerate loop vs the plain one
+    process_steps: int  # optimizer steps each 1- or 2-process run times, after its warm-up step
     search_records: int  # validation records per subnet evaluation (at most search.val_samples)
     search_new_tokens: int  # generated tokens per record (at most search.generation.max_new_tokens)
     search_evals: int  # distinct subnets of the NSGA-II run (at most search.num_evals)
 
 
-# tiny: every Wanda run is a fresh process (~6 s of imports), so 3 rounds. smollm2 (SmolLM2-135M, 2 CPU cores): a
-# training step is ~10 s and a Wanda run ~45 s, so 3 rounds of one step, and the search scores 4 records of 16
-# tokens per subnet. Other profiles get smollm2's sizes.
+# tiny: every Wanda run and every 1- or 2-process training run is a fresh process (~6 s of imports), so 3 rounds.
+# smollm2 (SmolLM2-135M, 2 CPU cores): a training step is ~10 s and a Wanda run ~45 s, so 3 rounds of one step (two
+# for the loop comparison, which looks for 2%), and the search scores 4 records of 16 tokens per subnet. Other
+# profiles get smollm2's sizes.
 SETTINGS = {
-    "tiny": BenchSettings(repeats=3, warmup=1, train_steps=4, search_records=16, search_new_tokens=12, search_evals=10),
+    "tiny": BenchSettings(
+        repeats=3,
+        warmup=1,
+        train_steps=4,
+        loop_steps=16,
+        process_steps=8,
+        search_records=16,
+        search_new_tokens=12,
+        search_evals=10,
+    ),
     "smollm2": BenchSettings(
-        repeats=3, warmup=1, train_steps=1, search_records=4, search_new_tokens=16, search_evals=6
+        repeats=3,
+        warmup=1,
+        train_steps=1,
+        loop_steps=2,
+        process_steps=2,
+        search_records=4,
+        search_new_tokens=16,
+        search_evals=6,
     ),
 }
 

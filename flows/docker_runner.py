@@ -37,6 +37,9 @@ PASSED_ENV = (
     "PYTHONHASHSEED",
 )  # host variables a stage sees
 LABEL = "nlsflow.stage"
+# /dev/shm of a stage container: NCCL and torch's inter-process tensors live there, and Docker's default 64 MB stalls
+# or kills training on several GPUs. A tmpfs limit, not a reservation.
+SHM_SIZE = "16g"
 
 
 def device_requests(gpus: str) -> list[DeviceRequest]:
@@ -171,6 +174,7 @@ class DockerRunner:
                 user=f"{os.getuid()}:{os.getgid()}",
                 network_mode=self.network,
                 labels={LABEL: stage, "nlsflow.config": str(config_file)},
+                shm_size=SHM_SIZE,
             )
             container.start()
             started = True

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -89,6 +90,7 @@ class TrainResult:
     steps_per_epoch: int
     log_rows: list[dict[str, Any]]  # the training_log table
     resumed_from: int = 0  # the checkpoint's step this run continued from (0: from the start)
+    wrapped: torch.nn.Module | None = None  # the model as accelerate prepared it (DDP, FSDP, DeepSpeed)
 
     @property
     def final_loss(self) -> float:
@@ -136,7 +138,60 @@ def make_accelerator(tc: TrainConfig, device: str, method: Method) -> Accelerato
     if "WORLD_SIZE" not in os.environ:  # one process that may train again (tests, notebooks): a fresh engine state
         AcceleratorState._reset_state(reset_partial_state=True)
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=method.may_leave_parameters_unused)]
-    return Accelerator(cpu=device == "cpu", mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=device == "cpu", mixed_precision=tc.mixed_precision, kwargs_handlers=handlers)
+    sharded = [n for n in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{n}", "").lower() == "true"]
+    if sharded and accelerator.distributed_type.name not in sharded and accelerator.is_main_process:
+        logging.getLogger("nlsflow").warning(
+            "the accelerate config asks for %s, which accelerate runs on GPUs only: training with %s here",
+            sharded[0],
+            accelerator.distributed_type.name,
+        )
+    if accelerator.is_fsdp2:
+        raise NlsflowError(
+            "the accelerate config asks for FSDP version 2, which training does not support yet; set "
+            "fsdp_version: 1 (as configs/accelerate/fsdp.yaml does)"
+        )
+    return accelerator
+
+
+def unshard_for_saving(accelerator: Accelerator, wrapped: torch.nn.Module) -> None:
+    """After training, for `Method.save`: the main process's unwrapped model holds its trained parameters whole and
+    no FSDP wrapper is left in its module tree (FSDP shards the parameters and renames the modules; DeepSpeed ZeRO-3
+    partitions them). Every process must call it; the model is not for training afterwards. Elsewhere: nothing."""
+    from accelerate.utils import DistributedType
+
+    trained = [p for p in wrapped.parameters() if p.requires_grad]
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        gather = FullyShardedDataParallel.summon_full_params(  # CUDA: gathered into host memory
+            wrapped, writeback=False, rank0_only=True, offload_to_cpu=accelerator.device.type == "cuda"
+        )
+    elif (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+    ):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(trained, modifier_rank=None)
+    else:
+        return
+    with gather:
+        whole = [p.detach().clone() for p in trained] if accelerator.is_main_process else []
+    for p, tensor in zip(trained, whole):
+        p.data = tensor
+    if accelerator.is_main_process and isinstance(wrapped, torch.nn.Module):
+        _drop_fsdp_wrappers(accelerator.unwrap_model(wrapped))
+
+
+def _drop_fsdp_wrappers(module: torch.nn.Module) -> None:
+    """Put each FSDP-wrapped submodule back in its parent's place, so names and state dicts are the model's own."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for name, child in list(module.named_children()):
+        while isinstance(child, FullyShardedDataParallel):
+            child = child.module
+            setattr(module, name, child)
+        _drop_fsdp_wrappers(child)
 
 
 def train_supernet(
@@ -154,6 +209,8 @@ def train_supernet(
     gradients are averaged: the result does not depend on N beyond float rounding. With `checkpoints`, the run
     resumes from the newest one and saves every `tc.checkpoint_every` steps and when stopped (SIGTERM, Ctrl-C).
     """
+    from accelerate.utils import DistributedType
+
     accelerator = accelerator or make_accelerator(tc, data.device.type, method)
     world, rank = accelerator.num_processes, accelerator.process_index
     micro = tc.micro_batch_size
@@ -167,6 +224,10 @@ def train_supernet(
     inside = {id(p) for p in net.model.parameters()}
     outside = [p for p in params if id(p) not in inside]  # not synced by DDP
     optimizer = torch.optim.AdamW(params, lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    if accelerator.distributed_type == DistributedType.FSDP:  # LoRA's layers in FSDP units of their own (PEFT's recipe)
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(net.model)
     model, optimizer = accelerator.prepare(net.model, optimizer)
     scheduler = get_linear_schedule_with_warmup(optimizer.optimizer, tc.warmup_steps, steps)  # one step per step
     hooks = method.hooks(net, steps_per_epoch, data.scoring_batches)
@@ -186,7 +247,8 @@ def train_supernet(
     with deferred_stop() as stop:
         for step in progress:
             for hook in hooks:
-                hook.before_step(step, net)
+                if hook.before_step(step, net):
+                    follow_main_process(hook, accelerator)
             subnet = step_subnet(net.space, seed, step)
             same_on_every_rank(subnet, accelerator, "subnet")
             activate(net.model, net.space, subnet)
@@ -230,7 +292,8 @@ def train_supernet(
                 checkpoints.save(step)
             if stopping:
                 raise StageStopped(stop.signum or signal.SIGTERM)
-    return TrainResult(steps, steps_per_epoch, state.log_rows, resumed_from=checkpoints.resumed if checkpoints else 0)
+    resumed = checkpoints.resumed if checkpoints else 0
+    return TrainResult(steps, steps_per_epoch, state.log_rows, resumed, model)
 
 
 @dataclass
@@ -260,6 +323,16 @@ def same_on_every_rank(value: Any, accelerator: Accelerator, what: str) -> None:
             f"the processes disagree on the {what} at this step ({' vs '.join(sorted(set(seen)))}); a bug: please "
             "report it with the run's config"
         )
+
+
+def follow_main_process(hook, accelerator: Accelerator) -> None:
+    """Give every process the main process's state of `hook`."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    state = [hook.state_dict() if accelerator.is_main_process else None]
+    hook.load_state_dict(broadcast_object_list(state, from_process=0)[0])
 
 
 def _average_outside(params: list[torch.nn.Parameter], accelerator: Accelerator) -> None:

@@ -28,7 +28,7 @@ from nlsflow.interrupts import StageStopped, deferred_stop
 from nlsflow.io import atomic_write_text, folder_bytes, sha256_json
 from nlsflow.methods import method_for
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
-from nlsflow.training import TrainingData, make_accelerator, split_records, train_supernet
+from nlsflow.training import TrainingData, make_accelerator, split_records, train_supernet, unshard_for_saving
 from schemas import PipelineConfig
 from schemas.outputs import PruneOutput, TrainOutput
 from stages._common import StageContext, main, setup_runtime
@@ -60,6 +60,7 @@ def train(cfg: PipelineConfig, out_dir: Path | None) -> TrainOutput | None:
     net = method.build(model, data.scoring_batches)
     checkpoints = checkpoints_of(cfg)
     result = train_supernet(method, net, data, cfg.train, cfg.seed, accelerator, checkpoints)
+    unshard_for_saving(accelerator, result.wrapped)
     if not accelerator.is_main_process:
         return None
 
@@ -125,8 +126,21 @@ def launch_args(cfg: PipelineConfig) -> list[str]:
     return [*args, "--num_processes", str(tc.processes * machines)]
 
 
+def check_gpus(cfg: PipelineConfig) -> None:
+    """On CUDA, one process per visible GPU at most (a container sees the GPUs its runner was given)."""
+    import torch
+
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and cfg.train.processes > torch.cuda.device_count():
+        raise NlsflowError(
+            f"train.processes={cfg.train.processes} but {torch.cuda.device_count()} GPU(s) are visible here; lower "
+            "train.processes or give the stage more GPUs (CUDA_VISIBLE_DEVICES, or GPUS=N with RUNNER=docker)"
+        )
+
+
 def launch(cfg: PipelineConfig, out_dir: Path) -> TrainOutput:
     """Run `train` in `train.processes` processes through `accelerate launch`; their output streams through."""
+    check_gpus(cfg)
     key = checkpoints_of(cfg).key
     config_file = Path(cfg.run_dir) / ".cache" / f"train-{key}.config.yaml"
     result_file = config_file.with_name(f"train-{key}.result.json")

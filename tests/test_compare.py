@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import DATA_ROOT, NO_OPENVINO, needs_data
+from conftest import DATA_ROOT, LIGHT_BENCHMARK, needs_data
 
 from flows.compare import COLUMNS, compare, markdown
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
@@ -17,8 +17,7 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
         f"data.root={DATA_ROOT}",
         "train.max_steps=20",
         "search.num_evals=4",
-        "benchmark.repeats=1",
-        NO_OPENVINO,
+        LIGHT_BENCHMARK,
     ]
     rows = compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, overrides)
     assert [r["method"] for r in rows] == ["lora", "shears", "nola"]

@@ -191,11 +191,10 @@ a.end_training()
 """
 
 
-def test_ranks_that_drew_different_subnets_are_caught(tmp_path):
-    script = tmp_path / "check.py"
-    script.write_text(SAME_ON_EVERY_RANK)
+def _torchrun(script: Path, *args) -> subprocess.CompletedProcess:
+    """`script` in 2 processes on this machine (gloo), as torchrun starts them."""
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), tmp_path],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -203,9 +202,23 @@ def test_ranks_that_drew_different_subnets_are_caught(tmp_path):
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_ranks_that_drew_different_subnets_are_caught(tmp_path):
+    script = tmp_path / "check.py"
+    script.write_text(SAME_ON_EVERY_RANK)
+    _torchrun(script, tmp_path)
     for rank in (0, 1):  # each process refuses, with the one line naming both draws
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("the processes disagree on the subnet at this step") and '{"qkv": 4}' in message
+
+
+def test_an_fsdp_sharded_adapter_is_saved_whole(tmp_path):
+    """FSDP itself runs on CPU (accelerate only runs it on GPUs): a LoRA model sharded over 2 processes with PEFT's
+    wrap policy, unsharded by `unshard_for_saving`, saves exactly the weights it had before sharding."""
+    out = _torchrun(REPO / "tests" / "scripts" / "fsdp_unshard.py", tmp_path / "adapter").stdout
+    assert "sharded 512 of 1024 trained values" in out and "max diff 0.0" in out
 
 
 @pytest.mark.gpu

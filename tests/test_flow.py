@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data
+from conftest import DATA_ROOT, LIGHT_BENCHMARK, REPO, TINY_CONFIGS, needs_data
 
 from nlsflow.artifacts import read_manifest, stage_dir
 from schemas import STAGES
@@ -25,7 +25,7 @@ def _pipeline(run_dir, *extra: str) -> str:
             *configs,
             f"run_dir={run_dir}",
             f"data.root={DATA_ROOT}",
-            NO_OPENVINO,
+            LIGHT_BENCHMARK,
             *extra,
         ],
         cwd=REPO,

@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import DATA_ROOT, NO_OPENVINO, REPO, TINY_CONFIGS, needs_data, tiny_overrides
+from conftest import DATA_ROOT, LIGHT_BENCHMARK, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from prefect.client.base import PrefectHttpxSyncClient
 
 from flows import runners
@@ -110,7 +110,7 @@ def prefect_server(tmp_path):
         log.close()
 
 
-TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", NO_OPENVINO]
+TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", LIGHT_BENCHMARK]
 
 
 def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_path):

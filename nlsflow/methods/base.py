@@ -57,7 +57,9 @@ class Supernet:
 class TrainHook:
     """Called by the training loop before each step's subnet is drawn (HeteroLoRA re-selects modules here)."""
 
-    def before_step(self, step: int, net: Supernet) -> None:  # pragma: no cover - an interface
+    def before_step(self, step: int, net: Supernet) -> bool:  # pragma: no cover - an interface
+        """Act before `step`; True when it changed what trains (the loop then gives every process the main
+        process's state, so that float noise between GPUs cannot make them choose differently)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:

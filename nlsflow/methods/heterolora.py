@@ -33,10 +33,12 @@ class _Reselect(TrainHook):
     def __init__(self, reselection: selection.Reselection):
         self.reselection = reselection
 
-    def before_step(self, step: int, net: Supernet) -> None:
-        if self.reselection.due(step):
-            activate(net.model, net.space, maximal_subnet(net.space))
-            self.reselection(step)
+    def before_step(self, step: int, net: Supernet) -> bool:
+        if not self.reselection.due(step):
+            return False
+        activate(net.model, net.space, maximal_subnet(net.space))
+        self.reselection(step)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         choice = self.reselection.choice
