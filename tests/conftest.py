@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ROOT = Path(os.environ.get("NLSFLOW_DATA_ROOT", REPO.parent / "shared" / "data"))
@@ -33,7 +35,8 @@ LIGHT_BENCHMARK = (
     "benchmark={prompt_len: 16, new_tokens: 4, batch_sizes: [1], warmup: 0, repeats: 1, super_adapter: false, "
     "openvino: []}"
 )
-MATH_RUN = ("benchmark.openvino=[fp32, int8, int4]",)
+# math_run: the tiny profile's own benchmark section, every variant and OpenVINO format (the schema's defaults).
+MATH_RUN = (f"benchmark={json.dumps(yaml.safe_load(TINY_CONFIGS[1].read_text())['benchmark'])}",)
 
 
 def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
