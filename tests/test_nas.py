@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 
@@ -75,3 +76,37 @@ def test_choose_alternative_rules():
     assert choose(evals, 0.5, 0.01, rule="max_accuracy_within_budget", max_cost=10).eval_id == 2  # none fits: cheapest
     with pytest.raises(ValueError, match="unknown rule"):
         choose(evals, 0.5, 0.01, rule="knee")
+
+
+def test_a_pool_finishing_in_any_order_gives_the_serial_search():
+    """Populations go to the pool whole; ids follow the order asked, not the order finished."""
+    seeds = {"heuristic": heuristic_subnet(SPACE), "maximal": maximal_subnet(SPACE)}
+
+    def search(pool=None):
+        accuracy, cost, _ = _objectives()
+        evaluator = SubnetEvaluator(accuracy, cost, pool=pool and pool(accuracy))
+        results = nsga2_search(SPACE, evaluator, population=6, num_evals=30, seed=3, seeds=seeds)
+        return [(e.eval_id, e.subnet, e.accuracy, e.cost, e.label, e.pareto) for e in results]
+
+    def last_first(accuracy):
+        def score(subnets):
+            for i in reversed(range(len(subnets))):
+                yield i, accuracy(subnets[i]), 0.0
+
+        return score
+
+    assert search(last_first) == search()
+
+
+def test_a_cache_with_gaps_is_numbered_again(tmp_path):
+    """A search killed mid-population may have persisted ids 0, 1 and 3: resumed, they are 0, 1, 2."""
+    accuracy, cost, calls = _objectives()
+    cache = tmp_path / "cache.parquet"
+    evaluator = SubnetEvaluator(accuracy, cost, cache_path=cache)
+    subnets = [{v.name: rank for v in SPACE} for rank in (8, 6, 4, 2)]
+    evaluator.evaluate_many(subnets)
+    del evaluator.evaluations[json.dumps(subnets[2], sort_keys=True)]
+    evaluator._persist()
+    resumed = SubnetEvaluator(accuracy, cost, cache_path=cache)
+    assert sorted(e.eval_id for e in resumed.evaluations.values()) == [0, 1, 2]
+    assert resumed.evaluate_many(subnets[2:3])[0].eval_id == 3 and len(calls) == 5

@@ -6,13 +6,13 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.core.problem import ElementwiseProblem
+from pymoo.core.problem import Problem
 from pymoo.core.termination import Termination
 from pymoo.operators.crossover.sbx import SBX
 from pymoo.operators.mutation.pm import PM
@@ -51,17 +51,39 @@ def indices_from_subnet(space: list[Variable], subnet: Subnet) -> list[int]:
     return [v.choices.index(subnet[v.name]) for v in space]
 
 
+AccuracyPool = Callable[[list[Subnet]], Iterator[tuple[int, float, float]]]
+"""Scores subnets' accuracies, in any order: yields (index in the list, accuracy, seconds) as each finishes."""
+
+
+def serial_pool(accuracy_fn: Callable[[Subnet], float]) -> AccuracyPool:
+    """One subnet after another, in this process."""
+
+    def score(subnets: list[Subnet]) -> Iterator[tuple[int, float, float]]:
+        for i, subnet in enumerate(subnets):
+            start = time.perf_counter()
+            yield i, accuracy_fn(subnet), time.perf_counter() - start
+
+    return score
+
+
 class SubnetEvaluator:
     """Scores subnets once each: a repeated config is answered from the cache, not re-generated.
 
-    With `cache_path`, every new evaluation is persisted at once (Parquet, written atomically), and a later
-    evaluator on the same path starts from it: a search killed at any point resumes without re-evaluating.
+    `evaluate_many` takes a whole population: its new subnets get their ids in the order asked (as one after
+    another would), go to the pool together, and each is persisted the moment it finishes. With `cache_path`
+    (Parquet, written atomically) a later evaluator on the same path starts from it: a search killed at any point
+    loses only the evaluations in flight.
     """
 
     def __init__(
-        self, accuracy_fn: Callable[[Subnet], float], cost_fn: Callable[[Subnet], int], cache_path: Path | None = None
+        self,
+        accuracy_fn: Callable[[Subnet], float] | None,
+        cost_fn: Callable[[Subnet], int],
+        cache_path: Path | None = None,
+        pool: AccuracyPool | None = None,
     ):
-        self.accuracy_fn, self.cost_fn, self.cache_path = accuracy_fn, cost_fn, cache_path
+        self.pool = pool or serial_pool(accuracy_fn)
+        self.cost_fn, self.cache_path = cost_fn, cache_path
         self.evaluations: dict[str, Evaluation] = {}
         self.progress = None
         if cache_path is not None and Path(cache_path).is_file():
@@ -81,36 +103,39 @@ class SubnetEvaluator:
                         "cost": e.cost,
                         "seconds": e.seconds,
                     }
-                    for e in self.evaluations.values()
+                    for e in sorted(self.evaluations.values(), key=lambda e: e.eval_id)
                 ],
             )
 
-    def __call__(self, subnet: Subnet, label: str = "") -> Evaluation:
-        key = json.dumps(subnet, sort_keys=True)
-        if key not in self.evaluations:
-            start = time.perf_counter()
-            accuracy = self.accuracy_fn(subnet)
-            self.evaluations[key] = Evaluation(
-                len(self.evaluations), subnet, accuracy, self.cost_fn(subnet), time.perf_counter() - start
-            )
+    def evaluate_many(self, subnets: list[Subnet], labels: list[str] | None = None) -> list[Evaluation]:
+        keys = [json.dumps(s, sort_keys=True) for s in subnets]
+        new = list(dict.fromkeys(k for k in keys if k not in self.evaluations))  # first asked, first numbered
+        first_id = max((e.eval_id for e in self.evaluations.values()), default=-1) + 1
+        todo = [json.loads(k) for k in new]
+        for i, accuracy, seconds in self.pool(todo):
+            subnet = todo[i]
+            self.evaluations[new[i]] = Evaluation(first_id + i, subnet, accuracy, self.cost_fn(subnet), seconds)
             self._persist()
             if self.progress is not None:
                 self.progress.update(1)
-        found = self.evaluations[key]
-        if label and not found.label:
-            found.label = label
+        found = [self.evaluations[k] for k in keys]
+        for evaluation, label in zip(found, labels or []):
+            if label and not evaluation.label:
+                evaluation.label = label
         return found
+
+    def __call__(self, subnet: Subnet, label: str = "") -> Evaluation:
+        return self.evaluate_many([subnet], [label])[0]
 
 
 def _read_cache(path: Path) -> dict[str, Evaluation]:
     """The evaluations a cache holds; an unreadable or mismatched cache is the search's own: it is set aside as
     `<name>.corrupt` (kept, not deleted) with a warning, and the search starts over."""
     try:
-        evaluations = {
-            row["config"]: Evaluation(
-                row["eval_id"], json.loads(row["config"]), row["accuracy"], row["cost"], row["seconds"]
-            )
-            for row in read_table(path, "search_cache").to_pylist()
+        rows = sorted(read_table(path, "search_cache").to_pylist(), key=lambda row: row["eval_id"])
+        evaluations = {  # numbered again in order: a search killed mid-population leaves gaps
+            row["config"]: Evaluation(i, json.loads(row["config"]), row["accuracy"], row["cost"], row["seconds"])
+            for i, row in enumerate(rows)
         }
     except (NlsflowError, ValueError) as error:
         aside = _free_name(path.with_name(path.name + ".corrupt"))
@@ -143,7 +168,9 @@ class _UniqueEvaluations(Termination):
         return max(len(self.scorer.evaluations) / self.budget, algorithm.n_gen / self.max_gen)
 
 
-class _SubnetProblem(ElementwiseProblem):
+class _SubnetProblem(Problem):
+    """Vectorized: NSGA-II hands over each generation whole, and the evaluator scores its new subnets together."""
+
     def __init__(self, space: list[Variable], scorer: SubnetEvaluator):
         self.space, self.scorer = space, scorer
         super().__init__(
@@ -154,9 +181,9 @@ class _SubnetProblem(ElementwiseProblem):
             vtype=int,
         )
 
-    def _evaluate(self, x, out, *args, **kwargs):
-        result = self.scorer(subnet_from_indices(self.space, np.round(x).astype(int)))
-        out["F"] = [-result.accuracy, result.cost]
+    def _evaluate(self, X, out, *args, **kwargs):
+        subnets = [subnet_from_indices(self.space, np.round(x).astype(int)) for x in X]
+        out["F"] = np.array([[-r.accuracy, r.cost] for r in self.scorer.evaluate_many(subnets)], dtype=float)
 
 
 def nsga2_search(
@@ -173,8 +200,7 @@ def nsga2_search(
     initial = [indices_from_subnet(space, s) for s in seeds.values()]
     while len(initial) < population:
         initial.append([int(rng.integers(len(v.choices))) for v in space])
-    for name, subnet in seeds.items():
-        evaluate(subnet, label=name)
+    evaluate.evaluate_many(list(seeds.values()), list(seeds))
     size = math.prod(len(v.choices) for v in space)
     if len(evaluate.evaluations) >= size:  # the seeds are the whole space (plain LoRA: one subnet): nothing to search
         log.info("the search space holds %d subnet(s), all evaluated: NSGA-II not needed", size)
