@@ -1,11 +1,12 @@
-"""Scoring on a Ray cluster: resident workers that each load the model once and score whatever they are handed.
+"""Scoring pools: resident workers that each load the model once and score whatever they are handed.
 
-    with ray_pool(load_scorer, workers=4, address=None) as pool:   # a local cluster, stopped on exit
-        for index, accuracy, seconds in pool(subnets):              # in the order they finish
+    with scoring_pool(load_scorer, workers=4, cluster=cfg.cluster, device=cfg.device) as pool:
+        for index, result, seconds in pool(items):   # in the order they finish
             ...
 
 `load_scorer` is a picklable callable run once in each worker (loading the super-network there); it returns the
-function that scores one item. Each worker holds one item at a time, so a worker that dies loses only that item,
+function that scores one item. One worker and no `cluster.address` is this process (`LocalPool`); anything else
+is Ray (`ray_pool`). Each worker holds one item at a time, so a worker that dies loses only that item,
 which goes to another worker; a worker lost for good, or a cluster that cannot host the workers, stops the
 stage with one line. An existing cluster is joined by address (`ray start --head` prints it); with none given, a
 local one is started with this machine's CPUs and GPUs and shut down afterwards.
@@ -23,10 +24,48 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from nlsflow.errors import NlsflowError
+from schemas.config import ClusterConfig
 
 log = logging.getLogger(__name__)
 
-Scorer = Callable[[Any], float]
+Scorer = Callable[[Any], Any]
+Pool = Callable[[list], Iterator[tuple[int, Any, float]]]  # items -> (index, result, seconds), as each finishes
+
+
+class LocalPool:
+    """One worker, in this process: the scorer loaded once, the items scored in order."""
+
+    workers = 1
+
+    def __init__(self, load_scorer: Callable[[], Scorer]):
+        started = time.perf_counter()
+        self.score_one = load_scorer()
+        self.load_seconds = [time.perf_counter() - started]
+
+    def __call__(self, items: list) -> Iterator[tuple[int, Any, float]]:
+        for index, item in enumerate(items):
+            started = time.perf_counter()
+            yield index, self.score_one(item), time.perf_counter() - started
+
+
+@contextlib.contextmanager
+def scoring_pool(
+    load_scorer: Callable[[], Scorer], workers: int, cluster: ClusterConfig, device: str
+) -> Iterator[LocalPool | RayPool]:
+    """`workers` resident scorers: in this process when one and no cluster address is given, else on Ray."""
+    if workers == 1 and not cluster.address:
+        yield LocalPool(load_scorer)
+        return
+    with ray_pool(
+        load_scorer,
+        workers,
+        address=cluster.address,
+        cpus_per_worker=cluster.cpus_per_worker,
+        gpus_per_worker=cluster.gpus_per_worker,
+        device=device,
+        retries=cluster.retries,
+    ) as pool:
+        yield pool
 
 
 class _Worker:
@@ -44,19 +83,23 @@ class _Worker:
     def ready(self) -> float:
         return self.load_seconds
 
-    def score(self, item) -> tuple[float, float]:
+    def score(self, item) -> tuple[Any, float]:
         started = time.perf_counter()
         return self.score_one(item), time.perf_counter() - started
 
 
 class RayPool:
-    """`pool(items)` yields (index, score, seconds) for every item as workers finish them."""
+    """`pool(items)` yields (index, result, seconds) for every item as workers finish them."""
 
     def __init__(self, actor_class, load_scorer, workers: int, options: dict, threads: int | None, retries: int):
         self.actor_class, self.load_scorer, self.options, self.threads = actor_class, load_scorer, options, threads
         self.retries = retries
         self.actors = [self._start() for _ in range(workers)]
         self.load_seconds = self._wait_ready(self.actors)
+
+    @property
+    def workers(self) -> int:
+        return len(self.actors)
 
     def _start(self):
         return self.actor_class.options(**self.options).remote(self.load_scorer, self.threads)
@@ -76,7 +119,7 @@ class RayPool:
         except ray.exceptions.RayError as e:
             raise NlsflowError(f"a Ray worker failed while loading the model: {_first_line(e)}") from None
 
-    def __call__(self, items: list) -> Iterator[tuple[int, float, float]]:
+    def __call__(self, items: list) -> Iterator[tuple[int, Any, float]]:
         import ray
 
         todo = list(range(len(items)))[::-1]  # popped from the end: first asked, first handed out
@@ -107,6 +150,11 @@ class RayPool:
                 todo.append(index)
                 continue
             except ray.exceptions.RayTaskError as e:
+                if "OutOfMemoryError" in str(e):
+                    raise NlsflowError(
+                        f"a Ray worker ran out of GPU memory scoring item {index} ({_first_line(e)}); lower the "
+                        "generation batch_size, or give each worker more of a GPU (cluster.gpus_per_worker)"
+                    ) from None
                 raise NlsflowError(f"scoring failed in a Ray worker: {_first_line(e)}") from None
             idle.append(actor)
             yield index, score, seconds
@@ -149,10 +197,13 @@ def ray_pool(
     workers: int,
     address: str | None = None,
     cpus_per_worker: float = 1,
-    gpus_per_worker: float = 0,
+    gpus_per_worker: float | None = 0,
+    device: str = "cpu",
     retries: int = 2,
 ) -> Iterator[RayPool]:
-    """`workers` resident workers on the cluster at `address` (None: a local one, stopped on exit)."""
+    """`workers` resident workers on the cluster at `address` (None: a local one, stopped on exit).
+
+    `gpus_per_worker` None: one GPU each when `device` asks for CUDA, or is 'auto' and the cluster has GPUs."""
     import ray
 
     started_here = not ray.is_initialized()
@@ -173,8 +224,12 @@ def ray_pool(
             where = f"Ray cluster at {address}" if address else "a local Ray cluster"
             fix = "check cluster.address (`ray status` on the head node)" if address else "see `ray start --head`"
             raise NlsflowError(f"cannot reach {where} ({_first_line(e)}); {fix}") from None
+    pool = None
     try:
-        _check_fits(ray.cluster_resources(), workers, cpus_per_worker, gpus_per_worker)
+        resources = ray.cluster_resources()
+        if gpus_per_worker is None:
+            gpus_per_worker = 1 if device.startswith("cuda") or (device == "auto" and resources.get("GPU")) else 0
+        _check_fits(resources, workers, cpus_per_worker, gpus_per_worker)
         options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": 0}
         threads = max(1, int(cpus_per_worker)) if cpus_per_worker else None
         pool = RayPool(ray.remote(_Worker), load_scorer, workers, options, threads, retries)
@@ -188,3 +243,6 @@ def ray_pool(
     finally:
         if started_here:
             ray.shutdown()
+        elif pool is not None:  # a cluster we joined, or one the caller runs: our workers go, it stays
+            for actor in pool.actors:
+                ray.kill(actor)

@@ -197,6 +197,27 @@ class GenerationConfig(Strict):
     batch_size: int = Field(8, gt=0)
 
 
+class ClusterConfig(Strict):
+    """Where the scoring workers (`search.workers`, `evaluate.workers`) run: Ray, joined or started locally."""
+
+    address: str | None = Field(
+        None,
+        description="a Ray cluster to join: 'host:6379' as `ray start --head` prints it, or 'auto'; None: a local "
+        "one is started for the stage and stopped after it (only when workers > 1)",
+    )
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs each worker holds; also its torch threads")
+    gpus_per_worker: float | None = Field(
+        None, ge=0, description="GPUs each worker holds (None: 1 when `device` is CUDA, or 'auto' on a GPU cluster)"
+    )
+    retries: int = Field(2, ge=0, description="times an item is handed to a new worker after its worker died")
+
+
+WORKERS_DESCRIPTION = (
+    "resident scoring workers (each loads the model once): 1 scores in the stage's own process, more (or a "
+    "cluster.address) on Ray; the results are the same for any number"
+)
+
+
 class EvaluateConfig(Strict):
     subnet: Literal["heuristic", "maximal", "minimal"] = Field(
         "heuristic", description="subnet of the super-adapter to evaluate"
@@ -208,6 +229,9 @@ class EvaluateConfig(Strict):
     )
     max_samples: int | None = Field(None, gt=0, description="records per dataset (None: all)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    workers: int = Field(1, gt=0, description=WORKERS_DESCRIPTION)
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"workers"})
 
 
 class SearchConfig(Strict):
@@ -239,6 +263,9 @@ class SearchConfig(Strict):
         return self
 
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    workers: int = Field(1, gt=0, description=WORKERS_DESCRIPTION)
+
+    RUNTIME: ClassVar[frozenset[str]] = frozenset({"workers"})
 
 
 class ExtractConfig(Strict):
@@ -303,6 +330,7 @@ class PipelineConfig(Strict):
     search: SearchConfig = Field(default_factory=SearchConfig)
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     benchmark: BenchmarkConfig = Field(default_factory=BenchmarkConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @field_validator("method", mode="before")
     @classmethod

@@ -2,21 +2,23 @@
 
 Writes `evaluate/predictions.parquet`; per-task and average accuracy (LLM-Adapters reference rules and the strict
 rules) go into the manifest. With `evaluate.baselines`, the dense and/or pruned base without adapter are scored too.
+With `evaluate.workers` > 1 the test sets are scored in shards by Ray workers (`nlsflow.cluster`); the predictions
+are the same, in the same order.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
-from nlsflow.adapters.elastic import activate
-from nlsflow.adapters.shortcuts import shortcuts_off
-from nlsflow.adapters.supernet import NAMED_SUBNETS
-from nlsflow.artifacts import write_table
+from nlsflow.artifacts import read_json, write_table
+from nlsflow.cluster import scoring_pool
 from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
-from nlsflow.evaluation.scoring import evaluate_test_sets
-from nlsflow.methods import method_for
-from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
-from schemas.outputs import EvaluateOutput, PruneOutput
+from nlsflow.evaluation.scoring import score_test_sets
+from nlsflow.evaluation.workers import AtSubnet, BaseModelLoad, SupernetLoad, TestSetScorer
+from nlsflow.models import load_tokenizer
+from schemas.files import SearchSpaceFile
+from schemas.outputs import EvaluateOutput, PruneOutput, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -24,28 +26,25 @@ log = logging.getLogger(__name__)
 
 def run(ctx: StageContext) -> EvaluateOutput:
     cfg, ec = ctx.cfg, ctx.cfg.evaluate
-    device = resolve_device(cfg.device)
     train_dir = ctx.input_dir("train")
-    model, tokenizer, space = method_for(cfg).load(
-        ctx.input_dir("prune") / PruneOutput.files.model, train_dir, cfg.dtype, device
-    )
-    subnet = NAMED_SUBNETS[ec.subnet](space)
-    activate(model, space, subnet)
-    rows, scores = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, ec.subnet)
-
-    baselines = {}  # name -> scores, as evaluate_test_sets returns them
-    if "pruned" in ec.baselines:
-        with model.disable_adapter(), shortcuts_off(model):  # the pruned base alone (no LoRA, no HeteroLoRA shortcuts)
-            pruned_rows, baselines["pruned"] = evaluate_test_sets(model, tokenizer, ctx.data_root, ec, "pruned")
-        rows += pruned_rows
+    base_dir = ctx.input_dir("prune") / PruneOutput.files.model
+    subnet = read_json(train_dir / TrainOutput.files.search_space, SearchSpaceFile, "train").subnets[ec.subnet]
+    models = {"supernet": AtSubnet(SupernetLoad(cfg, base_dir, train_dir), subnet)}
     if "dense" in ec.baselines:
-        del model
         prune = ctx.output("prune")
-        dense = load_causal_lm(prune.base_model, cfg.dtype, device, prune.base_revision)
-        dense_rows, baselines["dense"] = evaluate_test_sets(
-            dense, load_tokenizer(prune.base_model, prune.base_revision), ctx.data_root, ec, "dense"
-        )
-        rows += dense_rows
+        models["dense"] = BaseModelLoad(prune.base_model, cfg.dtype, cfg.device, prune.base_revision)
+    tokenizer = load_tokenizer(str(base_dir))  # the shards' batches are cut by prompt length
+
+    baselines = {}  # name -> scores, as score_test_sets returns them
+    with scoring_pool(TestSetScorer(models, ec.generation), ec.workers, cfg.cluster, cfg.device) as pool:
+        score = partial(score_test_sets, pool, tokenizer, ctx.data_root, ec)
+        rows, scores = score(ec.subnet, "supernet")
+        if "pruned" in ec.baselines:  # the pruned base alone (no LoRA, no HeteroLoRA shortcuts)
+            pruned_rows, baselines["pruned"] = score("pruned", "supernet", adapter_off=True)
+            rows += pruned_rows
+        if "dense" in ec.baselines:  # each worker drops the super-network for the dense base
+            dense_rows, baselines["dense"] = score("dense", "dense")
+            rows += dense_rows
     write_table(ctx.out_dir / EvaluateOutput.files.predictions, "predictions", rows)
     return EvaluateOutput(
         protocols=[REFERENCE_PROTOCOL, STRICT_PROTOCOL],

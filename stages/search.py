@@ -3,6 +3,8 @@
 Writes `search/evaluations.parquet` (every evaluated subnet, its objectives, Pareto flag), `search/chosen.json`,
 `search/search_progression.{csv,png}` as the seeds do, and `search/pareto_front.png` (heuristic, maximal, minimal
 and the chosen subnet marked). Evaluations are cached as they happen: a killed search resumes where it stopped.
+NSGA-II hands over each generation whole; with `search.workers` > 1 its subnets are scored concurrently by Ray
+workers that each hold the super-network (`nlsflow.cluster`), with the same results as one worker.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import csv
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 
 from nlsflow.adapters.supernet import NAMED_SUBNETS
 from nlsflow.artifacts import read_table, write_json, write_table
-from nlsflow.evaluation.scoring import subnet_accuracy
+from nlsflow.cluster import scoring_pool
+from nlsflow.evaluation.workers import SubnetScorer, SupernetLoad
 from nlsflow.io import atomic_write_text, sha256_json
 from nlsflow.methods import method_for
-from nlsflow.models import resolve_device
 from nlsflow.search.nsga2 import Evaluation, SubnetEvaluator, choose, nsga2_search, plot_search
 from schemas.files import ChosenSubnetFile
 from schemas.outputs import PruneOutput, SearchOutput, TrainOutput
@@ -31,18 +34,23 @@ def run(ctx: StageContext) -> SearchOutput:
     cfg, sc = ctx.cfg, ctx.cfg.search
     train_dir = ctx.input_dir("train")
     method = method_for(cfg)
-    model, tokenizer, space = method.load(
-        ctx.input_dir("prune") / PruneOutput.files.model, train_dir, cfg.dtype, resolve_device(cfg.device)
-    )
+    supernet = SupernetLoad(cfg, ctx.input_dir("prune") / PruneOutput.files.model, train_dir)
     validation = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()[: sc.val_samples]
-    evaluate = cached_evaluator(ctx, model, tokenizer, space, validation, method)
+    if sc.workers > 1 or cfg.cluster.address:  # scored by Ray workers; this process only needs the costs
+        model, tokenizer, space = replace(supernet, device="cpu")()
+        scorer = SubnetScorer(supernet, validation, sc.generation)
+    else:
+        model, tokenizer, space = supernet()
+        scorer = SubnetScorer(lambda: (model, tokenizer, space), validation, sc.generation)
     seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
-    evaluations = nsga2_search(
-        space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds
-    )
-    heuristic = evaluate(seeds["heuristic"])  # by subnet, not label: in a one-subnet space they coincide
+    with scoring_pool(scorer, sc.workers, cfg.cluster, cfg.device) as pool:
+        evaluate = cached_evaluator(ctx, model, space, method, pool)
+        evaluations = nsga2_search(
+            space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds
+        )
+        heuristic = evaluate(seeds["heuristic"])  # by subnet, not label: in a one-subnet space they coincide
+        maximal = evaluate(seeds["maximal"])
     ref_acc = heuristic.accuracy if sc.ref_acc is None else sc.ref_acc
-    maximal = evaluate(seeds["maximal"])
     max_cost = None if sc.cost_budget is None else sc.cost_budget * maximal.cost
     chosen = choose(evaluations, ref_acc, sc.acc_delta, sc.rule, max_cost)
     log.info(
@@ -75,27 +83,15 @@ def run(ctx: StageContext) -> SearchOutput:
     )
 
 
-def cached_evaluator(ctx: StageContext, model, tokenizer, space, validation: list[dict], method) -> SubnetEvaluator:
-    """Scores a subnet's validation accuracy and its cost (`search.cost`), persisting every evaluation at once."""
-    sc = ctx.cfg.search
-
-    def accuracy(subnet) -> float:
-        return subnet_accuracy(
-            model,
-            tokenizer,
-            space,
-            validation,
-            subnet,
-            max_new_tokens=sc.generation.max_new_tokens,
-            num_beams=sc.generation.num_beams,
-            batch_size=sc.generation.batch_size,
-        )
+def cached_evaluator(ctx: StageContext, model, space, method, pool) -> SubnetEvaluator:
+    """Scores subnets' validation accuracies on `pool` and their cost (`search.cost`) here, persisting every
+    evaluation the moment it finishes."""
 
     def cost(subnet) -> int:
-        return method.cost(model, space, subnet, sc.cost)
+        return method.cost(model, space, subnet, ctx.cfg.search.cost)
 
     cache_path = ctx.run_dir / ".cache" / f"search-{cache_key(ctx)[:16]}.parquet"
-    return SubnetEvaluator(accuracy, cost, cache_path=cache_path)
+    return SubnetEvaluator(None, cost, cache_path=cache_path, pool=pool)
 
 
 def cache_key(ctx: StageContext) -> str:

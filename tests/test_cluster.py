@@ -1,19 +1,25 @@
 """The Ray pool on a local cluster of 2 workers: the search it scores equals the serial one, a killed worker's
-subnet goes to another, and what the cluster cannot do is one line. Each test's cluster is shut down by it."""
+subnet goes to another, and what the cluster cannot do is one line; the search and evaluate stages on 2 workers
+write what one writes. Each test's cluster is shut down by it (the pool's own `ray.shutdown`)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
 import pytest
+from conftest import MATH_RUN, tiny_config
 from test_nas import SPACE, _objectives
 
 from nlsflow.adapters.elastic import heuristic_subnet, maximal_subnet
+from nlsflow.artifacts import read_manifest, read_table, stage_dir
 from nlsflow.cluster import ray_pool
 from nlsflow.errors import NlsflowError
 from nlsflow.search.nsga2 import SubnetEvaluator, nsga2_search
+from stages import evaluate, search
+from stages._common import run_stage
 
 ray = pytest.importorskip("ray")
 SEEDS = {"heuristic": heuristic_subnet(SPACE), "maximal": maximal_subnet(SPACE)}
@@ -58,3 +64,42 @@ def test_what_the_cluster_cannot_do_is_one_line():
     with pytest.raises(NlsflowError, match=r"cannot reach the Ray cluster at 127.0.0.1:1 .*check cluster.address"):
         with ray_pool(_load, workers=1, address="127.0.0.1:1"):
             pass
+
+
+def _fresh_copy(math_run, tmp_path, *drop: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(math_run.run_dir, run)
+    for stage in drop:
+        shutil.rmtree(stage_dir(run, stage))
+    shutil.rmtree(run / ".cache", ignore_errors=True)  # the search's evaluations: scored again here
+    return run
+
+
+def _evaluations(run: Path) -> list[dict]:
+    rows = read_table(stage_dir(run, "search") / "evaluations.parquet", "evaluations").to_pylist()
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_the_search_stage_on_two_workers_equals_one(math_run, tmp_path):
+    run = _fresh_copy(math_run, tmp_path, "search", "extract", "benchmark")
+    cfg = tiny_config(run, *MATH_RUN, "search.workers=2", "cluster.cpus_per_worker=1")
+    assert run_stage("search", search.run, cfg) is not None
+    assert not ray.is_initialized()
+    assert _evaluations(run) == _evaluations(Path(math_run.run_dir))  # ids, configs, accuracies, costs, order
+    chosen = "search/chosen.json"
+    assert (run / chosen).read_bytes() == (Path(math_run.run_dir) / chosen).read_bytes()
+
+
+def test_the_evaluate_stage_on_two_workers_equals_one_with_baselines(math_run, tmp_path):
+    run = _fresh_copy(math_run, tmp_path, "evaluate", "benchmark")
+    serial = tmp_path / "serial"
+    shutil.copytree(run, serial)
+    extra = ("evaluate.baselines=[pruned, dense]", "evaluate.generation.batch_size=2")
+    assert run_stage("evaluate", evaluate.run, tiny_config(serial, *MATH_RUN, *extra)) is not None
+    assert run_stage("evaluate", evaluate.run, tiny_config(run, *MATH_RUN, *extra, "evaluate.workers=2")) is not None
+    assert not ray.is_initialized()
+    tables = [read_table(stage_dir(r, "evaluate") / "predictions.parquet", "predictions") for r in (serial, run)]
+    assert tables[0].equals(tables[1])
+    assert {m for m in tables[1].column("model").to_pylist()} == {"heuristic", "pruned", "dense"}
+    metrics = [read_manifest(stage_dir(r, "evaluate"), "evaluate").metrics for r in (serial, run)]
+    assert metrics[0] == metrics[1]

@@ -27,7 +27,7 @@ def _left_padded(tokenizer):
         tokenizer.padding_side, tokenizer.pad_token = saved_padding_side, saved_pad_token
 
 
-def _longest_first(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
+def longest_first_batches(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
     """Prompt indices in batches, longest prompts first (a batch that does not fit in memory fails at once)."""
     lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -61,7 +61,7 @@ def generate(
     try:
         bar = tqdm(total=len(prompts), desc=desc, disable=not progress)
         with _left_padded(tokenizer), torch.inference_mode(), bar:
-            for batch in _longest_first(tokenizer, prompts, batch_size):
+            for batch in longest_first_batches(tokenizer, prompts, batch_size):
                 encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
                 input_ids = encoded["input_ids"].to(device)
                 output_ids = model.generate(
@@ -97,7 +97,7 @@ def generate_with_decoder(
         return []
     texts = [""] * len(prompts)
     with _left_padded(tokenizer), tqdm(total=len(prompts), desc=desc, disable=not progress) as bar:
-        for batch in _longest_first(tokenizer, prompts, batch_size):
+        for batch in longest_first_batches(tokenizer, prompts, batch_size):
             encoded = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True)
             tokens = [decoder.prefill(encoded["input_ids"], encoded["attention_mask"])]
             done = tokens[0][:, 0] == tokenizer.eos_token_id

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from collections import defaultdict
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from nlsflow.adapters.elastic import Subnet, activate
-from nlsflow.data.datasets import EVAL_DATASETS, load_eval_records
-from nlsflow.evaluation.generation import evaluate_dataset
+from nlsflow.adapters.shortcuts import shortcuts_off
+from nlsflow.cluster import LocalPool
+from nlsflow.data.datasets import EVAL_DATASETS, generate_prompt, load_eval_records
+from nlsflow.evaluation.generation import evaluate_dataset, longest_first_batches
 
 log = logging.getLogger(__name__)
 
@@ -50,29 +58,53 @@ def subnet_accuracy(
     return correct / len(records)
 
 
-def evaluate_test_sets(
-    model, tokenizer, data_root: Path, eval_cfg, model_name: str, decoder=None
-) -> tuple[list[dict], dict]:
-    """Generate and score every test set of `eval_cfg`; rows are tagged with `model_name`.
+@dataclass(frozen=True)
+class Shard:
+    """Whole generation batches of one test set, cut from the longest-first order a single process uses: each
+    batch (and so its padding) is the one it would be unsharded, and the rows come out identical."""
 
-    With a `decoder` (`nlsflow.deploy.timing.Decoder`, `model` None) generation is greedy through it. Returns the
-    prediction rows and {"accuracy": {task: acc}, "accuracy_strict": {...}, "average_accuracy": ...,
+    model: str  # which of the pool's models scores it (`workers.TestSetScorer.models`)
+    dataset: str
+    adapter_off: bool  # score the base without its adapter (and HeteroLoRA's shortcuts)
+    positions: list[int]  # the records' places in the test set
+    records: list[dict]
+
+
+def test_set_shards(
+    tokenizer, records: dict[str, list[dict]], batch_size: int, workers: int, model: str, adapter_off: bool = False
+) -> list[Shard]:
+    """Each test set in shards of whole batches: one shard per set for one worker, about 4 per worker otherwise."""
+    shards = []
+    for name, rows in records.items():
+        prompts = [generate_prompt(r["instruction"], r.get("input", "")) for r in rows]
+        batches = longest_first_batches(tokenizer, prompts, batch_size)
+        per_shard = len(batches) if workers == 1 else math.ceil(len(batches) / (4 * workers))
+        for start in range(0, len(batches), per_shard):
+            positions = [i for batch in batches[start : start + per_shard] for i in batch]
+            shards.append(Shard(model, name, adapter_off, positions, [rows[i] for i in positions]))
+    return shards
+
+
+def score_test_sets(
+    pool, tokenizer, data_root: Path, eval_cfg, model_name: str, model: str = "model", adapter_off: bool = False
+) -> tuple[list[dict], dict]:
+    """Every test set of `eval_cfg`, scored in shards by `pool` (`nlsflow.cluster`; its scorer answers a `Shard`
+    with its rows); rows are tagged with `model_name` and come in test-set order, whatever the number of workers.
+
+    Returns the prediction rows and {"accuracy": {task: acc}, "accuracy_strict": {...}, "average_accuracy": ...,
     "average_accuracy_strict": ...}.
     """
-    gen = eval_cfg.generation
-    rows, reference, strict = [], {}, {}
-    for name in eval_cfg.datasets:
-        records = load_eval_records(data_root, name, eval_cfg.max_samples)
-        task_rows = evaluate_dataset(
-            model,
-            tokenizer,
-            EVAL_DATASETS[name],
-            records,
-            max_new_tokens=gen.max_new_tokens,
-            num_beams=gen.num_beams,
-            batch_size=gen.batch_size,
-            decoder=decoder,
-        )
+    records = {name: load_eval_records(data_root, name, eval_cfg.max_samples) for name in eval_cfg.datasets}
+    shards = test_set_shards(tokenizer, records, eval_cfg.generation.batch_size, pool.workers, model, adapter_off)
+    found = {name: [None] * len(rows) for name, rows in records.items()}
+    with tqdm(total=sum(map(len, records.values())), desc=f"{model_name} on the test sets", unit="record") as bar:
+        for i, rows, _ in pool(shards):
+            shard = shards[i]
+            for position, row in zip(shard.positions, rows):
+                found[shard.dataset][position] = {"model": model_name, **row, "index": position}
+            bar.update(len(rows))
+    reference, strict = {}, {}
+    for name, task_rows in found.items():
         reference[name], strict[name] = accuracy(task_rows), accuracy(task_rows, "strict_correct")
         log.info(
             "%s on %s: accuracy %.4f (strict %.4f), %d records",
@@ -82,10 +114,38 @@ def evaluate_test_sets(
             strict[name],
             len(task_rows),
         )
-        rows += [{"model": model_name, **r} for r in task_rows]
-    return rows, {
+    return [row for task_rows in found.values() for row in task_rows], {
         "accuracy": reference,
         "accuracy_strict": strict,
         "average_accuracy": sum(reference.values()) / len(reference),
         "average_accuracy_strict": sum(strict.values()) / len(strict),
     }
+
+
+def evaluate_test_sets(
+    model, tokenizer, data_root: Path, eval_cfg, model_name: str, decoder=None
+) -> tuple[list[dict], dict]:
+    """`score_test_sets` in this process, with `model` (or, `model` None, greedy through a `decoder`:
+    `nlsflow.deploy.timing.Decoder`)."""
+    score = partial(predict, model, tokenizer, generation=eval_cfg.generation, decoder=decoder)
+    return score_test_sets(LocalPool(lambda: score), tokenizer, data_root, eval_cfg, model_name)
+
+
+def predict(model, tokenizer, shard: Shard, generation, decoder=None) -> list[dict]:
+    """A shard's prediction rows, with the adapter (and HeteroLoRA's shortcuts) off when the shard asks."""
+    adapter_off = contextlib.ExitStack()
+    if shard.adapter_off:
+        adapter_off.enter_context(model.disable_adapter())
+        adapter_off.enter_context(shortcuts_off(model))
+    with adapter_off:
+        return evaluate_dataset(
+            model,
+            tokenizer,
+            EVAL_DATASETS[shard.dataset],
+            shard.records,
+            max_new_tokens=generation.max_new_tokens,
+            num_beams=generation.num_beams,
+            batch_size=generation.batch_size,
+            progress=False,
+            decoder=decoder,
+        )

@@ -1,0 +1,107 @@
+"""What a scoring worker loads and answers (`nlsflow.cluster` pools): picklable, so Ray ships them to its workers.
+
+A search worker holds the super-network and answers a subnet with its validation accuracy. A test-set worker holds
+a model and answers a shard of a test set with its prediction rows. Loading happens where the worker runs, on the
+device it was given there (`device: auto` is the worker's GPU under Ray).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+from nlsflow.adapters.elastic import Subnet, activate
+from nlsflow.evaluation.scoring import Shard, predict, subnet_accuracy
+from nlsflow.methods import method_for
+from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
+from schemas.config import GenerationConfig, PipelineConfig
+
+
+@dataclass(frozen=True)
+class SupernetLoad:
+    """The method's trained super-network, from the prune and train stage folders: (model, tokenizer, space)."""
+
+    cfg: PipelineConfig
+    base_dir: Path
+    train_dir: Path
+    device: str | None = None  # None: the run's `device`
+
+    def __call__(self):
+        return method_for(self.cfg).load(
+            self.base_dir, self.train_dir, self.cfg.dtype, resolve_device(self.device or self.cfg.device)
+        )
+
+
+@dataclass(frozen=True)
+class AtSubnet:
+    """A super-network with `subnet` active: (model, tokenizer)."""
+
+    load: SupernetLoad
+    subnet: Subnet
+
+    def __call__(self):
+        model, tokenizer, space = self.load()
+        activate(model, space, self.subnet)
+        return model, tokenizer
+
+
+@dataclass(frozen=True)
+class BaseModelLoad:
+    """A model folder or hub id as transformers loads it: (model, tokenizer)."""
+
+    name_or_path: str
+    dtype: str
+    device: str
+    revision: str | None = None
+
+    def __call__(self):
+        model = load_causal_lm(self.name_or_path, self.dtype, resolve_device(self.device), self.revision)
+        return model.eval(), load_tokenizer(self.name_or_path, self.revision)
+
+
+@dataclass(frozen=True)
+class SubnetScorer:
+    """Loads the super-network once; answers a subnet with its accuracy on `validation` (as the search scores it)."""
+
+    load: SupernetLoad
+    validation: list[dict]
+    generation: GenerationConfig
+
+    def __call__(self) -> Callable[[Subnet], float]:
+        model, tokenizer, space = self.load()
+        gen = self.generation
+        return partial(
+            subnet_accuracy,
+            model,
+            tokenizer,
+            space,
+            self.validation,
+            max_new_tokens=gen.max_new_tokens,
+            num_beams=gen.num_beams,
+            batch_size=gen.batch_size,
+        )
+
+
+@dataclass(frozen=True)
+class TestSetScorer:
+    """Answers a `Shard` with its prediction rows. `models` maps a shard's model key to its (model, tokenizer)
+    load; one model is held at a time, loaded when a shard first asks for it (shards come model by model)."""
+
+    models: dict[str, Callable[[], tuple]]
+    generation: GenerationConfig
+
+    def __call__(self) -> Callable[[Shard], list[dict]]:
+        held: dict[str, tuple] = {}
+
+        def score(shard: Shard) -> list[dict]:
+            if shard.model not in held:
+                held.clear()
+                gc.collect()
+                held[shard.model] = self.models[shard.model]()
+            model, tokenizer = held[shard.model]
+            return predict(model, tokenizer, shard, self.generation)
+
+        return score
