@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bench import accelerate_loop, generation, search, training, wanda
+from bench import accelerate_loop, generation, search, training, wanda, workers
 from bench.context import load_context
 from bench.runner import render, write_bench
 from nlsflow.cli import expand_args
@@ -27,6 +27,7 @@ COMPARISONS = {
     "wanda": wanda,
     "search": search,
     "generation": generation,
+    "workers": workers,
 }
 
 

@@ -109,6 +109,7 @@ class EvaluateOutput(Scores):
     baselines: dict[str, Scores] = Field(description="'dense' / 'pruned' base without adapter -> its scores")
     samples: int = Field(description="rows in files.predictions")
     generation: GenerationConfig = Field(description="the generation settings used")
+    workers: int = Field(1, description="scoring workers (evaluate.workers); the predictions do not depend on it")
 
     @property
     def scores(self) -> Scores:
@@ -142,6 +143,7 @@ class SearchOutput(Strict):
     cost: Literal["params", "macs"] = Field(description="the second objective: adapter parameters or MACs per token")
     heuristic_accuracy: float = Field(description="validation accuracy of the heuristic subnet")
     heuristic_cost: int = Field(description="cost of the heuristic subnet")
+    workers: int = Field(1, description="scoring workers (search.workers); the evaluations do not depend on it")
 
 
 # ---- extract

@@ -54,6 +54,7 @@ def run(ctx: StageContext) -> EvaluateOutput:
         baselines=baselines,
         samples=len(rows),
         generation=ec.generation,
+        workers=ec.workers,
     )
 
 

@@ -20,9 +20,11 @@ from nlsflow.adapters.elastic import activate, validate_subnet
 from nlsflow.adapters.shortcuts import attached_shortcuts
 from nlsflow.adapters.supernet import NAMED_SUBNETS
 from nlsflow.artifacts import read_json, read_table, write_table
+from nlsflow.cluster import scoring_pool
 from nlsflow.data.datasets import generate_prompt
 from nlsflow.errors import NlsflowError
-from nlsflow.evaluation.scoring import evaluate_test_sets
+from nlsflow.evaluation.scoring import score_test_sets
+from nlsflow.evaluation.workers import DeployableLoad, TestSetScorer
 from nlsflow.methods import Artifact, ExtractPlan, method_for
 from nlsflow.models import resolve_device
 from schemas.files import ChosenSubnetFile
@@ -68,10 +70,13 @@ def run(ctx: StageContext) -> ExtractOutput:
         raise NlsflowError(
             f"method {method.name} wrote no deployable folder (extract.merge={xc.merge}); set extract.merge=true"
         )
-    if xc.evaluate:  # the deployable model, loaded as a user would, on the test sets
-        rows, scores = evaluate_test_sets(
-            deployable.load(cfg.dtype, device), tokenizer, ctx.data_root, cfg.evaluate, "extracted"
-        )
+    if xc.evaluate:  # the deployable model, loaded as a user would (by each worker), on the test sets
+        ec = cfg.evaluate
+        load = DeployableLoad(deployable.load, cfg.dtype, cfg.device, base_dir)
+        with scoring_pool(
+            TestSetScorer({"extracted": load}, ec.generation), ec.workers, cfg.cluster, cfg.device
+        ) as pool:
+            rows, scores = score_test_sets(pool, tokenizer, ctx.data_root, ec, "extracted", "extracted")
         write_table(ctx.out_dir / ExtractOutput.files.predictions, "predictions", rows)
         metrics.update(scores)
     return ExtractOutput(

@@ -19,10 +19,11 @@ from functools import partial
 from nlsflow.adapters.supernet import NAMED_SUBNETS
 from nlsflow.artifacts import read_table, write_json, write_table
 from nlsflow.cluster import scoring_pool
+from nlsflow.evaluation.scoring import validation_accuracy_pool
 from nlsflow.evaluation.workers import SubnetScorer, SupernetLoad
 from nlsflow.io import atomic_write_text, sha256_json
 from nlsflow.methods import method_for
-from nlsflow.search.nsga2 import Evaluation, SubnetEvaluator, choose, nsga2_search, plot_search
+from nlsflow.search.nsga2 import AccuracyPool, Evaluation, SubnetEvaluator, choose, nsga2_search, plot_search
 from schemas.files import ChosenSubnetFile
 from schemas.outputs import PruneOutput, SearchOutput, TrainOutput
 from stages._common import StageContext, main
@@ -38,13 +39,14 @@ def run(ctx: StageContext) -> SearchOutput:
     validation = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()[: sc.val_samples]
     if sc.workers > 1 or cfg.cluster.address:  # scored by Ray workers; this process only needs the costs
         model, tokenizer, space = replace(supernet, device="cpu")()
-        scorer = SubnetScorer(supernet, validation, sc.generation)
+        scorer = SubnetScorer(supernet, sc.generation)
     else:
         model, tokenizer, space = supernet()
-        scorer = SubnetScorer(lambda: (model, tokenizer, space), validation, sc.generation)
+        scorer = SubnetScorer(lambda: (model, tokenizer, space), sc.generation)
     seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
     with scoring_pool(scorer, sc.workers, cfg.cluster, cfg.device) as pool:
-        evaluate = cached_evaluator(ctx, model, space, method, pool)
+        accuracies = validation_accuracy_pool(pool, tokenizer, validation, sc.generation.batch_size)
+        evaluate = cached_evaluator(ctx, model, space, method, accuracies)
         evaluations = nsga2_search(
             space, evaluate, population=sc.population, num_evals=sc.num_evals, seed=cfg.seed, seeds=seeds
         )
@@ -80,18 +82,19 @@ def run(ctx: StageContext) -> SearchOutput:
         cost=sc.cost,
         heuristic_accuracy=heuristic.accuracy,
         heuristic_cost=heuristic.cost,
+        workers=sc.workers,
     )
 
 
-def cached_evaluator(ctx: StageContext, model, space, method, pool) -> SubnetEvaluator:
-    """Scores subnets' validation accuracies on `pool` and their cost (`search.cost`) here, persisting every
-    evaluation the moment it finishes."""
+def cached_evaluator(ctx: StageContext, model, space, method, accuracies: AccuracyPool) -> SubnetEvaluator:
+    """Scores subnets' validation accuracies with `accuracies` and their cost (`search.cost`) here, persisting
+    every evaluation the moment it finishes."""
 
     def cost(subnet) -> int:
         return method.cost(model, space, subnet, ctx.cfg.search.cost)
 
     cache_path = ctx.run_dir / ".cache" / f"search-{cache_key(ctx)[:16]}.parquet"
-    return SubnetEvaluator(None, cost, cache_path=cache_path, pool=pool)
+    return SubnetEvaluator(None, cost, cache_path=cache_path, pool=accuracies)
 
 
 def cache_key(ctx: StageContext) -> str:

@@ -40,12 +40,17 @@ def test_tiny_bench_writes_the_table(tmp_path):
         ("search throughput", "subnet evaluations per minute"),
         ("generation", "tokens per second"),
         ("generation", "tokens per second"),
+        ("scoring workers", "subnet evaluations per minute"),
+        ("scoring workers", "pool start time"),
+        ("scoring workers", "seconds saved per evaluation vs spent"),
     ]
     for r in rows:
         assert r["profile"] == "tiny" and r["repeats"] == 1 and r["ours_spread"] == r["peer_spread"] == 0
         assert r["ours_median"] > 0 and r["peer_median"] > 0
         assert r["ratio"] == pytest.approx(r["ours_median"] / r["peer_median"])
-        measured_only = r["comparison"] in ("processes", "checkpoint")  # reported as measured: no target
+        measured_only = r["comparison"] in ("processes", "checkpoint") or (
+            r["comparison"] == "scoring workers" and r["metric"] != "subnet evaluations per minute"
+        )  # reported as measured: no target
         assert bool(r["target"]) != measured_only and isinstance(r["target_met"], bool) != measured_only
     assert "cannot show GPU scaling" in rows[3]["note"]
     assert "identical masks in all 14 linears" in rows[6]["note"]
@@ -130,3 +135,39 @@ def test_merged_greedy_tokens_equal_the_unmerged(ctx):
     assert torch.equal(merged, greedy_tokens(variants["unmerged"], ids, 16))
     with torch.no_grad():  # the adapter does change the model, so the equality is not the base's own tokens
         assert not torch.equal(variants["merged"](ids).logits, variants["base"](ids).logits)
+
+
+def test_workers_sample_distinct_seeded_subnets():
+    from bench.workers import sample_subnets
+    from nlsflow.adapters.elastic import Variable
+
+    space = [Variable("qkv", ("q",), (8, 6, 4)), Variable("up", ("u",), (8, 4))]
+    subnets = sample_subnets(space, 4, seed=3)
+    assert subnets == sample_subnets(space, 4, seed=3) and len({tuple(s.items()) for s in subnets}) == 4
+    assert len(sample_subnets(space, 100, seed=3)) == 6  # no more than the space holds
+
+
+@pytest.mark.slow
+def test_workers_rows_from_two_ray_workers_and_one_in_process(ctx):
+    """The `workers` comparison on a local Ray cluster of 2 workers (one round, no warm-up): its three rows, the
+    threads each side really scored with, and Ray shut down after."""
+    from dataclasses import replace
+
+    import ray
+
+    from bench.workers import run
+
+    rows = run(replace(ctx, settings=replace(ctx.settings, warmup=0)))
+    assert [(r["comparison"], r["metric"]) for r in rows] == [
+        ("scoring workers", "subnet evaluations per minute"),
+        ("scoring workers", "pool start time"),
+        ("scoring workers", "seconds saved per evaluation vs spent"),
+    ]
+    for r in rows:
+        assert r["ours_median"] > 0 and r["peer_median"] > 0 and r["repeats"] == 1
+        assert r["ratio"] == pytest.approx(r["ours_median"] / r["peer_median"])
+    assert rows[0]["target"] == "ratio ≥ 1.3" and isinstance(rows[0]["target_met"], bool)
+    assert rows[1]["target"] == rows[2]["target"] == "" and rows[1]["target_met"] is rows[2]["target_met"] is None
+    assert "1 in each Ray worker, 2 in-process" in rows[0]["note"] and "8 distinct seeded subnets" in rows[0]["note"]
+    assert "accuracies" in rows[0]["note"]  # same or differing, the bench says which (float sums vary by threads)
+    assert not ray.is_initialized()

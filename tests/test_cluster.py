@@ -15,9 +15,12 @@ from test_nas import SPACE, _objectives
 
 from nlsflow.adapters.elastic import heuristic_subnet, maximal_subnet
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
-from nlsflow.cluster import ray_pool
+from nlsflow.cluster import LocalPool, ray_pool
 from nlsflow.errors import NlsflowError
+from nlsflow.evaluation.scoring import subnet_accuracy, validation_accuracy_pool
+from nlsflow.evaluation.workers import SubnetScorer, SupernetLoad
 from nlsflow.search.nsga2 import SubnetEvaluator, nsga2_search
+from schemas.config import GenerationConfig
 from stages import evaluate, search
 from stages._common import run_stage
 
@@ -102,4 +105,35 @@ def test_the_evaluate_stage_on_two_workers_equals_one_with_baselines(math_run, t
     assert tables[0].equals(tables[1])
     assert {m for m in tables[1].column("model").to_pylist()} == {"heuristic", "pruned", "dense"}
     metrics = [read_manifest(stage_dir(r, "evaluate"), "evaluate").metrics for r in (serial, run)]
+    assert metrics[1].pop("workers") == 2 and metrics[0].pop("workers") == 1
     assert metrics[0] == metrics[1]
+
+
+def test_a_population_smaller_than_the_pool_splits_each_subnet_and_scores_the_same(math_run):
+    """5 workers, 2 subnets: each subnet's validation goes out in 3 shards of whole batches, in this process."""
+    run = Path(math_run.run_dir)
+    supernet = SupernetLoad(math_run, stage_dir(run, "prune") / "model", stage_dir(run, "train"))
+    model, tokenizer, space = supernet()
+    validation = read_table(stage_dir(run, "train") / "validation.parquet", "records").to_pylist()[:16]
+    generation = GenerationConfig(max_new_tokens=12, num_beams=1, batch_size=2)
+    subnets = [heuristic_subnet(space), maximal_subnet(space)]
+    serial = [
+        subnet_accuracy(model, tokenizer, space, validation, s, max_new_tokens=12, num_beams=1, batch_size=2)
+        for s in subnets
+    ]
+
+    class FiveWide(LocalPool):
+        workers = 5
+        items: list = []
+
+        def __call__(self, items):
+            self.items += items
+            return super().__call__(items)
+
+    pool = FiveWide(SubnetScorer(lambda: (model, tokenizer, space), generation))
+    found = validation_accuracy_pool(pool, tokenizer, validation, batch_size=2)(subnets)
+    assert sorted((k, accuracy) for k, accuracy, _ in found) == list(enumerate(serial))
+    shards = [shard for subnet, shard in pool.items if subnet == subnets[0]]
+    assert len(shards) >= 3 and sorted(p for s in shards for p in s.positions) == sorted(
+        p for source in {r["source"] for r in validation} for p in range(sum(r["source"] == source for r in validation))
+    )

@@ -44,15 +44,17 @@ def _statuses(summary: str) -> dict[str, str]:
 def test_pipeline_runs_resumes_and_reruns_from_a_changed_stage(tmp_path):
     run_dir = tmp_path / "math-tiny"
     batches = "train.micro_batch_size=4"  # 2 processes x 4 = the tiny profile's batch of 8
-    first = _pipeline(run_dir, batches, "train.processes=2")
+    first = _pipeline(run_dir, batches, "train.processes=2", "search.workers=2", "evaluate.workers=2")
     assert _statuses(first) == dict.fromkeys(STAGES, "ran")
     for stage in STAGES:
         read_manifest(stage_dir(run_dir, stage), stage)
     assert read_manifest(stage_dir(run_dir, "train"), "train").output.processes == 2
+    assert read_manifest(stage_dir(run_dir, "search"), "search").output.workers == 2  # on a local Ray cluster
+    assert read_manifest(stage_dir(run_dir, "evaluate"), "evaluate").output.workers == 2
     assert "heuristic accuracy" in first and "params before/after" in first and "chosen subnet" in first
     assert (run_dir / "config.yaml").is_file()
 
-    # how many processes trained is not part of the result: one process finds it up to date
+    # how many processes trained or workers scored is not part of the result: one process finds it up to date
     assert _statuses(_pipeline(run_dir, batches)) == dict.fromkeys(STAGES, "skipped")
 
     changed = _statuses(_pipeline(run_dir, batches, "search.population=5"))

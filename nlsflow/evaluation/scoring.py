@@ -71,18 +71,44 @@ class Shard:
 
 
 def test_set_shards(
-    tokenizer, records: dict[str, list[dict]], batch_size: int, workers: int, model: str, adapter_off: bool = False
+    tokenizer, records: dict[str, list[dict]], batch_size: int, parts: int, model: str, adapter_off: bool = False
 ) -> list[Shard]:
-    """Each test set in shards of whole batches: one shard per set for one worker, about 4 per worker otherwise."""
+    """Each set's records in up to `parts` shards of whole batches."""
     shards = []
     for name, rows in records.items():
         prompts = [generate_prompt(r["instruction"], r.get("input", "")) for r in rows]
         batches = longest_first_batches(tokenizer, prompts, batch_size)
-        per_shard = len(batches) if workers == 1 else math.ceil(len(batches) / (4 * workers))
+        per_shard = math.ceil(len(batches) / parts)
         for start in range(0, len(batches), per_shard):
             positions = [i for batch in batches[start : start + per_shard] for i in batch]
             shards.append(Shard(model, name, adapter_off, positions, [rows[i] for i in positions]))
     return shards
+
+
+def validation_accuracy_pool(pool, tokenizer, records: list[dict], batch_size: int):
+    """The search's accuracy pool (`search.nsga2.AccuracyPool`) on a scoring pool whose scorer answers a
+    (subnet, `Shard`) with its correct answers (`workers.SubnetScorer`).
+
+    A generation's subnets go out together; with more workers than subnets each subnet's validation records are
+    split too (in whole batches, per source set, as `subnet_accuracy` batches them), so that 64 workers speed up
+    a population of 5. A subnet's accuracy is yielded when its last shard comes back."""
+    by_source: dict[str, list[dict]] = defaultdict(list)
+    for record in records:
+        by_source[record["source"]].append(record)
+
+    def score(subnets: list[Subnet]):
+        if not subnets:  # a generation answered from the cache
+            return
+        parts = math.ceil(pool.workers / len(subnets))
+        shards = test_set_shards(tokenizer, by_source, batch_size, parts, "supernet")
+        correct, seconds, left = [0] * len(subnets), [0.0] * len(subnets), [len(shards)] * len(subnets)
+        for i, found, spent in pool([(subnet, shard) for subnet in subnets for shard in shards]):
+            k = i // len(shards)
+            correct[k], seconds[k], left[k] = correct[k] + found, seconds[k] + spent, left[k] - 1
+            if not left[k]:
+                yield k, correct[k] / len(records), seconds[k]
+
+    return score
 
 
 def score_test_sets(
@@ -95,7 +121,8 @@ def score_test_sets(
     "average_accuracy_strict": ...}.
     """
     records = {name: load_eval_records(data_root, name, eval_cfg.max_samples) for name in eval_cfg.datasets}
-    shards = test_set_shards(tokenizer, records, eval_cfg.generation.batch_size, pool.workers, model, adapter_off)
+    parts = 1 if pool.workers == 1 else 4 * pool.workers  # about 4 shards per worker: they finish close together
+    shards = test_set_shards(tokenizer, records, eval_cfg.generation.batch_size, parts, model, adapter_off)
     found = {name: [None] * len(rows) for name, rows in records.items()}
     with tqdm(total=sum(map(len, records.values())), desc=f"{model_name} on the test sets", unit="record") as bar:
         for i, rows, _ in pool(shards):

@@ -10,11 +10,10 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 from nlsflow.adapters.elastic import Subnet, activate
-from nlsflow.evaluation.scoring import Shard, predict, subnet_accuracy
+from nlsflow.evaluation.scoring import Shard, predict
 from nlsflow.methods import method_for
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
 from schemas.config import GenerationConfig, PipelineConfig
@@ -63,26 +62,35 @@ class BaseModelLoad:
 
 
 @dataclass(frozen=True)
-class SubnetScorer:
-    """Loads the super-network once; answers a subnet with its accuracy on `validation` (as the search scores it)."""
+class DeployableLoad:
+    """An extracted model folder, loaded as a user would (`methods.Artifact.load`): (model, tokenizer)."""
 
-    load: SupernetLoad
-    validation: list[dict]
+    load: Callable
+    dtype: str
+    device: str
+    tokenizer_dir: Path
+
+    def __call__(self):
+        return self.load(self.dtype, resolve_device(self.device)).eval(), load_tokenizer(str(self.tokenizer_dir))
+
+
+@dataclass(frozen=True)
+class SubnetScorer:
+    """Loads the super-network once; answers (subnet, validation `Shard`) with the shard's correct answers
+    (`scoring.validation_accuracy_pool` sums them into the subnet's accuracy)."""
+
+    load: Callable[[], tuple]  # -> (model, tokenizer, space), e.g. a SupernetLoad
     generation: GenerationConfig
 
-    def __call__(self) -> Callable[[Subnet], float]:
+    def __call__(self) -> Callable[[tuple[Subnet, Shard]], int]:
         model, tokenizer, space = self.load()
-        gen = self.generation
-        return partial(
-            subnet_accuracy,
-            model,
-            tokenizer,
-            space,
-            self.validation,
-            max_new_tokens=gen.max_new_tokens,
-            num_beams=gen.num_beams,
-            batch_size=gen.batch_size,
-        )
+
+        def score(item: tuple[Subnet, Shard]) -> int:
+            subnet, shard = item
+            activate(model, space, subnet)
+            return sum(row["correct"] for row in predict(model, tokenizer, shard, self.generation))
+
+        return score
 
 
 @dataclass(frozen=True)

@@ -231,9 +231,7 @@ class Method:
             reference = merged.cpu()
             save_narrowed(copy.deepcopy(reference).to(torch_dtype(plan.dtype)), widths, merged_dir)
             require_saved_weights(merged_dir, reference, plan.dtype)
-
-            def load(dtype: str, device: torch.device) -> nn.Module:
-                return reference.to(device) if dtype == "float32" else self.load_merged(merged_dir, dtype, device)
+            load = _MergedLoad(self, merged_dir, reference)
 
         plan.tokenizer.save_pretrained(merged_dir)
         self.copy_extras(adapter_dir, merged_dir)
@@ -287,3 +285,20 @@ def _shortcut_params(model: nn.Module) -> int:
 def collapsed(groups: list[ElasticGroup]) -> list[ElasticGroup]:
     """Each group at its first (maximal) choice only: a space that holds one subnet."""
     return [replace(g, choices=(g.choices[0],)) for g in groups]
+
+
+class _MergedLoad:
+    """A lower-precision run's merged folder, or in float32 (the check) the float32 merge it was rounded from.
+
+    The merge stays in this process: a scoring worker it is shipped to (`nlsflow.cluster`) loads the folder."""
+
+    def __init__(self, method: Method, merged_dir: Path, reference: nn.Module):
+        self.method, self.merged_dir, self.reference = method, merged_dir, reference
+
+    def __call__(self, dtype: str, device: torch.device) -> nn.Module:
+        if dtype == "float32" and self.reference is not None:
+            return self.reference.to(device)
+        return self.method.load_merged(self.merged_dir, dtype, device)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "reference": None}

@@ -112,7 +112,7 @@ class SubnetEvaluator:
         new = list(dict.fromkeys(k for k in keys if k not in self.evaluations))  # first asked, first numbered
         first_id = max((e.eval_id for e in self.evaluations.values()), default=-1) + 1
         todo = [json.loads(k) for k in new]
-        for i, accuracy, seconds in self.pool(todo):
+        for i, accuracy, seconds in self.pool(todo) if todo else ():
             subnet = todo[i]
             self.evaluations[new[i]] = Evaluation(first_id + i, subnet, accuracy, self.cost_fn(subnet), seconds)
             self._persist()
