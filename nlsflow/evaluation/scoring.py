@@ -89,9 +89,10 @@ def validation_accuracy_pool(pool, tokenizer, records: list[dict], batch_size: i
     """The search's accuracy pool (`search.nsga2.AccuracyPool`) on a scoring pool whose scorer answers a
     (subnet, `Shard`) with its correct answers (`workers.SubnetScorer`).
 
-    A generation's subnets go out together; with more workers than subnets each subnet's validation records are
-    split too (in whole batches, per source set, as `subnet_accuracy` batches them), so that 64 workers speed up
-    a population of 5. A subnet's accuracy is yielded when its last shard comes back."""
+    A generation's subnets go out together, each subnet's validation records cut (in whole batches, per source
+    set, as `subnet_accuracy` batches them) into about 4 items per worker: a generation's last items finish close
+    together, and 64 workers speed up a population of 5. A subnet's accuracy is yielded when its last shard is
+    back."""
     by_source: dict[str, list[dict]] = defaultdict(list)
     for record in records:
         by_source[record["source"]].append(record)
@@ -99,7 +100,7 @@ def validation_accuracy_pool(pool, tokenizer, records: list[dict], batch_size: i
     def score(subnets: list[Subnet]):
         if not subnets:  # a generation answered from the cache
             return
-        parts = math.ceil(pool.workers / len(subnets))
+        parts = 1 if pool.workers == 1 else math.ceil(4 * pool.workers / (len(subnets) * len(by_source)))
         shards = test_set_shards(tokenizer, by_source, batch_size, parts, "supernet")
         correct, seconds, left = [0] * len(subnets), [0.0] * len(subnets), [len(shards)] * len(subnets)
         for i, found, spent in pool([(subnet, shard) for subnet in subnets for shard in shards]):
