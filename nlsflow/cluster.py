@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,7 +31,6 @@ from schemas.config import ClusterConfig
 log = logging.getLogger(__name__)
 
 Scorer = Callable[[Any], Any]
-Pool = Callable[[list], Iterator[tuple[int, Any, float]]]  # items -> (index, result, seconds), as each finishes
 
 
 class LocalPool:
@@ -71,11 +72,10 @@ def scoring_pool(
 class _Worker:
     """A Ray actor: the scorer, loaded once."""
 
-    def __init__(self, load_scorer: Callable[[], Scorer], threads: int | None):
-        if threads:
-            import torch
+    def __init__(self, load_scorer: Callable[[], Scorer], threads: int):
+        import torch
 
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         started = time.perf_counter()
         self.score_one = load_scorer()
         self.load_seconds = time.perf_counter() - started
@@ -91,11 +91,18 @@ class _Worker:
 class RayPool:
     """`pool(items)` yields (index, result, seconds) for every item as workers finish them."""
 
-    def __init__(self, actor_class, load_scorer, workers: int, options: dict, threads: int | None, retries: int):
+    def __init__(self, actor_class, load_scorer, workers: int, options: dict, threads: int, retries: int):
         self.actor_class, self.load_scorer, self.options, self.threads = actor_class, load_scorer, options, threads
         self.retries = retries
         self.actors = [self._start() for _ in range(workers)]
         self.load_seconds = self._wait_ready(self.actors)
+
+    def close(self) -> None:
+        """End this pool's workers (the cluster stays)."""
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
 
     @property
     def workers(self) -> int:
@@ -108,16 +115,23 @@ class RayPool:
         import ray
 
         refs = [a.ready.remote() for a in actors]
-        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=_READY_TIMEOUT_S)
-        if waiting:
-            raise NlsflowError(
-                f"{len(waiting)} of {len(refs)} Ray workers did not start within {_READY_TIMEOUT_S} s (each asks "
-                f"for {self.options}); the cluster lacks the resources: lower the workers or their CPUs/GPUs"
-            )
         try:
+            ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=_READY_TIMEOUT_S)
+            if waiting:
+                raise NlsflowError(
+                    f"{len(waiting)} of {len(refs)} Ray workers were not ready within {_READY_TIMEOUT_S} s (each "
+                    f"asks for {self.options}): the cluster is busy or lacks the resources, or loading the model is "
+                    "that slow; lower the workers or their CPUs/GPUs (`ray status` shows what is pending)"
+                )
             return ray.get(ready)
         except ray.exceptions.RayError as e:
-            raise NlsflowError(f"a Ray worker failed while loading the model: {_first_line(e)}") from None
+            for actor in actors:
+                ray.kill(actor)
+            raise NlsflowError(f"a Ray worker failed while loading the model: {_worker_error(e)}") from None
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor)
+            raise
 
     def __call__(self, items: list) -> Iterator[tuple[int, Any, float]]:
         import ray
@@ -138,10 +152,11 @@ class RayPool:
                 failures[index] = failures.get(index, 0) + 1
                 if failures[index] > self.retries:
                     raise NlsflowError(
-                        f"item {index} was lost with its worker {failures[index]} times (last: {_first_line(e)}); "
-                        "the workers run out of memory or crash: give each more memory or fewer threads"
+                        f"item {index} was lost with its worker {failures[index]} times (last: {_last_line(e)}); "
+                        "the workers run out of memory or crash: give them more memory (fewer workers per node, "
+                        "or more cluster.cpus_per_worker) or a smaller generation batch_size"
                     ) from None
-                log.warning("a Ray worker died (%s); its item goes to another worker", _first_line(e))
+                log.warning("a Ray worker died (%s); its item goes to another worker", _last_line(e))
                 self.actors.remove(actor)
                 replacement = self._start()
                 self._wait_ready([replacement])
@@ -152,10 +167,12 @@ class RayPool:
             except ray.exceptions.RayTaskError as e:
                 if "OutOfMemoryError" in str(e):
                     raise NlsflowError(
-                        f"a Ray worker ran out of GPU memory scoring item {index} ({_first_line(e)}); lower the "
+                        f"a Ray worker ran out of GPU memory scoring item {index} ({_last_line(e)}); lower the "
                         "generation batch_size, or give each worker more of a GPU (cluster.gpus_per_worker)"
                     ) from None
-                raise NlsflowError(f"scoring failed in a Ray worker: {_first_line(e)}") from None
+                raise NlsflowError(f"scoring failed in a Ray worker: {_worker_error(e)}") from None
+            except ray.exceptions.RayError as e:
+                raise NlsflowError(f"the Ray cluster failed while scoring item {index}: {_last_line(e)}") from None
             idle.append(actor)
             yield index, score, seconds
 
@@ -163,9 +180,15 @@ class RayPool:
 _READY_TIMEOUT_S = 600
 
 
-def _first_line(error: BaseException) -> str:
+def _last_line(error: BaseException) -> str:
     lines = [line for line in str(error).splitlines() if line.strip()]
     return lines[-1].strip() if lines else type(error).__name__
+
+
+def _worker_error(error) -> str:
+    """The exception a worker raised, as it raised it (a Ray error wraps it in its traceback)."""
+    cause = getattr(error, "cause", None)
+    return str(cause) if isinstance(cause, NlsflowError) else _last_line(cause or error)
 
 
 def _check_reachable(address: str) -> None:
@@ -197,42 +220,25 @@ def ray_pool(
     workers: int,
     address: str | None = None,
     cpus_per_worker: float = 1,
-    gpus_per_worker: float | None = 0,
+    gpus_per_worker: float | None = None,
     device: str = "cpu",
     retries: int = 2,
 ) -> Iterator[RayPool]:
-    """`workers` resident workers on the cluster at `address` (None: a local one, stopped on exit).
+    """`workers` resident workers on the cluster at `address` (None: a new local one, stopped on exit).
 
     `gpus_per_worker` None: one GPU each when `device` asks for CUDA, or is 'auto' and the cluster has GPUs."""
     import ray
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        if address and address != "auto":
-            _check_reachable(address)
-        try:
-            # a local cluster's workers import what this process imports; a remote one's have the project installed
-            runtime_env = None if address else {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
-            ray.init(
-                address=address,
-                runtime_env=runtime_env,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        except (ConnectionError, RuntimeError, ValueError) as e:
-            where = f"Ray cluster at {address}" if address else "a local Ray cluster"
-            fix = "check cluster.address (`ray status` on the head node)" if address else "see `ray start --head`"
-            raise NlsflowError(f"cannot reach {where} ({_first_line(e)}); {fix}") from None
-    pool = None
+    started_here, pool = not ray.is_initialized(), None
     try:
+        if started_here:
+            _connect(address)
         resources = ray.cluster_resources()
         if gpus_per_worker is None:
             gpus_per_worker = 1 if device.startswith("cuda") or (device == "auto" and resources.get("GPU")) else 0
         _check_fits(resources, workers, cpus_per_worker, gpus_per_worker)
         options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker, "max_restarts": 0}
-        threads = max(1, int(cpus_per_worker)) if cpus_per_worker else None
-        pool = RayPool(ray.remote(_Worker), load_scorer, workers, options, threads, retries)
+        pool = RayPool(ray.remote(_Worker), load_scorer, workers, options, max(1, int(cpus_per_worker)), retries)
         log.info(
             "Ray: %d workers ready (%s each), model loaded in %.1f s on average",
             workers,
@@ -241,8 +247,35 @@ def ray_pool(
         )
         yield pool
     finally:
-        if started_here:
+        if started_here:  # a local cluster ends, and a joined one keeps nothing of ours: our workers end with us
             ray.shutdown()
-        elif pool is not None:  # a cluster we joined, or one the caller runs: our workers go, it stays
-            for actor in pool.actors:
-                ray.kill(actor)
+        elif pool is not None:  # the caller's connection: only our workers go
+            pool.close()
+
+
+def _connect(address: str | None) -> None:
+    """Join the cluster at `address`, or start a new local one; the stage's own signal handlers stay in place."""
+    import ray
+
+    if address and address != "auto":
+        _check_reachable(address)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # a local cluster's workers import what this process imports; a remote one's have the project installed
+        runtime_env = None if address else {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}}
+        ray.init(
+            address=address or "local",  # not RAY_ADDRESS's or a `ray start` cluster found on this machine
+            runtime_env=runtime_env,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = f"Ray cluster at {address}" if address else "a local Ray cluster"
+        fix = "check cluster.address (`ray status` on the head node)" if address else "see `ray start --head`"
+        raise NlsflowError(f"cannot reach {where} ({_last_line(e)}); {fix}") from None
+    finally:
+        if threading.current_thread() is threading.main_thread():  # ray.init replaces SIGTERM's with sys.exit
+            for sig, handler in handlers.items():
+                if handler is not None and signal.getsignal(sig) is not handler:
+                    signal.signal(sig, handler)

@@ -43,7 +43,8 @@ def run(ctx: StageContext) -> EvaluateOutput:
             pruned_rows, baselines["pruned"] = score("pruned", "supernet", adapter_off=True)
             rows += pruned_rows
         if "dense" in ec.baselines:  # each worker drops the super-network for the dense base
-            dense_rows, baselines["dense"] = score("dense", "dense")
+            dense_tokenizer = load_tokenizer(prune.base_model, prune.base_revision)  # its batches, as it cuts them
+            dense_rows, baselines["dense"] = score_test_sets(pool, dense_tokenizer, ctx.data_root, ec, "dense", "dense")
             rows += dense_rows
     write_table(ctx.out_dir / EvaluateOutput.files.predictions, "predictions", rows)
     return EvaluateOutput(

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import MATH_RUN, tiny_config
+import ray
+from conftest import MATH_RUN, REPO, TINY_CONFIGS, tiny_config, tiny_overrides
 from test_nas import SPACE, _objectives
 
 from nlsflow.adapters.elastic import heuristic_subnet, maximal_subnet
@@ -24,7 +30,6 @@ from schemas.config import GenerationConfig
 from stages import evaluate, search
 from stages._common import run_stage
 
-ray = pytest.importorskip("ray")
 SEEDS = {"heuristic": heuristic_subnet(SPACE), "maximal": maximal_subnet(SPACE)}
 
 
@@ -137,3 +142,28 @@ def test_a_population_smaller_than_the_pool_splits_each_subnet_and_scores_the_sa
     assert len(shards) >= 3 and sorted(p for s in shards for p in s.positions) == sorted(
         p for source in {r["source"] for r in validation} for p in range(sum(r["source"] == source for r in validation))
     )
+
+
+def test_sigterm_stops_a_search_on_workers_in_one_line_and_leaves_no_ray_process(math_run, tmp_path):
+    """ray.init installs its own SIGTERM handler; the stage keeps its own: exit 143, one line, Ray gone."""
+    run = _fresh_copy(math_run, tmp_path, "search", "extract", "benchmark")
+    configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
+    extra = ["search.workers=2", "search.num_evals=400", "search.val_samples=16"]
+    cmd = [sys.executable, "-m", "stages.search", *configs, *tiny_overrides(run, *MATH_RUN, *extra)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run / ".cache").glob("search-*.parquet")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            time.sleep(0.2)
+        ray_processes = psutil.Process(proc.pid).children(recursive=True)
+        assert ray_processes, "the search runs no Ray cluster"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "error: search: stopped by SIGTERM" in err.splitlines()[-1]
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert not alive, [p.cmdline()[:2] for p in alive]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 
 import pytest
 
@@ -98,15 +97,32 @@ def test_a_pool_finishing_in_any_order_gives_the_serial_search():
     assert search(last_first) == search()
 
 
-def test_a_cache_with_gaps_is_numbered_again(tmp_path):
-    """A search killed mid-population may have persisted ids 0, 1 and 3: resumed, they are 0, 1, 2."""
-    accuracy, cost, calls = _objectives()
+def test_a_search_killed_while_a_pool_finishes_out_of_order_resumes_as_if_uninterrupted(tmp_path):
+    """Killed after the pool finished the later subnets of a population first: the cache keeps only an unbroken
+    run of ids, and the resumed search numbers and chooses as one that was never stopped."""
+    seeds = {"heuristic": heuristic_subnet(SPACE), "maximal": maximal_subnet(SPACE)}
+    accuracy, cost, _ = _objectives()
+
+    def killed_at_call(n):
+        calls = []
+
+        def score(subnets):
+            calls.append(len(subnets))
+            for done, i in enumerate(reversed(range(len(subnets)))):  # last asked, first finished
+                if len(calls) == n and done == len(subnets) - 1:
+                    raise KeyboardInterrupt  # before the first-asked subnet comes back
+                yield i, accuracy(subnets[i]), 0.0
+
+        return score
+
+    def search(pool=None, cache=None):
+        evaluator = SubnetEvaluator(accuracy, cost, cache_path=cache, pool=pool)
+        results = nsga2_search(SPACE, evaluator, population=6, num_evals=30, seed=3, seeds=seeds)
+        return [(e.eval_id, e.subnet, e.accuracy, e.cost, e.label, e.pareto) for e in results]
+
     cache = tmp_path / "cache.parquet"
-    evaluator = SubnetEvaluator(accuracy, cost, cache_path=cache)
-    subnets = [{v.name: rank for v in SPACE} for rank in (8, 6, 4, 2)]
-    evaluator.evaluate_many(subnets)
-    del evaluator.evaluations[json.dumps(subnets[2], sort_keys=True)]
-    evaluator._persist()
-    resumed = SubnetEvaluator(accuracy, cost, cache_path=cache)
-    assert sorted(e.eval_id for e in resumed.evaluations.values()) == [0, 1, 2]
-    assert resumed.evaluate_many(subnets[2:3])[0].eval_id == 3 and len(calls) == 5
+    with pytest.raises(KeyboardInterrupt):
+        search(killed_at_call(3), cache)
+    kept = SubnetEvaluator(accuracy, cost, cache_path=cache).evaluations
+    assert sorted(e.eval_id for e in kept.values()) == list(range(len(kept)))
+    assert search(None, cache) == search()

@@ -70,9 +70,10 @@ class SubnetEvaluator:
     """Scores subnets once each: a repeated config is answered from the cache, not re-generated.
 
     `evaluate_many` takes a whole population: its new subnets get their ids in the order asked (as one after
-    another would), go to the pool together, and each is persisted the moment it finishes. With `cache_path`
-    (Parquet, written atomically) a later evaluator on the same path starts from it: a search killed at any point
-    loses only the evaluations in flight.
+    another would) and go to the pool together; each is persisted as soon as it and every subnet asked before it
+    have finished. With `cache_path` (Parquet, written atomically) a later evaluator on the same path starts from
+    it: a search killed at any point loses only the evaluations in flight (and those finished ahead of one still
+    in flight), and resumes with the ids an uninterrupted search gives.
     """
 
     def __init__(
@@ -82,6 +83,8 @@ class SubnetEvaluator:
         cache_path: Path | None = None,
         pool: AccuracyPool | None = None,
     ):
+        if pool is None and accuracy_fn is None:
+            raise TypeError("SubnetEvaluator needs an accuracy_fn or a pool")
         self.pool = pool or serial_pool(accuracy_fn)
         self.cost_fn, self.cache_path = cost_fn, cache_path
         self.evaluations: dict[str, Evaluation] = {}
@@ -112,12 +115,19 @@ class SubnetEvaluator:
         new = list(dict.fromkeys(k for k in keys if k not in self.evaluations))  # first asked, first numbered
         first_id = max((e.eval_id for e in self.evaluations.values()), default=-1) + 1
         todo = [json.loads(k) for k in new]
-        for i, accuracy, seconds in self.pool(todo) if todo else ():
-            subnet = todo[i]
-            self.evaluations[new[i]] = Evaluation(first_id + i, subnet, accuracy, self.cost_fn(subnet), seconds)
-            self._persist()
-            if self.progress is not None:
-                self.progress.update(1)
+        finished: dict[int, tuple[float, float]] = {}
+        done = 0  # todo[:done] are recorded: in id order, so that a cache never has a gap and a resumed search
+        for i, accuracy, seconds in self.pool(todo) if todo else ():  # numbers its subnets as an uninterrupted one
+            finished[i] = accuracy, seconds
+            while done in finished:
+                subnet, (accuracy, seconds) = todo[done], finished.pop(done)
+                self.evaluations[new[done]] = Evaluation(
+                    first_id + done, subnet, accuracy, self.cost_fn(subnet), seconds
+                )
+                done += 1
+                self._persist()
+                if self.progress is not None:
+                    self.progress.update(1)
         found = [self.evaluations[k] for k in keys]
         for evaluation, label in zip(found, labels or []):
             if label and not evaluation.label:
