@@ -31,9 +31,9 @@ class _Recorder(SubnetEvaluator):
         super().__init__(*args)
         self.requests: list[Subnet] = []
 
-    def __call__(self, subnet, label=""):
-        self.requests.append(dict(subnet))
-        return super().__call__(subnet, label)
+    def evaluate_many(self, subnets, labels=None):  # every request comes through here, single ones too
+        self.requests += [dict(s) for s in subnets]
+        return super().evaluate_many(subnets, labels)
 
 
 def _replay(score, requests: list[Subnet]) -> tuple[float, list[float]]:
