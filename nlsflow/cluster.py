@@ -124,13 +124,11 @@ class RayPool:
                     "that slow; lower the workers or their CPUs/GPUs (`ray status` shows what is pending)"
                 )
             return ray.get(ready)
-        except ray.exceptions.RayError as e:
+        except BaseException as e:  # none of these workers stays behind
             for actor in actors:
                 ray.kill(actor)
-            raise NlsflowError(f"a Ray worker failed while loading the model: {_worker_error(e)}") from None
-        except BaseException:
-            for actor in actors:
-                ray.kill(actor)
+            if isinstance(e, ray.exceptions.RayError):
+                raise NlsflowError(f"a Ray worker failed while loading the model: {_worker_error(e)}") from None
             raise
 
     def __call__(self, items: list) -> Iterator[tuple[int, Any, float]]:

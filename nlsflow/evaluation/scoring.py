@@ -25,6 +25,14 @@ def accuracy(rows: list[dict], key: str = "correct") -> float:
     return sum(r[key] for r in rows) / len(rows)
 
 
+def by_source(records: list[dict]) -> dict[str, list[dict]]:
+    """Validation records grouped by the test set whose scoring rule fits them, in order."""
+    grouped = defaultdict(list)
+    for record in records:
+        grouped[record["source"]].append(record)
+    return dict(grouped)
+
+
 def subnet_accuracy(
     model,
     tokenizer,
@@ -39,11 +47,8 @@ def subnet_accuracy(
 ) -> float:
     """Validation accuracy of `subnet`, as the search stage scores it: per source set, batched generation."""
     activate(model, space, subnet)
-    by_source = defaultdict(list)
-    for record in records:
-        by_source[record["source"]].append(record)
     correct = 0
-    for source, rows in by_source.items():
+    for source, rows in by_source(records).items():
         scored = evaluate_dataset(
             model,
             tokenizer,
@@ -93,15 +98,13 @@ def validation_accuracy_pool(pool, tokenizer, records: list[dict], batch_size: i
     set, as `subnet_accuracy` batches them) into about 4 items per worker: a generation's last items finish close
     together, and 64 workers speed up a population of 5. A subnet's accuracy is yielded when its last shard is
     back."""
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for record in records:
-        by_source[record["source"]].append(record)
+    sources = by_source(records)
 
     def score(subnets: list[Subnet]):
         if not subnets:  # a generation answered from the cache
             return
-        parts = 1 if pool.workers == 1 else math.ceil(4 * pool.workers / (len(subnets) * len(by_source)))
-        shards = test_set_shards(tokenizer, by_source, batch_size, parts, "supernet")
+        parts = 1 if pool.workers == 1 else math.ceil(4 * pool.workers / (len(subnets) * len(sources)))
+        shards = test_set_shards(tokenizer, sources, batch_size, parts, "supernet")
         correct, seconds, left = [0] * len(subnets), [0.0] * len(subnets), [len(shards)] * len(subnets)
         for i, found, spent in pool([(subnet, shard) for subnet in subnets for shard in shards]):
             k = i // len(shards)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from nlsflow.adapters.elastic import Subnet, Variable
 from nlsflow.artifacts import read_table, write_table
+from nlsflow.cluster import LocalPool
 from nlsflow.errors import NlsflowError
 
 log = logging.getLogger(__name__)
@@ -55,17 +55,6 @@ AccuracyPool = Callable[[list[Subnet]], Iterator[tuple[int, float, float]]]
 """Scores subnets' accuracies, in any order: yields (index in the list, accuracy, seconds) as each finishes."""
 
 
-def serial_pool(accuracy_fn: Callable[[Subnet], float]) -> AccuracyPool:
-    """One subnet after another, in this process."""
-
-    def score(subnets: list[Subnet]) -> Iterator[tuple[int, float, float]]:
-        for i, subnet in enumerate(subnets):
-            start = time.perf_counter()
-            yield i, accuracy_fn(subnet), time.perf_counter() - start
-
-    return score
-
-
 class SubnetEvaluator:
     """Scores subnets once each: a repeated config is answered from the cache, not re-generated.
 
@@ -85,7 +74,7 @@ class SubnetEvaluator:
     ):
         if pool is None and accuracy_fn is None:
             raise TypeError("SubnetEvaluator needs an accuracy_fn or a pool")
-        self.pool = pool or serial_pool(accuracy_fn)
+        self.pool = pool or LocalPool(lambda: accuracy_fn)
         self.cost_fn, self.cache_path = cost_fn, cache_path
         self.evaluations: dict[str, Evaluation] = {}
         self.progress = None
