@@ -275,8 +275,11 @@ class ExtractConfig(Strict):
     )
     merge: bool = Field(True, description="also write the adapter merged into the base at extract/merged/")
     evaluate: bool = Field(True, description="score the extracted model on the test sets (evaluate's settings)")
+    # float32 kernels round differently with data alignment and shapes (a sliced factor vs a stored one); a large
+    # adapter effect (NOLA's: ~0.9 on the tiny Llama's logits) carries that noise up to ~1.4e-4, while a wrong rank,
+    # scaling or mask moves the logits by the adapter's effect (0.3 for one variable there)
     tolerance: float = Field(
-        1e-4, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)"
+        1e-3, gt=0, description="max |logit| difference, extracted vs super-network (checked in float32)"
     )
     merge_tolerance: float = Field(1e-3, gt=0, description="max |logit| difference, merged vs super-network (float32)")
 

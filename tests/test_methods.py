@@ -174,7 +174,8 @@ def test_nola_trains_coefficients_only_and_extracts_stock_lora_with_its_logits(t
     assert trained["adapter_bytes"] < bytes_per_coefficient * trained["trainable_params"] + 16384  # + headers, no basis
 
     extracted = read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics
-    assert extracted["max_abs_logit_diff"] <= 1e-4 and extracted["merged_max_abs_logit_diff"] <= 1e-4
+    assert extracted["max_abs_logit_diff"] <= cfg.extract.tolerance  # NOLA's large delta carries float32 noise
+    assert extracted["merged_max_abs_logit_diff"] <= cfg.extract.merge_tolerance
     nola_dir = stage_dir(tmp_path, "extract") / "nola"
     assert json.loads((nola_dir / "subnet.json").read_text()) == extracted["subnet"]
 
