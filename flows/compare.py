@@ -3,8 +3,9 @@
 Runs (or resumes, by content digests; ARGS=--force re-runs all) runs/<task>-<profile>-<method> for each method
 through the pipeline flow, then tabulates per method what a user weighs: trainable parameters, adapter bytes on
 disk (as trained, and the deployable sub-adapter), total and non-zero parameters and MACs per token of the
-deployable model, accuracy of the extracted model, and training time. Writes <runs>/compare-<task>-<profile>
-.parquet and .md, and prints the table.
+deployable model, accuracy of the extracted model with its 95% interval, its paired difference from plain LoRA
+on the same test records (with its interval) and its retention (% of LoRA's accuracy), and training time. Writes
+<runs>/compare-<task>-<profile>.parquet and .md, and prints the table.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from rich.table import Table
 
 from flows.pipeline import pipeline
 from flows.runners import RUNNERS
-from nlsflow.artifacts import read_manifest, stage_dir, write_table
+from nlsflow.artifacts import read_manifest, read_table, stage_dir, write_table
 from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
+from nlsflow.evaluation.intervals import correct_by_task, paired_difference
 from nlsflow.io import atomic_write_text
 from nlsflow.layers import config_files
+from schemas.outputs import ExtractOutput
 
 METHODS = ("lora", "shears", "lonas", "nola", "heterolora")  # plain LoRA first: the baseline row
 COLUMNS = {  # column -> header
@@ -36,6 +39,10 @@ COLUMNS = {  # column -> header
     "macs_per_token": "MACs/token",
     "nonzero_macs_per_token": "non-zero MACs/token",
     "accuracy": "accuracy",
+    "accuracy_95": "95% interval",
+    "delta_vs_lora": "Δ vs LoRA",
+    "delta_95": "Δ 95% interval (paired)",
+    "retention": "% of LoRA",
     "accuracy_strict": "accuracy (strict)",
     "train_seconds": "train time (s)",
 }
@@ -61,17 +68,62 @@ def method_row(run_dir: Path, method: str) -> dict:
         "macs_per_token": deployed.macs_per_token,
         "nonzero_macs_per_token": deployed.nonzero_macs_per_token,
         "accuracy": extracted.average_accuracy,
+        "accuracy_low": (extracted.average_accuracy_interval or (None, None))[0],
+        "accuracy_high": (extracted.average_accuracy_interval or (None, None))[1],
         "accuracy_strict": extracted.average_accuracy_strict,
         "train_seconds": train.duration_s,
     }
 
 
+def _extracted_answers(run_dir: Path) -> dict[str, list[bool]]:
+    """The extracted model's correct answers per test set, in record order (extract/predictions.parquet)."""
+    return correct_by_task(
+        read_table(stage_dir(run_dir, "extract") / ExtractOutput.files.predictions, "predictions").to_pylist()
+    )
+
+
+def against_lora(rows: list[dict], run_dirs: dict[str, Path]) -> None:
+    """Each method's paired difference from plain LoRA on the same test records, its interval and the retention
+    (accuracy as % of LoRA's), added to the rows in place; nothing when LoRA is not among them."""
+    if "lora" not in run_dirs:
+        return
+    lora = _extracted_answers(run_dirs["lora"])
+    lora_accuracy = next(r["accuracy"] for r in rows if r["method"] == "lora")
+    for row in rows:
+        try:
+            delta, (low, high), _ = paired_difference(_extracted_answers(run_dirs[row["method"]]), lora)
+        except ValueError as e:
+            raise NlsflowError(
+                f"{row['method']} vs lora: {e} (compare runs of the same task and evaluate settings)"
+            ) from None
+        row.update(delta_vs_lora=delta, delta_low=low, delta_high=high)
+        row["retention"] = 100 * row["accuracy"] / lora_accuracy if lora_accuracy else None
+
+
+def _display(r: dict) -> dict:
+    """A row's cells that combine columns: the intervals, in percentage points."""
+
+    def interval(low, high):
+        return None if low is None else f"[{100 * low:.1f}, {100 * high:.1f}]"
+
+    delta = r.get("delta_vs_lora")
+    return {
+        **r,
+        "accuracy_95": interval(r.get("accuracy_low"), r.get("accuracy_high")),
+        "delta_vs_lora": None if delta is None else f"{100 * delta:+.1f}",
+        "delta_95": interval(r.get("delta_low"), r.get("delta_high")),
+        "retention": r.get("retention"),
+    }
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in rows:
+    for r in map(_display, rows):
         cells = [
             "–"
             if r[c] is None
+            else r[c]
+            if isinstance(r[c], str)
             else f"{r[c]:,}"
             if isinstance(r[c], int)
             else f"{r[c]:.4f}"
@@ -108,6 +160,7 @@ def compare(
             if state.is_failed():
                 raise NlsflowError(f"{method}: {state.message}")
         rows.append(method_row(run_dir, method))
+    against_lora(rows, {method: runs / f"{task}-{profile}-{method}" for method in methods})
     name = runs / f"compare-{task}-{profile}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)
     atomic_write_text(name.with_suffix(".md"), markdown(rows))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.summary import scored_models
+from flows.summary import percent_with_interval, scored_models
 from nlsflow.artifacts import read_manifest, read_output, stage_dir
+from nlsflow.evaluation.intervals import excludes_zero
 from schemas.outputs import BenchmarkOutput, EvaluateOutput, ExtractOutput, Scores, SearchOutput, TrainOutput
 
 
@@ -52,13 +53,20 @@ def run_report(run_dir: Path) -> str:
     ]
     rows = _accuracy_rows(evaluate, extract, "pruned" if pc["sparsity"] else "dense")
     tasks = list(rows[-1][1].accuracy)
-    lines.append("| model | " + " | ".join(tasks) + " | average | average (strict) |")
+    lines.append("| model | " + " | ".join(tasks) + " | average [95% interval] | average (strict) |")
     lines.append("|---" * (len(tasks) + 3) + "|")
     for name, m in rows:
         cells = [f"{100 * m.accuracy[t]:.1f}" for t in tasks]
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {100 * m.average_accuracy:.1f} | "
+            f"| {name} | " + " | ".join(cells) + f" | {percent_with_interval(m)} | "
             f"{100 * m.average_accuracy_strict:.1f} |"
+        )
+    for pair, d in evaluate.differences.items():
+        low, high = d.interval
+        noise = "" if excludes_zero(d.interval) else ", within noise"
+        lines.append(
+            f"\n{pair}: {100 * d.difference:+.1f} points, 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] "
+            f"(paired, same records{noise})"
         )
     benchmark = stage_dir(run_dir, "benchmark") / BenchmarkOutput.files.results_markdown
     if benchmark.is_file():

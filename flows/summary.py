@@ -35,8 +35,8 @@ def key_metric(out: StageOutput) -> str:
         return f"{out.steps} steps, final loss {out.final_loss:.3f}"
     if isinstance(out, EvaluateOutput):
         return (
-            f"{out.subnet_name} subnet: average accuracy {out.average_accuracy:.4f} "
-            f"(strict {out.average_accuracy_strict:.4f})"
+            f"{out.subnet_name} subnet: average accuracy {percent_with_interval(out)}% "
+            f"(strict {100 * out.average_accuracy_strict:.1f}%)"
         )
     if isinstance(out, SearchOutput):
         return (
@@ -139,10 +139,24 @@ def accuracy_table(results: list[dict]) -> list[dict]:
             "model": name,
             **{t: round(a, 4) for t, a in m.accuracy.items()},
             "average": round(m.average_accuracy, 4),
+            "average_95%": _rounded(m.average_accuracy_interval),
             "average_strict": round(m.average_accuracy_strict, 4),
         }
         for name, m in scored.items()
     ]
+
+
+def _rounded(interval) -> str:
+    return "–" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
+
+
+def percent_with_interval(m: Scores) -> str:
+    """The average accuracy in percent, with its 95% interval when the manifest has one: '52.3 [48.1, 56.0]'."""
+    text = f"{100 * m.average_accuracy:.1f}"
+    if m.average_accuracy_interval is not None:
+        low, high = m.average_accuracy_interval
+        text += f" [{100 * low:.1f}, {100 * high:.1f}]"
+    return text
 
 
 def pareto_table(evaluations: list[dict]) -> list[dict]:

@@ -24,6 +24,12 @@ class Scores(Strict):
     accuracy_strict: dict[str, float] = Field(description="test set -> accuracy under the strict rules")
     average_accuracy: float = Field(description="mean of `accuracy` over the test sets")
     average_accuracy_strict: float = Field(description="mean of `accuracy_strict` over the test sets")
+    accuracy_interval: dict[str, tuple[float, float]] | None = Field(
+        None, description="test set -> 95% bootstrap interval of `accuracy` (nlsflow.evaluation.intervals)"
+    )
+    average_accuracy_interval: tuple[float, float] | None = Field(
+        None, description="95% bootstrap interval of `average_accuracy` (records resampled within each set)"
+    )
 
 
 # ---- prune
@@ -98,6 +104,14 @@ class EvaluateFiles(Strict):
     predictions: str = Field("predictions.parquet", description="table 'predictions': every generation, both scores")
 
 
+class PairedDifference(Strict):
+    """One model's accuracy minus another's on the same test records (nlsflow.evaluation.intervals)."""
+
+    difference: float = Field(description="average accuracy of the first minus the second")
+    interval: tuple[float, float] = Field(description="its 95% bootstrap interval (records resampled in pairs)")
+    per_set: dict[str, float] = Field(description="test set -> the difference on that set")
+
+
 class EvaluateOutput(Scores):
     """The heuristic (or evaluate.subnet) subnet's scores, plus those of the baselines asked for."""
 
@@ -107,6 +121,10 @@ class EvaluateOutput(Scores):
     subnet_name: str = Field(description="evaluate.subnet: which named subnet was scored")
     subnet: Subnet = Field(description="that subnet: variable -> choice")
     baselines: dict[str, Scores] = Field(description="'dense' / 'pruned' base without adapter -> its scores")
+    differences: dict[str, PairedDifference] = Field(
+        {},
+        description="'<a> - <b>' -> paired difference, for the subnet and the baselines scored ('heuristic - pruned')",
+    )
     samples: int = Field(description="rows in files.predictions")
     generation: GenerationConfig = Field(description="the generation settings used")
     workers: int = Field(1, description="scoring workers (evaluate.workers); the predictions do not depend on it")

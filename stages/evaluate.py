@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from itertools import combinations
 
 from nlsflow.artifacts import read_json, write_table
 from nlsflow.cluster import scoring_pool
 from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
+from nlsflow.evaluation.intervals import correct_by_task, paired_difference
 from nlsflow.evaluation.scoring import score_test_sets
 from nlsflow.evaluation.workers import AtSubnet, BaseModelLoad, SupernetLoad, TestSetScorer
 from nlsflow.models import load_tokenizer
 from schemas.files import SearchSpaceFile
-from schemas.outputs import EvaluateOutput, PruneOutput, TrainOutput
+from schemas.outputs import EvaluateOutput, PairedDifference, PruneOutput, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -47,12 +49,20 @@ def run(ctx: StageContext) -> EvaluateOutput:
             dense_rows, baselines["dense"] = score_test_sets(pool, dense_tokenizer, ctx.data_root, ec, "dense", "dense")
             rows += dense_rows
     write_table(ctx.out_dir / EvaluateOutput.files.predictions, "predictions", rows)
+    answers = {name: correct_by_task([r for r in rows if r["model"] == name]) for name in (ec.subnet, *baselines)}
+    differences = {}  # each model against the ones below it: the subnet, the pruned base, the dense base
+    for first, second in combinations([m for m in (ec.subnet, "pruned", "dense") if m in answers], 2):
+        difference, interval, per_set = paired_difference(answers[first], answers[second])
+        differences[f"{first} - {second}"] = PairedDifference(
+            difference=difference, interval=interval, per_set={k: d for k, (d, _) in per_set.items()}
+        )
     return EvaluateOutput(
         protocols=[REFERENCE_PROTOCOL, STRICT_PROTOCOL],
         subnet_name=ec.subnet,
         subnet=subnet,
         **scores,
         baselines=baselines,
+        differences=differences,
         samples=len(rows),
         generation=ec.generation,
         workers=ec.workers,

@@ -67,7 +67,7 @@ def run(ctx: StageContext) -> SearchOutput:
     write_evaluations(ctx.out_dir / SearchOutput.files.evaluations, evaluations, partial(method.cost, model, space))
     write_json(ctx.out_dir / SearchOutput.files.chosen, ChosenSubnetFile(chosen.subnet))
     write_progression(ctx.out_dir / SearchOutput.files.progression, evaluations, sc.cost)
-    plot_search(evaluations, chosen, sc.cost, ctx.out_dir)
+    plot_search(evaluations, chosen, sc.cost, ctx.out_dir, records=len(validation))
     return SearchOutput(
         evaluations=len(evaluations),
         resumed_from_cache=evaluate.resumed,

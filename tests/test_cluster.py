@@ -112,6 +112,12 @@ def test_the_evaluate_stage_on_two_workers_equals_one_with_baselines(math_run, t
     metrics = [read_manifest(stage_dir(r, "evaluate"), "evaluate").metrics for r in (serial, run)]
     assert metrics[1].pop("workers") == 2 and metrics[0].pop("workers") == 1
     assert metrics[0] == metrics[1]
+    differences = metrics[1]["differences"]  # paired, on the same records: the difference of the averages
+    assert set(differences) == {"heuristic - pruned", "heuristic - dense", "pruned - dense"}
+    pruned, dense = metrics[1]["baselines"]["pruned"], metrics[1]["baselines"]["dense"]
+    assert differences["pruned - dense"]["difference"] == pytest.approx(
+        pruned["average_accuracy"] - dense["average_accuracy"]
+    )
 
 
 def test_a_population_smaller_than_the_pool_splits_each_subnet_and_scores_the_same(math_run):

@@ -22,7 +22,9 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     rows = compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, overrides)
     assert [r["method"] for r in rows] == ["lora", "shears", "nola"]
     table = read_table(tmp_path / "compare-math-tiny.parquet", "comparison").to_pylist()
-    assert table == rows and set(rows[0]) == set(COLUMNS)
+    shown_only = {"accuracy_95", "delta_95"}  # cells made of the interval columns
+    intervals = {"accuracy_low", "accuracy_high", "delta_low", "delta_high"}
+    assert table == rows and set(rows[0]) == set(COLUMNS) - shown_only | intervals
     for row in rows:
         run_dir = tmp_path / f"math-tiny-{row['method']}"
         train = read_manifest(stage_dir(run_dir, "train"), "train")
@@ -37,6 +39,11 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     assert nola["nonzero_params"] > shears["nonzero_params"]  # NOLA keeps the dense base, Shears prunes half
     assert shears["nonzero_macs_per_token"] < shears["macs_per_token"] == nola["macs_per_token"]  # same shapes
     assert nola["nonzero_macs_per_token"] > shears["nonzero_macs_per_token"]
+    assert (lora["delta_vs_lora"], lora["delta_low"], lora["delta_high"], lora["retention"]) == (0, 0, 0, 100)
+    for row in (shears, nola):  # on the same records the paired difference is the difference of the averages
+        assert row["delta_vs_lora"] == pytest.approx(row["accuracy"] - lora["accuracy"])
+        assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
+        assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
     assert (
         compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, existing=True) == rows
     )  # tabulated, nothing run

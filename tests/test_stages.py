@@ -102,6 +102,10 @@ def test_evaluate_predictions_match_metrics(math_run):
     for task in math_run.evaluate.datasets:
         task_rows = [r for r in rows if r["task"] == task]
         assert metrics["accuracy_strict"][task] == sum(r["strict_correct"] for r in task_rows) / len(task_rows)
+        low, high = metrics["accuracy_interval"][task]  # a 95% bootstrap interval around each set's accuracy
+        assert low <= metrics["accuracy"][task] <= high
+    low, high = metrics["average_accuracy_interval"]
+    assert low <= metrics["average_accuracy"] <= high and metrics["differences"] == {}  # no baselines asked
 
 
 def test_search_evaluations_are_unique_and_the_choice_is_on_record(math_run):

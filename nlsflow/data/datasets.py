@@ -123,7 +123,15 @@ TASK_EVAL_SETS: dict[str, tuple[str, ...]] = {
 # ("commonsense_170k",) reproduce LLM-Adapters. Never LLM-Adapters' math_data.json: its questions are test questions.
 TRAIN_DEFAULTS: dict[str, tuple[str, ...]] = {
     "math": ("gsm8k_train", "mawps_train"),
-    "commonsense": ("boolq_train", "ARC-Easy_train", "ARC-Challenge_train", "openbookqa_train"),
+    "commonsense": (
+        "boolq_train",
+        "piqa_train",
+        "social_i_qa_train",
+        "winogrande_train",
+        "ARC-Easy_train",
+        "ARC-Challenge_train",
+        "openbookqa_train",
+    ),
 }
 
 

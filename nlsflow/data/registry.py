@@ -19,7 +19,7 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -201,6 +201,13 @@ DATA_FILES: dict[str, DataFile] = {
         _train("ARC-Easy", "6a06cece3dec32f4fb1c1b0fc29dab14be7cf3053b417290dbc6cd845359f5ff", 2251),
         _train("ARC-Challenge", "a9debff28aafed86a08211dc3584a3b6cb38edca8c56bb34cd5002ed54aeebfb", 1119),
         _train("openbookqa", "a1e094eeea01f70c0baa880f37497b26700ae99b243927b9c529984de9b1fe90", 4957),
+        # Converted from the original datasets into LLM-Adapters' templates (data README, SOURCES-commonsense-train):
+        # PIQA's and Social IQa's equal LLM-Adapters' own train.json; WinoGrande's is the XL split, not their file.
+        _train("piqa", "d750ea06e70ce6af746f8315d2952a0a1488520794f934fd1f000286575e5702", 16113),
+        _train("social_i_qa", "1ca995d6055a6be053bb54b4b4c7abe4cd0323940079071932c1f9129d589b17", 33410),
+        replace(
+            _train("winogrande", "81ad5c9f9070a4d867eb0b978944b10e3f188843d791e7aaada29ca9e5f9c347", 40398), url=None
+        ),
         _ft_training_set("math_10k"),
         _ft_training_set("commonsense_15k"),
         _ft_training_set("commonsense_170k"),

@@ -24,6 +24,7 @@ from nlsflow.adapters.elastic import Subnet, Variable
 from nlsflow.artifacts import read_table, write_table
 from nlsflow.cluster import LocalPool
 from nlsflow.errors import NlsflowError
+from nlsflow.evaluation.intervals import proportion_interval
 
 log = logging.getLogger(__name__)
 
@@ -265,8 +266,11 @@ def choose(
     return min(eligible, key=lambda e: (e.cost, -e.accuracy)) if eligible else most_accurate
 
 
-def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, folder: Path) -> None:
-    """`pareto_front.png` (accuracy vs cost, named subnets marked), `search_progression.png` (accuracy by eval)."""
+def plot_search(
+    evaluations: list[Evaluation], chosen: Evaluation, cost_name: str, folder: Path, records: int | None = None
+) -> None:
+    """`pareto_front.png` (accuracy vs cost, named subnets marked; with `records`, the validation accuracy's 95%
+    Wilson interval on the front), `search_progression.png` (accuracy by evaluation)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,6 +280,19 @@ def plot_search(evaluations: list[Evaluation], chosen: Evaluation, cost_name: st
     ax.scatter([e.cost for e in evaluations], [e.accuracy for e in evaluations], s=14, c="lightgray", label="evaluated")
     front = sorted((e for e in evaluations if e.pareto), key=lambda e: e.cost)
     ax.plot([e.cost for e in front], [e.accuracy for e in front], "o-", c="tab:blue", label="Pareto front")
+    if records:
+        low, high = np.array([proportion_interval(e.accuracy, records) for e in front]).T
+        accuracy = np.array([e.accuracy for e in front])
+        ax.errorbar(
+            [e.cost for e in front],
+            accuracy,
+            yerr=[accuracy - low, high - accuracy],
+            fmt="none",
+            ecolor="tab:blue",
+            alpha=0.5,
+            capsize=3,
+            label=f"95% interval ({records} records)",
+        )
     for e in evaluations:
         if e.label:
             ax.annotate(e.label, (e.cost, e.accuracy), fontsize=8, xytext=(3, 3), textcoords="offset points")

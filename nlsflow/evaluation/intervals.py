@@ -1,0 +1,76 @@
+"""95% bootstrap intervals for test-set accuracies, and for paired differences between two models on the same records.
+
+Records are resampled within each test set (a stratified bootstrap: every resample keeps each set's size), with
+scipy's `bootstrap` (percentile method, 2,000 resamples, a fixed seed: the same rows give the same interval). The
+average's statistic is the mean of the per-set accuracies, as the tables report it. A paired difference resamples
+the same records for both models, so what the two share (easy and hard questions) cancels out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.stats import binomtest, bootstrap
+
+LEVEL = 0.95
+RESAMPLES = 2000
+SEED = 0
+
+Interval = tuple[float, float]
+
+
+def _mean_of_means(*samples, axis=-1):
+    return np.mean([s.mean(axis=axis) for s in samples], axis=0)
+
+
+def _interval(samples: list[np.ndarray]) -> Interval:
+    if all(np.all(s == s[0]) for s in samples):  # no spread to resample (e.g. every answer wrong)
+        value = float(_mean_of_means(*samples))
+        return value, value
+    result = bootstrap(
+        samples,
+        _mean_of_means,
+        n_resamples=RESAMPLES,
+        confidence_level=LEVEL,
+        method="percentile",
+        vectorized=True,
+        rng=np.random.default_rng(SEED),
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def accuracy_intervals(correct: dict[str, list[bool]]) -> tuple[dict[str, Interval], Interval]:
+    """Per test set and for the average over sets: the 95% interval of the accuracy."""
+    arrays = {name: np.asarray(values, dtype=float) for name, values in correct.items()}
+    return {name: _interval([a]) for name, a in arrays.items()}, _interval(list(arrays.values()))
+
+
+def paired_difference(
+    ours: dict[str, list[bool]], theirs: dict[str, list[bool]]
+) -> tuple[float, Interval, dict[str, tuple[float, Interval]]]:
+    """Average accuracy of `ours` minus `theirs` on the same records (each set's lists in the same record order):
+    the difference, its 95% interval, and per set (difference, interval)."""
+    if ours.keys() != theirs.keys() or any(len(ours[k]) != len(theirs[k]) for k in ours):
+        raise ValueError("a paired difference needs the same test sets with the same records on both sides")
+    diffs = {k: np.asarray(ours[k], dtype=float) - np.asarray(theirs[k], dtype=float) for k in ours}
+    per_set = {k: (float(d.mean()), _interval([d])) for k, d in diffs.items()}
+    return float(_mean_of_means(*diffs.values())), _interval(list(diffs.values())), per_set
+
+
+def proportion_interval(accuracy: float, records: int) -> Interval:
+    """The 95% Wilson interval of an accuracy measured on `records` records (when only the count is kept)."""
+    interval = binomtest(round(accuracy * records), records).proportion_ci(LEVEL, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def correct_by_task(rows: list[dict]) -> dict[str, list[bool]]:
+    """Prediction rows (task, index, correct) as each test set's correct answers in record order."""
+    found: dict[str, list[tuple[int, bool]]] = {}
+    for row in rows:
+        found.setdefault(row["task"], []).append((row["index"], row["correct"]))
+    return {task: [correct for _, correct in sorted(pairs)] for task, pairs in found.items()}
+
+
+def excludes_zero(interval: Interval) -> bool:
+    """Whether a difference is separable from noise at this level."""
+    low, high = interval
+    return low > 0 or high < 0

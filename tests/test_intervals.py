@@ -1,0 +1,47 @@
+"""Bootstrap intervals of accuracies and of paired differences (nlsflow.evaluation.intervals)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nlsflow.evaluation.intervals import accuracy_intervals, excludes_zero, paired_difference
+
+
+def _answers(accuracy: float, n: int, seed: int) -> list[bool]:
+    rng = random.Random(seed)
+    return [rng.random() < accuracy for _ in range(n)]
+
+
+def test_an_interval_holds_the_accuracy_narrows_with_records_and_repeats_exactly():
+    small = {"a": _answers(0.6, 50, 1)}
+    large = {"a": _answers(0.6, 2000, 1)}
+    low, high = accuracy_intervals(small)[0]["a"]
+    assert low < sum(small["a"]) / 50 < high
+    large_low, large_high = accuracy_intervals(large)[0]["a"]
+    assert large_high - large_low < (high - low) / 4  # about 1/sqrt(40) as wide
+    assert accuracy_intervals(small) == accuracy_intervals(small)  # seeded
+
+
+def test_the_average_resamples_within_each_set():
+    sets = {"a": _answers(0.9, 100, 2), "b": _answers(0.2, 400, 3)}
+    per_set, (low, high) = accuracy_intervals(sets)
+    average = (sum(sets["a"]) / 100 + sum(sets["b"]) / 400) / 2  # the mean of the set accuracies, not of records
+    assert low < average < high and set(per_set) == {"a", "b"}
+    assert accuracy_intervals({"a": [False] * 30})[0]["a"] == (0.0, 0.0)  # no spread: a point
+
+
+def test_a_paired_difference_cancels_what_both_models_share():
+    ours = {"a": _answers(0.5, 300, 4)}
+    flipped = [not v if i % 10 == 0 and v else v for i, v in enumerate(ours["a"])]  # ours loses ~5%, same records
+    delta, interval, per_set = paired_difference(ours, {"a": flipped})
+    assert delta == pytest.approx((sum(ours["a"]) - sum(flipped)) / 300) and delta > 0
+    assert excludes_zero(interval) and per_set["a"][0] == delta
+    # unpaired, the two accuracies' intervals overlap: only pairing separates a 5-point difference on 300 records
+    ours_low, _ = accuracy_intervals(ours)[1]
+    _, theirs_high = accuracy_intervals({"a": flipped})[1]
+    assert ours_low < theirs_high
+    assert paired_difference(ours, ours)[:2] == (0.0, (0.0, 0.0))
+    with pytest.raises(ValueError, match="same records"):
+        paired_difference(ours, {"a": flipped[:-1]})
