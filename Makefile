@@ -21,7 +21,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
-.PHONY: pipeline compare bench test lint format venv clean-runs ui worker images $(STAGE_TARGETS)
+.PHONY: pipeline compare study bench test lint format venv clean-runs ui worker images $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -48,6 +48,11 @@ METHODS ?= lora,shears,lonas,nola,heterolora
 compare: venv
 	$(PY) -m flows.compare --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) \
 	  $(if $(GPUS),--gpus $(GPUS)) $(if $(IMAGE),--image '$(IMAGE)') --args "$$ARGS"
+
+# Every method against plain LoRA on a committed setting (configs/studies/<task>-<profile>.yaml), with the table and
+# plot generated from the manifests: `make study TASK=commonsense PROFILE=smollm2` (hours on 2 cores; resumable).
+study: venv
+	$(PY) -m flows.study --task $(TASK) --profile $(PROFILE) --methods $(METHODS) --runner $(RUNNER) --args "$$ARGS"
 
 # This project against what a user would pick instead, each pair measured alternately in one run:
 # `make bench PROFILE=tiny` (ARGS="--repeats 5", "--only training,wanda", "--out DIR" or key=value overrides).

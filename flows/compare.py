@@ -147,21 +147,31 @@ def compare(
     force: bool = False,
     runner_options: dict | None = None,
     existing: bool = False,
+    extra_configs: list[Path] = (),
+    suffix: str = "",
+    method_overrides: dict[str, list[str]] | None = None,
 ) -> list[dict]:
-    """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing."""
+    """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing.
+    `extra_configs` follow each method's own config files (a study's settings), `method_overrides` adds overrides
+    for one method (e.g. a baseline only it scores); runs are <runs>/<task>-<profile>-<method><suffix>."""
     rows = []
     for method in methods:
-        run_dir = runs / f"{task}-{profile}-{method}"
+        run_dir = runs / f"{task}-{profile}-{method}{suffix}"
         if not existing:
-            files = [str(f) for f in config_files(task, profile, method)]
+            files = [str(f) for f in [*config_files(task, profile, method), *extra_configs]]
             state = pipeline(
-                files, [f"run_dir={run_dir}", *overrides], runner, force, runner_options, return_state=True
+                files,
+                [f"run_dir={run_dir}", *overrides, *(method_overrides or {}).get(method, [])],
+                runner,
+                force,
+                runner_options,
+                return_state=True,
             )
             if state.is_failed():
                 raise NlsflowError(f"{method}: {state.message}")
         rows.append(method_row(run_dir, method))
-    against_lora(rows, {method: runs / f"{task}-{profile}-{method}" for method in methods})
-    name = runs / f"compare-{task}-{profile}"
+    against_lora(rows, {method: runs / f"{task}-{profile}-{method}{suffix}" for method in methods})
+    name = runs / f"compare-{task}-{profile}{suffix}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)
     atomic_write_text(name.with_suffix(".md"), markdown(rows))
     return rows

@@ -211,6 +211,12 @@ class ExtractOutput(Strict):
     accuracy_strict: dict[str, float] | None = Field(None, description="extract.evaluate: Scores.accuracy_strict")
     average_accuracy: float | None = Field(None, description="extract.evaluate: Scores.average_accuracy")
     average_accuracy_strict: float | None = Field(None, description="extract.evaluate: Scores.average_accuracy_strict")
+    accuracy_interval: dict[str, tuple[float, float]] | None = Field(
+        None, description="extract.evaluate: Scores.accuracy_interval"
+    )
+    average_accuracy_interval: tuple[float, float] | None = Field(
+        None, description="extract.evaluate: Scores.average_accuracy_interval"
+    )
 
     @property
     def scores(self) -> Scores | None:

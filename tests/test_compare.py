@@ -6,6 +6,7 @@ import pytest
 from conftest import DATA_ROOT, LIGHT_BENCHMARK, needs_data
 
 from flows.compare import COLUMNS, compare, markdown
+from flows.study import run_study
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
 from nlsflow.errors import NlsflowError
 
@@ -51,3 +52,24 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
         compare("math", "tiny", ("lonas",), tmp_path, existing=True)
     text = (tmp_path / "compare-math-tiny.md").read_text()
     assert text == markdown(rows) and text.count("\n") == 5 and "| nola |" in text
+
+
+def test_a_study_runs_lora_and_a_method_and_generates_the_table_and_plot(tmp_path):
+    """`make study` on the tiny profile (configs/studies/math-tiny.yaml): the accuracies mean nothing there."""
+    out = run_study("math", "tiny", ("lora", "shears"), tmp_path, [f"data.root={DATA_ROOT}"])
+    table = read_table(out / "results.parquet", "study").to_pylist()
+    assert [r["method"] for r in table] == ["lora", "shears", "dense base"]
+    lora, shears, dense = table
+    for row in table:
+        assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
+        assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
+    assert lora["retention"] == 100 and dense["trainable_params"] == 0
+    assert dense["delta_vs_lora"] == pytest.approx(dense["accuracy"] - lora["accuracy"])
+    assert read_manifest(stage_dir(tmp_path / "math-tiny-shears-study", "train"), "train").output.steps == 20
+    text = (out / "results.md").read_text()
+    assert "| lora |" in text and "| dense base |" in text and "Δ vs LoRA" in text
+    assert (out / "accuracy_vs_macs.png").stat().st_size > 10_000
+    with pytest.raises(NlsflowError, match="a study needs plain LoRA"):
+        run_study("math", "tiny", ("shears",), tmp_path)
+    with pytest.raises(NlsflowError, match="no study config .*commonsense-tiny.yaml"):
+        run_study("commonsense", "tiny", ("lora",), tmp_path)
