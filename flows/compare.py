@@ -19,7 +19,7 @@ from rich.table import Table
 
 from flows.pipeline import pipeline
 from flows.runners import RUNNERS
-from nlsflow.artifacts import read_manifest, read_table, stage_dir, write_table
+from nlsflow.artifacts import read_manifest, read_output, read_table, stage_dir, write_table
 from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
 from nlsflow.evaluation.intervals import correct_by_task, paired_difference
@@ -76,9 +76,11 @@ def method_row(run_dir: Path, method: str) -> dict:
 
 
 def _extracted_answers(run_dir: Path) -> dict[str, list[bool]]:
-    """The extracted model's correct answers per test set, in record order (extract/predictions.parquet)."""
+    """The extracted model's correct answers per averaged test set, in record order (extract/predictions.parquet)."""
+    extracted: ExtractOutput = read_output(run_dir, "extract", verify=False)
     return correct_by_task(
-        read_table(stage_dir(run_dir, "extract") / ExtractOutput.files.predictions, "predictions").to_pylist()
+        read_table(stage_dir(run_dir, "extract") / ExtractOutput.files.predictions, "predictions").to_pylist(),
+        extracted.averaged,
     )
 
 

@@ -61,6 +61,8 @@ def run_report(run_dir: Path) -> str:
             f"| {name} | " + " | ".join(cells) + f" | {percent_with_interval(m)} | "
             f"{100 * m.average_accuracy_strict:.1f} |"
         )
+    if outside := [t for t in tasks if evaluate.averaged is not None and t not in evaluate.averaged]:
+        lines.append(f"\nNot in the averages or the differences (evaluate.outside_average): {', '.join(outside)}.")
     for pair, d in evaluate.differences.items():
         low, high = d.interval
         noise = "" if excludes_zero(d.interval) else ", within noise"

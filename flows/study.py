@@ -15,16 +15,25 @@ study), and each resumes stage by stage, and within training from its last check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections import Counter
 from pathlib import Path
 
 from flows.compare import METHODS, compare
 from flows.runners import RUNNERS
-from nlsflow.artifacts import read_output, read_table, stage_dir, write_table
+from nlsflow.artifacts import read_json, read_output, read_table, stage_dir, write_table
 from nlsflow.cli import expand_args
+from nlsflow.config import RUN_CONFIG_NAME, load_config
+from nlsflow.data.datasets import EVAL_DATASETS
 from nlsflow.errors import NlsflowError
+from nlsflow.evaluation.generation import evaluate_dataset
+from nlsflow.evaluation.intervals import paired_difference
+from nlsflow.evaluation.scoring import by_source
+from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
-from schemas.outputs import EvaluateOutput, ExtractOutput, SearchOutput
+from schemas.files import SearchSpaceFile
+from schemas.outputs import EvaluateOutput, ExtractOutput, PruneOutput, SearchOutput, TrainOutput
 
 STUDIES = Path(__file__).resolve().parent.parent / "configs" / "studies"
 BASE = "dense base"
@@ -60,8 +69,68 @@ def run_study(
     run_dirs = {m: runs / f"{task}-{profile}-{m}-study" for m in methods}
     table = results_rows(rows, run_dirs)
     write_table(out / "results.parquet", "study", table)
-    atomic_write_text(out / "results.md", results_markdown(table, task, profile))
+    atomic_write_text(out / "results.md", results_markdown(table, task, profile, test_records(run_dirs["lora"])))
     plot_study(table, run_dirs, out / "accuracy_vs_macs.png")
+    return out
+
+
+def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
+    """The budget check, on the validation slice only (never a test set): the study's LoRA run against the dense
+    base (the same model, its adapter off) on every held-out validation record, paired. Needs LoRA's train stage;
+    writes `<runs>/study-<task>-<profile>/pilot.md` and returns it."""
+    run_dir = runs / f"{task}-{profile}-lora-study"
+    train_dir = stage_dir(run_dir, "train")
+    read_output(run_dir, "train")  # a finished train stage, or a one-line error naming it
+    cfg = load_config([run_dir / RUN_CONFIG_NAME])
+    subnet = read_json(train_dir / TrainOutput.files.search_space, SearchSpaceFile, "train").subnets["maximal"]
+    model, tokenizer = AtSubnet(
+        SupernetLoad(cfg, stage_dir(run_dir, "prune") / PruneOutput.files.model, train_dir), subnet
+    )()
+    records = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()
+    generation = cfg.search.generation
+    answers = {}
+    for name, adapter in (("LoRA", contextlib.nullcontext()), ("dense base", model.disable_adapter())):
+        with adapter:
+            answers[name] = {
+                source: [
+                    r["correct"]
+                    for r in evaluate_dataset(
+                        model,
+                        tokenizer,
+                        EVAL_DATASETS[source],
+                        rows,
+                        max_new_tokens=generation.max_new_tokens,
+                        num_beams=generation.num_beams,
+                        batch_size=generation.batch_size,
+                    )
+                ]
+                for source, rows in by_source(records).items()
+            }
+    difference, (low, high), per_set = paired_difference(answers["LoRA"], answers["dense base"])
+    trained: TrainOutput = read_output(run_dir, "train")
+    lines = [
+        f"### Pilot: plain LoRA against the dense base on the validation slice ({task}, {profile})",
+        "",
+        f"LoRA after {trained.steps} steps of {cfg.train.batch_size} sequences ({trained.train_records:,} training "
+        f"records); {len(records)} held-out validation records, scored as the search scores them "
+        f"({generation.num_beams} beam(s), {generation.max_new_tokens} new tokens).",
+        "",
+        "| source | records | dense base | LoRA | Δ |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for source, (delta, _) in per_set.items():
+        n = len(answers["LoRA"][source])
+        dense, lora = (100 * sum(answers[m][source]) / n for m in ("dense base", "LoRA"))
+        lines.append(f"| {source} | {n} | {dense:.1f} | {lora:.1f} | {100 * delta:+.1f} |")
+    verdict = "clearly beats" if low > 0 else "does not separably beat"
+    lines += [
+        "",
+        f"LoRA − dense base, mean over sources: {100 * difference:+.1f} points, 95% interval "
+        f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired bootstrap): at this budget LoRA {verdict} the dense base.",
+    ]
+    out = runs / f"study-{task}-{profile}" / "pilot.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 
@@ -70,7 +139,7 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
     table = []
     for row in rows:
         extracted: ExtractOutput = read_output(run_dirs[row["method"]], "extract", verify=False)
-        table.append({**row, **{f"acc:{t}": a for t, a in extracted.accuracy.items()}})
+        table.append({**row, "accuracy_by_task": extracted.accuracy})
     evaluate: EvaluateOutput = read_output(run_dirs["lora"], "evaluate", verify=False)
     if dense := evaluate.baselines.get("dense"):
         lora = next(r for r in table if r["method"] == "lora")
@@ -93,10 +162,18 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
                 "delta_low": None if difference is None else -difference.interval[1],
                 "delta_high": None if difference is None else -difference.interval[0],
                 "retention": 100 * dense.average_accuracy / lora["accuracy"] if lora["accuracy"] else None,
-                **{f"acc:{t}": a for t, a in dense.accuracy.items()},
+                "accuracy_by_task": dense.accuracy,
             }
         )
     return table
+
+
+def test_records(run_dir: Path) -> dict[str, tuple[int, bool]]:
+    """Test set -> (records scored, whether it is in the average), from a run's extract stage."""
+    extracted: ExtractOutput = read_output(run_dir, "extract", verify=False)
+    predictions = read_table(stage_dir(run_dir, "extract") / ExtractOutput.files.predictions, "predictions")
+    counts = Counter(predictions.column("task").to_pylist())
+    return {t: (counts[t], extracted.averaged is None or t in extracted.averaged) for t in extracted.accuracy}
 
 
 def _points(value) -> str:
@@ -107,8 +184,8 @@ def _interval(low, high, sign: str = "") -> str:
     return "–" if low is None else f"[{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
 
 
-def results_markdown(table: list[dict], task: str, profile: str) -> str:
-    tasks = [k.removeprefix("acc:") for k in table[0] if k.startswith("acc:")]
+def results_markdown(table: list[dict], task: str, profile: str, records: dict[str, tuple[int, bool]]) -> str:
+    tasks = list(records)
     header = [
         "method",
         "total params",
@@ -137,7 +214,7 @@ def results_markdown(table: list[dict], task: str, profile: str) -> str:
             count["nonzero_macs_per_token"],
             count["trainable_params"],
             count["adapter_bytes"],
-            *[_points(r[f"acc:{t}"]) for t in tasks],
+            *[_points(r["accuracy_by_task"].get(t)) for t in tasks],
             f"{_points(r['accuracy'])} {_interval(r['accuracy_low'], r['accuracy_high'])}",
             f"{delta} {_interval(r['delta_low'], r['delta_high'], '+')}",
             "–" if r["retention"] is None else f"{r['retention']:.1f}",
@@ -148,7 +225,14 @@ def results_markdown(table: list[dict], task: str, profile: str) -> str:
         "Accuracies in percent on the test records (reference protocol, greedy); intervals are 95% bootstrap "
         "intervals over records (stratified by test set); Δ is paired on the same records, and an interval that "
         "contains 0 means the difference is within noise.",
+        "",
+        "Test records: " + ", ".join(f"{t} {n}" for t, (n, _) in records.items()) + ".",
     ]
+    if outside := [t for t, (_, averaged) in records.items() if not averaged]:
+        lines.append(
+            f"Not in the average, its interval or Δ (evaluate.outside_average): {', '.join(outside)}; its column is "
+            "reported as measured."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -190,9 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, lora among them")
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--runner", default="local", choices=sorted(RUNNERS))
+    parser.add_argument(
+        "--pilot", action="store_true", help="only score LoRA's trained run against the dense base on validation"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method (none for the record)")
     try:
         args = parser.parse_intermixed_args(expand_args(sys.argv[1:] if argv is None else argv))
+        if args.pilot:
+            print(pilot(args.task, args.profile, Path(args.runs)).read_text())
+            return 0
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         out = run_study(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner)
     except NlsflowError as e:

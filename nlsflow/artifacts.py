@@ -227,6 +227,8 @@ def read_json(path: Path, model: type[M], stage: str) -> M:
 def write_table(path: Path, name: str, rows: list[dict[str, Any]]) -> None:
     """Validate rows against the named schema and write them atomically as Parquet."""
     schema = TABLES[name].with_metadata({"nlsflow.table": name, "nlsflow.table_version": TABLE_VERSION})
+    if stray := sorted(set().union(*rows) - set(schema.names)):  # pyarrow would drop them silently
+        raise ValueError(f"rows for table '{name}' have columns its schema lacks: {stray}")
     try:
         table = pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError) as e:

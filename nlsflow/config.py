@@ -99,11 +99,12 @@ def load_config(paths: list[Path], overrides: list[str] = ()) -> PipelineConfig:
         ) from None
     from nlsflow.data.datasets import EVAL_DATASETS
 
-    if unknown := [d for d in cfg.evaluate.datasets if d not in EVAL_DATASETS]:
-        raise NlsflowError(
-            f"config error in {_blame(None, paths, overrides, keys, 'evaluate.datasets')}: evaluate.datasets: "
-            f"unknown datasets {unknown}; choose from {sorted(EVAL_DATASETS)}"
-        )
+    for field in ("datasets", "outside_average"):
+        if unknown := [d for d in getattr(cfg.evaluate, field) if d not in EVAL_DATASETS]:
+            raise NlsflowError(
+                f"config error in {_blame(None, paths, overrides, keys, f'evaluate.{field}')}: evaluate.{field}: "
+                f"unknown datasets {unknown}; choose from {sorted(EVAL_DATASETS)}"
+            )
     if "run_dir" not in keys and (run_configs := [p for p in paths if is_run_config(p)]):
         folder = Path(run_configs[-1]).resolve().parent
         if Path(cfg.run_dir) != folder:

@@ -227,11 +227,27 @@ class EvaluateConfig(Strict):
         min_length=1,
         description="evaluation sets (names from nlsflow.data.datasets.EVAL_DATASETS, checked when the config loads)",
     )
+    outside_average: list[str] = Field(
+        [],
+        description="test sets scored and reported but left out of the average, its interval and the paired "
+        "differences (commonsense: HellaSwag, whose offline file is a 36-record subset with no training split)",
+    )
     max_samples: int | None = Field(None, gt=0, description="records per dataset (None: all)")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     workers: int = Field(1, gt=0, description=WORKERS_DESCRIPTION)
 
     RUNTIME: ClassVar[frozenset[str]] = frozenset({"workers"})
+
+    @model_validator(mode="after")
+    def _averaged_sets(self) -> EvaluateConfig:
+        if not self.averaged:
+            raise ValueError("outside_average leaves no test set in the average; keep at least one out of it")
+        return self
+
+    @property
+    def averaged(self) -> list[str]:
+        """The test sets the average (and every paired difference) is taken over."""
+        return [d for d in self.datasets if d not in self.outside_average]
 
 
 class SearchConfig(Strict):

@@ -22,8 +22,11 @@ class Scores(Strict):
 
     accuracy: dict[str, float] = Field(description="test set -> accuracy under the LLM-Adapters reference rules")
     accuracy_strict: dict[str, float] = Field(description="test set -> accuracy under the strict rules")
-    average_accuracy: float = Field(description="mean of `accuracy` over the test sets")
-    average_accuracy_strict: float = Field(description="mean of `accuracy_strict` over the test sets")
+    average_accuracy: float = Field(description="mean of `accuracy` over the test sets in `averaged`")
+    average_accuracy_strict: float = Field(description="mean of `accuracy_strict` over the test sets in `averaged`")
+    averaged: list[str] | None = Field(
+        None, description="the test sets the averages and paired differences span (None: all; evaluate.outside_average)"
+    )
     accuracy_interval: dict[str, tuple[float, float]] | None = Field(
         None, description="test set -> 95% bootstrap interval of `accuracy` (nlsflow.evaluation.intervals)"
     )
@@ -211,6 +214,7 @@ class ExtractOutput(Strict):
     accuracy_strict: dict[str, float] | None = Field(None, description="extract.evaluate: Scores.accuracy_strict")
     average_accuracy: float | None = Field(None, description="extract.evaluate: Scores.average_accuracy")
     average_accuracy_strict: float | None = Field(None, description="extract.evaluate: Scores.average_accuracy_strict")
+    averaged: list[str] | None = Field(None, description="extract.evaluate: Scores.averaged")
     accuracy_interval: dict[str, tuple[float, float]] | None = Field(
         None, description="extract.evaluate: Scores.accuracy_interval"
     )

@@ -6,6 +6,29 @@ import pyarrow as pa
 
 TABLE_VERSION = "1"
 
+# one row per method (flows.compare): sizes, costs, the extracted model's average accuracy with its 95% interval, and
+# against plain LoRA on the same records: the paired difference, its interval and the retention (% of LoRA)
+COMPARISON = [
+    ("method", pa.string()),
+    ("trainable_params", pa.int64()),
+    ("train_adapter_bytes", pa.int64()),
+    ("adapter_bytes", pa.int64()),
+    ("compact_bytes", pa.int64()),
+    ("params", pa.int64()),
+    ("nonzero_params", pa.int64()),
+    ("macs_per_token", pa.int64()),
+    ("nonzero_macs_per_token", pa.int64()),
+    ("accuracy", pa.float64()),
+    ("accuracy_low", pa.float64()),
+    ("accuracy_high", pa.float64()),
+    ("accuracy_strict", pa.float64()),
+    ("delta_vs_lora", pa.float64()),
+    ("delta_low", pa.float64()),
+    ("delta_high", pa.float64()),
+    ("retention", pa.float64()),
+    ("train_seconds", pa.float64()),
+]
+
 TABLES: dict[str, pa.Schema] = {
     "sparsity": pa.schema(
         [
@@ -103,22 +126,9 @@ TABLES: dict[str, pa.Schema] = {
             ("note", pa.string()),
         ]
     ),
-    "comparison": pa.schema(
-        [
-            ("method", pa.string()),
-            ("trainable_params", pa.int64()),
-            ("train_adapter_bytes", pa.int64()),
-            ("adapter_bytes", pa.int64()),
-            ("compact_bytes", pa.int64()),
-            ("params", pa.int64()),
-            ("nonzero_params", pa.int64()),
-            ("macs_per_token", pa.int64()),
-            ("nonzero_macs_per_token", pa.int64()),
-            ("accuracy", pa.float64()),
-            ("accuracy_strict", pa.float64()),
-            ("train_seconds", pa.float64()),
-        ]
-    ),
+    "comparison": pa.schema(COMPARISON),
+    # the study's table (flows.study): the comparison's columns and each test set's accuracy
+    "study": pa.schema([*COMPARISON, ("accuracy_by_task", pa.map_(pa.string(), pa.float64()))]),
     "bench": pa.schema(
         [
             ("comparison", pa.string()),

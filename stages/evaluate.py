@@ -49,7 +49,9 @@ def run(ctx: StageContext) -> EvaluateOutput:
             dense_rows, baselines["dense"] = score_test_sets(pool, dense_tokenizer, ctx.data_root, ec, "dense", "dense")
             rows += dense_rows
     write_table(ctx.out_dir / EvaluateOutput.files.predictions, "predictions", rows)
-    answers = {name: correct_by_task([r for r in rows if r["model"] == name]) for name in (ec.subnet, *baselines)}
+    answers = {
+        name: correct_by_task([r for r in rows if r["model"] == name], ec.averaged) for name in (ec.subnet, *baselines)
+    }
     differences = {}  # each model against the ones below it: the subnet, the pruned base, the dense base
     for first, second in combinations([m for m in (ec.subnet, "pruned", "dense") if m in answers], 2):
         difference, interval, per_set = paired_difference(answers[first], answers[second])

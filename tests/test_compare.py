@@ -6,7 +6,7 @@ import pytest
 from conftest import DATA_ROOT, LIGHT_BENCHMARK, needs_data
 
 from flows.compare import COLUMNS, compare, markdown
-from flows.study import run_study
+from flows.study import pilot, run_study
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
 from nlsflow.errors import NlsflowError
 
@@ -40,7 +40,8 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     assert nola["nonzero_params"] > shears["nonzero_params"]  # NOLA keeps the dense base, Shears prunes half
     assert shears["nonzero_macs_per_token"] < shears["macs_per_token"] == nola["macs_per_token"]  # same shapes
     assert nola["nonzero_macs_per_token"] > shears["nonzero_macs_per_token"]
-    assert (lora["delta_vs_lora"], lora["delta_low"], lora["delta_high"], lora["retention"]) == (0, 0, 0, 100)
+    assert (lora["delta_vs_lora"], lora["delta_low"], lora["delta_high"]) == (0, 0, 0)
+    assert lora["retention"] == (100 if lora["accuracy"] else None)  # % of 0 is undefined (a random model)
     for row in (shears, nola):  # on the same records the paired difference is the difference of the averages
         assert row["delta_vs_lora"] == pytest.approx(row["accuracy"] - lora["accuracy"])
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
@@ -63,11 +64,17 @@ def test_a_study_runs_lora_and_a_method_and_generates_the_table_and_plot(tmp_pat
     for row in table:
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
-    assert lora["retention"] == 100 and dense["trainable_params"] == 0
+    assert lora["retention"] == (100 if lora["accuracy"] else None) and dense["trainable_params"] == 0
     assert dense["delta_vs_lora"] == pytest.approx(dense["accuracy"] - lora["accuracy"])
     assert read_manifest(stage_dir(tmp_path / "math-tiny-shears-study", "train"), "train").output.steps == 20
     text = (out / "results.md").read_text()
     assert "| lora |" in text and "| dense base |" in text and "Δ vs LoRA" in text
+    assert "Test records: gsm8k 8, AQuA 8, mawps 8, SVAMP 8." in text and "outside_average" not in text
+    # the budget check: LoRA against its own base with the adapter off, on the validation slice only
+    pilot_text = pilot("math", "tiny", tmp_path).read_text()
+    validation = read_table(stage_dir(tmp_path / "math-tiny-lora-study", "train") / "validation.parquet", "records")
+    assert f"{validation.num_rows} held-out validation records" in pilot_text and "LoRA − dense base" in pilot_text
+    assert pilot_text.count("\n| ") == 1 + len(set(validation.column("source").to_pylist()))  # header + a source each
     assert (out / "accuracy_vs_macs.png").stat().st_size > 10_000
     with pytest.raises(NlsflowError, match="a study needs plain LoRA"):
         run_study("math", "tiny", ("shears",), tmp_path)

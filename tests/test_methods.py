@@ -141,16 +141,22 @@ def test_commonsense_task_runs_end_to_end(tmp_path):
             "train.max_steps=20",
             "search.num_evals=4",
             "evaluate.max_samples=2",
+            "evaluate.baselines=[pruned]",
         ],
     )
     for module in (prune, train, evaluate, search, extract):
         run_stage(module.__name__.rsplit(".", 1)[-1], module.run, cfg)
     metrics = read_manifest(stage_dir(tmp_path, "evaluate"), "evaluate").metrics
     assert set(metrics["accuracy"]) == set(cfg.evaluate.datasets) and len(cfg.evaluate.datasets) == 8
+    # HellaSwag (36 records, no training split offline) is reported apart: the averages span the other seven
+    averaged = [t for t in cfg.evaluate.datasets if t != "hellaswag"]
+    assert metrics["averaged"] == averaged
+    assert metrics["average_accuracy"] == pytest.approx(sum(metrics["accuracy"][t] for t in averaged) / 7)
+    assert metrics["differences"] and all(set(d["per_set"]) == set(averaged) for d in metrics["differences"].values())
     sources = {
         r["source"] for r in read_table(stage_dir(tmp_path, "train") / "validation.parquet", "records").to_pylist()
     }
-    assert sources <= {"boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"}
+    assert sources <= {"boolq", "piqa", "social_i_qa", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa"}
     assert read_manifest(stage_dir(tmp_path, "extract"), "extract").metrics["max_abs_logit_diff"] <= 1e-4
 
 

@@ -86,6 +86,12 @@ def test_overrides_are_typed_and_dotted(tmp_path):
         ("prune.structure=2:4", "structure 2:4 zeroes 2/4 of the weights; set prune.sparsity=0.5"),
         ("train.micro_batch_size=3", "must be a multiple of micro_batch_size"),
         ("sparsity", "is not key=value"),
+        (  # TASKS[0] is commonsense
+            "evaluate.outside_average=[boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, "
+            "openbookqa]",
+            "leaves no test set in the average",
+        ),
+        ("evaluate.outside_average=[hellaswg]", "evaluate.outside_average: unknown datasets ['hellaswg']"),
     ],
 )
 def test_bad_config_is_one_clear_line(override, message):

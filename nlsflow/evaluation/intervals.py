@@ -38,10 +38,13 @@ def _interval(samples: list[np.ndarray]) -> Interval:
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
-def accuracy_intervals(correct: dict[str, list[bool]]) -> tuple[dict[str, Interval], Interval]:
-    """Per test set and for the average over sets: the 95% interval of the accuracy."""
+def accuracy_intervals(
+    correct: dict[str, list[bool]], averaged: list[str] | None = None
+) -> tuple[dict[str, Interval], Interval]:
+    """Per test set and for the average over the sets in `averaged` (None: all): the 95% interval of the accuracy."""
     arrays = {name: np.asarray(values, dtype=float) for name, values in correct.items()}
-    return {name: _interval([a]) for name, a in arrays.items()}, _interval(list(arrays.values()))
+    spanned = [arrays[name] for name in (averaged or arrays)]
+    return {name: _interval([a]) for name, a in arrays.items()}, _interval(spanned)
 
 
 def paired_difference(
@@ -62,11 +65,13 @@ def proportion_interval(accuracy: float, records: int) -> Interval:
     return float(interval.low), float(interval.high)
 
 
-def correct_by_task(rows: list[dict]) -> dict[str, list[bool]]:
-    """Prediction rows (task, index, correct) as each test set's correct answers in record order."""
+def correct_by_task(rows: list[dict], tasks: list[str] | None = None) -> dict[str, list[bool]]:
+    """Prediction rows (task, index, correct) as each test set's correct answers in record order (only `tasks`'s,
+    when given: the averaged sets a paired difference spans)."""
     found: dict[str, list[tuple[int, bool]]] = {}
     for row in rows:
-        found.setdefault(row["task"], []).append((row["index"], row["correct"]))
+        if tasks is None or row["task"] in tasks:
+            found.setdefault(row["task"], []).append((row["index"], row["correct"]))
     return {task: [correct for _, correct in sorted(pairs)] for task, pairs in found.items()}
 
 

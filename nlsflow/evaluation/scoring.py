@@ -123,8 +123,9 @@ def score_test_sets(
     with its rows); rows are tagged with `model_name` and come in test-set order, whatever the number of workers.
 
     Returns the prediction rows and {"accuracy": {task: acc}, "accuracy_strict": {...}, "average_accuracy": ...,
-    "average_accuracy_strict": ..., "accuracy_interval": {task: (low, high)}, "average_accuracy_interval": ...}
-    (95% bootstrap intervals of the reference accuracies, `nlsflow.evaluation.intervals`).
+    "average_accuracy_strict": ..., "averaged": [task, ...], "accuracy_interval": {task: (low, high)},
+    "average_accuracy_interval": ...} (95% bootstrap intervals of the reference accuracies,
+    `nlsflow.evaluation.intervals`); the averages span `eval_cfg.averaged`.
     """
     records = {name: load_eval_records(data_root, name, eval_cfg.max_samples) for name in eval_cfg.datasets}
     parts = 1 if pool.workers == 1 else 4 * pool.workers  # about 4 shards per worker: they finish close together
@@ -147,14 +148,16 @@ def score_test_sets(
             strict[name],
             len(task_rows),
         )
+    averaged = eval_cfg.averaged
     per_set, average = accuracy_intervals(
-        {name: [r["correct"] for r in task_rows] for name, task_rows in found.items()}
+        {name: [r["correct"] for r in task_rows] for name, task_rows in found.items()}, averaged
     )
     return [row for task_rows in found.values() for row in task_rows], {
         "accuracy": reference,
         "accuracy_strict": strict,
-        "average_accuracy": sum(reference.values()) / len(reference),
-        "average_accuracy_strict": sum(strict.values()) / len(strict),
+        "average_accuracy": sum(reference[n] for n in averaged) / len(averaged),
+        "average_accuracy_strict": sum(strict[n] for n in averaged) / len(averaged),
+        "averaged": averaged,
         "accuracy_interval": per_set,
         "average_accuracy_interval": average,
     }
