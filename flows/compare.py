@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -28,6 +29,16 @@ from nlsflow.layers import config_files
 from schemas.outputs import ExtractOutput
 
 METHODS = ("lora", "shears", "lonas", "nola", "heterolora")  # plain LoRA first: the baseline row
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A row of a comparison: a method (configs/methods/<method>.yaml) with overrides of its own."""
+
+    method: str
+    overrides: tuple[str, ...] = ()
+
+
 COLUMNS = {  # column -> header
     "method": "method",
     "trainable_params": "trainable params",
@@ -151,27 +162,29 @@ def compare(
     existing: bool = False,
     extra_configs: list[Path] = (),
     suffix: str = "",
-    method_overrides: dict[str, list[str]] | None = None,
+    variants: dict[str, Variant] | None = None,
 ) -> list[dict]:
     """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing.
-    `extra_configs` follow each method's own config files (a study's settings), `method_overrides` adds overrides
-    for one method (e.g. a baseline only it scores); runs are <runs>/<task>-<profile>-<method><suffix>."""
+    `extra_configs` follow each method's own config files (a study's settings); a name in `variants` is a method
+    with overrides of its own (a row of its own, e.g. Shears at 30% sparsity, or LoRA scoring the dense base); runs
+    are <runs>/<task>-<profile>-<name><suffix>."""
     rows = []
-    for method in methods:
-        run_dir = runs / f"{task}-{profile}-{method}{suffix}"
+    for name in methods:
+        variant = (variants or {}).get(name, Variant(name))
+        run_dir = runs / f"{task}-{profile}-{name}{suffix}"
         if not existing:
-            files = [str(f) for f in [*config_files(task, profile, method), *extra_configs]]
+            files = [str(f) for f in [*config_files(task, profile, variant.method), *extra_configs]]
             state = pipeline(
                 files,
-                [f"run_dir={run_dir}", *overrides, *(method_overrides or {}).get(method, [])],
+                [f"run_dir={run_dir}", *overrides, *variant.overrides],
                 runner,
                 force,
                 runner_options,
                 return_state=True,
             )
             if state.is_failed():
-                raise NlsflowError(f"{method}: {state.message}")
-        rows.append(method_row(run_dir, method))
+                raise NlsflowError(f"{name}: {state.message}")
+        rows.append(method_row(run_dir, name))
     against_lora(rows, {method: runs / f"{task}-{profile}-{method}{suffix}" for method in methods})
     name = runs / f"compare-{task}-{profile}{suffix}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)

@@ -19,19 +19,23 @@ import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Literal
 
-from flows.compare import METHODS, compare
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from flows.compare import METHODS, Variant, compare
 from flows.runners import RUNNERS
 from nlsflow.artifacts import read_json, read_output, read_table, stage_dir, write_table
 from nlsflow.cli import expand_args
 from nlsflow.config import RUN_CONFIG_NAME, load_config
 from nlsflow.data.datasets import EVAL_DATASETS
-from nlsflow.errors import NlsflowError
+from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.evaluation.generation import evaluate_dataset
 from nlsflow.evaluation.intervals import paired_difference
 from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
+from nlsflow.yaml12 import yaml_load
 from schemas.files import SearchSpaceFile
 from schemas.outputs import EvaluateOutput, ExtractOutput, PruneOutput, SearchOutput, TrainOutput
 
@@ -46,6 +50,29 @@ def study_config(task: str, profile: str) -> Path:
         known = ", ".join(sorted(p.stem for p in STUDIES.glob("*.yaml"))) or "none"
         raise NlsflowError(f"no study config {path}; studies: {known} (add configs/studies/{task}-{profile}.yaml)")
     return path
+
+
+class StudyVariant(BaseModel):
+    """An extra row of a study (configs/studies/<task>-<profile>.variants.yaml): a method with overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal[METHODS]
+    overrides: list[str] = []
+
+
+def study_variants(task: str, profile: str) -> dict[str, Variant]:
+    """The study's extra rows by name, from its variants file (none without one)."""
+    path = STUDIES / f"{task}-{profile}.variants.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        entries = TypeAdapter(dict[str, StudyVariant]).validate_python(yaml_load(path.read_text()) or {})
+    except ValidationError as e:
+        raise NlsflowError(f"{path}: {format_validation_error(e)}") from None
+    if clash := sorted(set(entries) & set(METHODS)):
+        raise NlsflowError(f"{path}: variant names {clash} are methods' names; name them apart (e.g. shears-30)")
+    return {name: Variant(v.method, tuple(v.overrides)) for name, v in entries.items()}
 
 
 def run_study(
@@ -63,7 +90,8 @@ def run_study(
         runner,
         extra_configs=[study_config(task, profile)],
         suffix="-study",
-        method_overrides={"lora": ["evaluate.baselines=[dense]"]},  # the dense base, scored once, by LoRA's run
+        # the dense base, scored once, by LoRA's run
+        variants={**study_variants(task, profile), "lora": Variant("lora", ("evaluate.baselines=[dense]",))},
     )
     out = runs / f"study-{task}-{profile}"
     run_dirs = {m: runs / f"{task}-{profile}-{m}-study" for m in methods}
@@ -271,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="commonsense")
     parser.add_argument("--profile", default="smollm2")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated, lora among them")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, lora among them; also the variants file's names"
+    )
     parser.add_argument("--runs", default="runs")
     parser.add_argument("--runner", default="local", choices=sorted(RUNNERS))
     parser.add_argument(

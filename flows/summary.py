@@ -34,9 +34,13 @@ def key_metric(out: StageOutput) -> str:
     if isinstance(out, TrainOutput):
         return f"{out.steps} steps, final loss {out.final_loss:.3f}"
     if isinstance(out, EvaluateOutput):
+        differences = "".join(
+            f"; {pair} {100 * d.difference:+.1f} [{100 * d.interval[0]:+.1f}, {100 * d.interval[1]:+.1f}] points"
+            for pair, d in out.differences.items()
+        )
         return (
             f"{out.subnet_name} subnet: average accuracy {percent_with_interval(out)}% "
-            f"(strict {100 * out.average_accuracy_strict:.1f}%)"
+            f"(strict {100 * out.average_accuracy_strict:.1f}%){differences}"
         )
     if isinstance(out, SearchOutput):
         return (

@@ -8,6 +8,7 @@ from conftest import DATA_ROOT, LIGHT_BENCHMARK, needs_data
 from flows.compare import COLUMNS, compare, markdown
 from flows.study import pilot, run_study
 from nlsflow.artifacts import read_manifest, read_table, stage_dir
+from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError
 
 pytestmark = [pytest.mark.slow, needs_data]
@@ -57,16 +58,22 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
 
 def test_a_study_runs_lora_and_a_method_and_generates_the_table_and_plot(tmp_path):
     """`make study` on the tiny profile (configs/studies/math-tiny.yaml): the accuracies mean nothing there."""
-    out = run_study("math", "tiny", ("lora", "shears"), tmp_path, [f"data.root={DATA_ROOT}"])
+    out = run_study("math", "tiny", ("lora", "shears-30"), tmp_path, [f"data.root={DATA_ROOT}"])
     table = read_table(out / "results.parquet", "study").to_pylist()
-    assert [r["method"] for r in table] == ["lora", "shears", "dense base"]
+    assert [r["method"] for r in table] == ["lora", "shears-30", "dense base"]
     lora, shears, dense = table
     for row in table:
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
     assert lora["retention"] == (100 if lora["accuracy"] else None) and dense["trainable_params"] == 0
     assert dense["delta_vs_lora"] == pytest.approx(dense["accuracy"] - lora["accuracy"])
-    assert read_manifest(stage_dir(tmp_path / "math-tiny-shears-study", "train"), "train").output.steps == 20
+    assert read_manifest(stage_dir(tmp_path / "math-tiny-shears-30-study", "train"), "train").output.steps == 20
+    # the variant: Shears (sparsity-preserving) on a base pruned 30% (configs/studies/math-tiny.variants.yaml)
+    shears_30 = load_config([tmp_path / "math-tiny-shears-30-study" / "config.yaml"])
+    assert shears_30.method.name == "shears" and shears_30.prune.sparsity == 0.3
+    assert read_manifest(stage_dir(tmp_path / "math-tiny-shears-30-study", "prune"), "prune").output.sparsity == (
+        pytest.approx(0.3, abs=0.01)
+    )
     text = (out / "results.md").read_text()
     assert "| lora |" in text and "| dense base |" in text and "Δ vs LoRA" in text
     assert "Test records: gsm8k 8, AQuA 8, mawps 8, SVAMP 8." in text and "outside_average" not in text
@@ -80,3 +87,21 @@ def test_a_study_runs_lora_and_a_method_and_generates_the_table_and_plot(tmp_pat
         run_study("math", "tiny", ("shears",), tmp_path)
     with pytest.raises(NlsflowError, match="no study config .*commonsense-tiny.yaml"):
         run_study("commonsense", "tiny", ("lora",), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("shears: {method: shears}", r"variant names \['shears'\] are methods' names"),
+        ("x: {method: qlora}", "x.method: Input should be"),
+        ("x: {method: shears, sparsity: 0.3}", "unknown key 'x.sparsity'"),
+    ],
+)
+def test_a_bad_variants_file_is_one_line(tmp_path, monkeypatch, text, message):
+    import flows.study
+
+    monkeypatch.setattr(flows.study, "STUDIES", tmp_path)
+    (tmp_path / "math-tiny.variants.yaml").write_text(text)
+    with pytest.raises(NlsflowError, match=message) as err:
+        flows.study.study_variants("math", "tiny")
+    assert "\n" not in str(err.value)

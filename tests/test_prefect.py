@@ -4,6 +4,7 @@ served deployment report to, read back through its REST API."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -129,6 +130,7 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
             "shears",
             f"run_dir={run_dir}",
             *TINY,
+            "evaluate.baselines=[pruned]",
         ],
         cwd=REPO,
         env=env,
@@ -157,6 +159,8 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
     )
     assert artifacts["train-progress"]["type"] == "progress" and artifacts["train-progress"]["data"] == 100
     assert '"model": "heuristic subnet"' in artifacts["nlsflow-accuracy"]["data"]
+    assert '"average_95%": "[' in artifacts["nlsflow-accuracy"]["data"]  # each average with its interval
+    assert re.search(r"heuristic - pruned [+-]\d+\.\d \[", artifacts["nlsflow-summary"]["data"])  # paired
     assert '"label"' in artifacts["nlsflow-pareto-front"]["data"]
     benchmark = artifacts["nlsflow-benchmark"]["data"]
     assert "| extracted_merged |" in benchmark and benchmark.count("](data:image/png;base64,") == 2
