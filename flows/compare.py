@@ -86,7 +86,7 @@ def method_row(run_dir: Path, method: str) -> dict:
     }
 
 
-def _extracted_answers(run_dir: Path) -> dict[str, list[bool]]:
+def extracted_answers(run_dir: Path) -> dict[str, list[bool]]:
     """The extracted model's correct answers per averaged test set, in record order (extract/predictions.parquet)."""
     extracted: ExtractOutput = read_output(run_dir, "extract", verify=False)
     return correct_by_task(
@@ -100,11 +100,11 @@ def against_lora(rows: list[dict], run_dirs: dict[str, Path]) -> None:
     (accuracy as % of LoRA's), added to the rows in place; nothing when LoRA is not among them."""
     if "lora" not in run_dirs:
         return
-    lora = _extracted_answers(run_dirs["lora"])
+    lora = extracted_answers(run_dirs["lora"])
     lora_accuracy = next(r["accuracy"] for r in rows if r["method"] == "lora")
     for row in rows:
         try:
-            delta, (low, high), _ = paired_difference(_extracted_answers(run_dirs[row["method"]]), lora)
+            delta, (low, high), _ = paired_difference(extracted_answers(run_dirs[row["method"]]), lora)
         except ValueError as e:
             raise NlsflowError(
                 f"{row['method']} vs lora: {e} (compare runs of the same task and evaluate settings)"

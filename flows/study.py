@@ -23,7 +23,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from flows.compare import METHODS, Variant, compare
+from flows.compare import METHODS, Variant, compare, extracted_answers
 from flows.runners import RUNNERS
 from nlsflow.artifacts import read_json, read_output, read_table, stage_dir, write_table
 from nlsflow.cli import expand_args
@@ -31,7 +31,7 @@ from nlsflow.config import RUN_CONFIG_NAME, load_config
 from nlsflow.data.datasets import EVAL_DATASETS
 from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.evaluation.generation import evaluate_dataset
-from nlsflow.evaluation.intervals import paired_difference
+from nlsflow.evaluation.intervals import correct_by_task, paired_difference
 from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
@@ -47,7 +47,7 @@ COUNTS = ("params", "nonzero_params", "nonzero_macs_per_token", "trainable_param
 def study_config(task: str, profile: str) -> Path:
     path = STUDIES / f"{task}-{profile}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in STUDIES.glob("*.yaml"))) or "none"
+        known = ", ".join(sorted(p.stem for p in STUDIES.glob("*.yaml") if ".variants" not in p.suffixes)) or "none"
         raise NlsflowError(f"no study config {path}; studies: {known} (add configs/studies/{task}-{profile}.yaml)")
     return path
 
@@ -81,6 +81,12 @@ def run_study(
     """Run (or resume) the study's methods and write its results folder; returns that folder."""
     if "lora" not in methods:
         raise NlsflowError("a study needs plain LoRA, its baseline row: add lora to the methods")
+    variants = study_variants(task, profile)
+    if unknown := [m for m in methods if m not in METHODS and m not in variants]:
+        raise NlsflowError(
+            f"unknown study rows {unknown}: choose from the methods {list(METHODS)} and the variants {list(variants)} "
+            f"(configs/studies/{task}-{profile}.variants.yaml)"
+        )
     rows = compare(
         task,
         profile,
@@ -91,7 +97,7 @@ def run_study(
         extra_configs=[study_config(task, profile)],
         suffix="-study",
         # the dense base, scored once, by LoRA's run
-        variants={**study_variants(task, profile), "lora": Variant("lora", ("evaluate.baselines=[dense]",))},
+        variants={**variants, "lora": Variant("lora", ("evaluate.baselines=[dense]",))},
     )
     out = runs / f"study-{task}-{profile}"
     run_dirs = {m: runs / f"{task}-{profile}-{m}-study" for m in methods}
@@ -108,7 +114,7 @@ def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
     writes `<runs>/study-<task>-<profile>/pilot.md` and returns it."""
     run_dir = runs / f"{task}-{profile}-lora-study"
     train_dir = stage_dir(run_dir, "train")
-    read_output(run_dir, "train")  # a finished train stage, or a one-line error naming it
+    trained: TrainOutput = read_output(run_dir, "train")  # a finished train stage, or a one-line error naming it
     cfg = load_config([run_dir / RUN_CONFIG_NAME])
     subnet = read_json(train_dir / TrainOutput.files.search_space, SearchSpaceFile, "train").subnets["maximal"]
     model, tokenizer = AtSubnet(
@@ -134,8 +140,9 @@ def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
                 ]
                 for source, rows in by_source(records).items()
             }
-    difference, (low, high), per_set = paired_difference(answers["LoRA"], answers["dense base"])
-    trained: TrainOutput = read_output(run_dir, "train")
+    # the slice as one sample (its sources are in proportion to the training mixture, some with a few records)
+    pooled = {name: {"validation": [c for rows in by_set.values() for c in rows]} for name, by_set in answers.items()}
+    difference, (low, high), _ = paired_difference(pooled["LoRA"], pooled["dense base"])
     lines = [
         f"### Pilot: plain LoRA against the dense base on the validation slice ({task}, {profile})",
         "",
@@ -146,14 +153,14 @@ def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
         "| source | records | dense base | LoRA | Δ |",
         "|---|---:|---:|---:|---:|",
     ]
-    for source, (delta, _) in per_set.items():
-        n = len(answers["LoRA"][source])
+    for source, lora_answers in answers["LoRA"].items():
+        n = len(lora_answers)
         dense, lora = (100 * sum(answers[m][source]) / n for m in ("dense base", "LoRA"))
-        lines.append(f"| {source} | {n} | {dense:.1f} | {lora:.1f} | {100 * delta:+.1f} |")
+        lines.append(f"| {source} | {n} | {dense:.1f} | {lora:.1f} | {lora - dense:+.1f} |")
     verdict = "clearly beats" if low > 0 else "does not separably beat"
     lines += [
         "",
-        f"LoRA − dense base, mean over sources: {100 * difference:+.1f} points, 95% interval "
+        f"LoRA − dense base over the {len(records)} records: {100 * difference:+.1f} points, 95% interval "
         f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired bootstrap): at this budget LoRA {verdict} the dense base.",
     ]
     out = runs / f"study-{task}-{profile}" / "pilot.md"
@@ -172,7 +179,12 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
     if dense := evaluate.baselines.get("dense"):
         lora = next(r for r in table if r["method"] == "lora")
         interval = dense.average_accuracy_interval or (None, None)
-        difference = evaluate.differences.get(f"{evaluate.subnet_name} - dense")
+        # against the same LoRA model as every other row: the one extracted, on the same records
+        predictions = read_table(
+            stage_dir(run_dirs["lora"], "evaluate") / EvaluateOutput.files.predictions, "predictions"
+        )
+        dense_answers = correct_by_task([r for r in predictions.to_pylist() if r["model"] == "dense"], dense.averaged)
+        delta, (low, high), _ = paired_difference(dense_answers, extracted_answers(run_dirs["lora"]))
         table.append(
             {
                 **dict.fromkeys(table[0]),
@@ -185,10 +197,10 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
                 "accuracy": dense.average_accuracy,
                 "accuracy_low": interval[0],
                 "accuracy_high": interval[1],
-                # LoRA minus the dense base, negated: the base against the baseline, on the same records
-                "delta_vs_lora": None if difference is None else -difference.difference,
-                "delta_low": None if difference is None else -difference.interval[1],
-                "delta_high": None if difference is None else -difference.interval[0],
+                "accuracy_strict": dense.average_accuracy_strict,
+                "delta_vs_lora": delta,
+                "delta_low": low,
+                "delta_high": high,
                 "retention": 100 * dense.average_accuracy / lora["accuracy"] if lora["accuracy"] else None,
                 "accuracy_by_task": dense.accuracy,
             }

@@ -241,7 +241,7 @@ class EvaluateConfig(Strict):
     @model_validator(mode="after")
     def _averaged_sets(self) -> EvaluateConfig:
         if not self.averaged:
-            raise ValueError("outside_average leaves no test set in the average; keep at least one out of it")
+            raise ValueError("outside_average lists every test set; leave at least one of evaluate.datasets out of it")
         return self
 
     @property

@@ -83,6 +83,8 @@ def test_a_study_runs_lora_and_a_method_and_generates_the_table_and_plot(tmp_pat
     assert f"{validation.num_rows} held-out validation records" in pilot_text and "LoRA − dense base" in pilot_text
     assert pilot_text.count("\n| ") == 1 + len(set(validation.column("source").to_pylist()))  # header + a source each
     assert (out / "accuracy_vs_macs.png").stat().st_size > 10_000
+    with pytest.raises(NlsflowError, match=r"unknown study rows \['shears-3'\]: choose from .* \['shears-30'\]"):
+        run_study("math", "tiny", ("lora", "shears-3"), tmp_path)
     with pytest.raises(NlsflowError, match="a study needs plain LoRA"):
         run_study("math", "tiny", ("shears",), tmp_path)
     with pytest.raises(NlsflowError, match="no study config .*commonsense-tiny.yaml"):

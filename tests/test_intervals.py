@@ -30,6 +30,11 @@ def test_the_average_resamples_within_each_set():
     average = (sum(sets["a"]) / 100 + sum(sets["b"]) / 400) / 2  # the mean of the set accuracies, not of records
     assert low < average < high and set(per_set) == {"a", "b"}
     assert accuracy_intervals({"a": [False] * 30})[0]["a"] == (0.0, 0.0)  # no spread: a point
+    # a one-record set resamples to itself (scipy needs 2 per sample)
+    assert (
+        accuracy_intervals({"a": [True], "b": [True, False]})[1]
+        == accuracy_intervals({"a": [True, True], "b": [True, False]})[1]
+    )
     # a set outside the average keeps its own interval and leaves the average's alone
     per_set_b, (low_b, high_b) = accuracy_intervals(sets, averaged=["b"])
     assert per_set_b == per_set and (low_b, high_b) == accuracy_intervals({"b": sets["b"]})[1]

@@ -89,7 +89,7 @@ def test_overrides_are_typed_and_dotted(tmp_path):
         (  # TASKS[0] is commonsense
             "evaluate.outside_average=[boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, "
             "openbookqa]",
-            "leaves no test set in the average",
+            "leave at least one of evaluate.datasets out of it",
         ),
         ("evaluate.outside_average=[hellaswg]", "evaluate.outside_average: unknown datasets ['hellaswg']"),
     ],

@@ -26,6 +26,8 @@ def _interval(samples: list[np.ndarray]) -> Interval:
     if all(np.all(s == s[0]) for s in samples):  # no spread to resample (e.g. every answer wrong)
         value = float(_mean_of_means(*samples))
         return value, value
+    # a one-record set resamples to itself; scipy wants 2 per sample, and two copies change no resample's mean
+    samples = [np.repeat(s, 2) if len(s) == 1 else s for s in samples]
     result = bootstrap(
         samples,
         _mean_of_means,
