@@ -112,6 +112,7 @@ def prefect_server(tmp_path):
 
 
 TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", LIGHT_BENCHMARK]
+WITH_PRUNED = [*TINY, "evaluate.baselines=[pruned]"]  # a baseline: the summary shows the paired difference
 
 
 def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_path):
@@ -129,8 +130,7 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
             "--method",
             "shears",
             f"run_dir={run_dir}",
-            *TINY,
-            "evaluate.baselines=[pruned]",
+            *WITH_PRUNED,
         ],
         cwd=REPO,
         env=env,
@@ -180,7 +180,13 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
         deployment = _wait(
             lambda: client.get("/deployments/name/nlsflow/nlsflow").json()["id"], 120, "the nlsflow deployment"
         )
-        parameters = {"task": "math", "profile": "tiny", "method": "shears", "run_dir": str(run_dir), "overrides": TINY}
+        parameters = {
+            "task": "math",
+            "profile": "tiny",
+            "method": "shears",
+            "run_dir": str(run_dir),
+            "overrides": WITH_PRUNED,
+        }
         run = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters}).json()
         final = _wait(
             lambda: (
