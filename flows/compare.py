@@ -23,7 +23,7 @@ from flows.runners import RUNNERS
 from nlsflow.artifacts import read_manifest, read_output, read_table, stage_dir, write_table
 from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
-from nlsflow.evaluation.intervals import correct_by_task, paired_difference
+from nlsflow.evaluation.intervals import correct_by_task, paired_difference, points, points_interval
 from nlsflow.io import atomic_write_text
 from nlsflow.layers import config_files
 from schemas.outputs import ExtractOutput
@@ -49,12 +49,12 @@ COLUMNS = {  # column -> header
     "nonzero_params": "non-zero params",
     "macs_per_token": "MACs/token",
     "nonzero_macs_per_token": "non-zero MACs/token",
-    "accuracy": "accuracy",
+    "accuracy": "accuracy (%)",
     "accuracy_95": "95% interval",
-    "delta_vs_lora": "Δ vs LoRA",
+    "delta_vs_lora": "Δ vs LoRA (points)",
     "delta_95": "Δ 95% interval (paired)",
     "retention": "% of LoRA",
-    "accuracy_strict": "accuracy (strict)",
+    "accuracy_strict": "accuracy (strict, %)",
     "train_seconds": "train time (s)",
 }
 
@@ -114,18 +114,14 @@ def against_lora(rows: list[dict], run_dirs: dict[str, Path]) -> None:
 
 
 def _display(r: dict) -> dict:
-    """A row's cells that combine columns: the intervals, in percentage points."""
-
-    def interval(low, high):
-        return None if low is None else f"[{100 * low:.1f}, {100 * high:.1f}]"
-
-    delta = r.get("delta_vs_lora")
+    """A row's cells as shown: accuracies in percent, differences and intervals in percentage points."""
     return {
         **r,
-        "accuracy_95": interval(r.get("accuracy_low"), r.get("accuracy_high")),
-        "delta_vs_lora": None if delta is None else f"{100 * delta:+.1f}",
-        "delta_95": interval(r.get("delta_low"), r.get("delta_high")),
-        "retention": r.get("retention"),
+        "accuracy": points(r.get("accuracy")),
+        "accuracy_strict": points(r.get("accuracy_strict")),
+        "accuracy_95": points_interval((r.get("accuracy_low"), r.get("accuracy_high"))),
+        "delta_vs_lora": points(r.get("delta_vs_lora"), signed=True),
+        "delta_95": points_interval((r.get("delta_low"), r.get("delta_high")), signed=True),
     }
 
 
@@ -139,8 +135,6 @@ def markdown(rows: list[dict]) -> str:
             if isinstance(r[c], str)
             else f"{r[c]:,}"
             if isinstance(r[c], int)
-            else f"{r[c]:.4f}"
-            if c.startswith("accuracy")
             else f"{r[c]:.1f}"
             if isinstance(r[c], float)
             else str(r[c])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from flows.summary import percent_with_interval, scored_models
 from nlsflow.artifacts import read_manifest, read_output, stage_dir
-from nlsflow.evaluation.intervals import excludes_zero
+from nlsflow.evaluation.intervals import excludes_zero, points, points_interval
 from schemas.outputs import BenchmarkOutput, EvaluateOutput, ExtractOutput, Scores, SearchOutput, TrainOutput
 
 
@@ -64,10 +64,9 @@ def run_report(run_dir: Path) -> str:
     if outside := [t for t in tasks if evaluate.averaged is not None and t not in evaluate.averaged]:
         lines.append(f"\nNot in the averages or the differences (evaluate.outside_average): {', '.join(outside)}.")
     for pair, d in evaluate.differences.items():
-        low, high = d.interval
         noise = "" if excludes_zero(d.interval) else ", within noise"
         lines.append(
-            f"\n{pair}: {100 * d.difference:+.1f} points, 95% interval [{100 * low:+.1f}, {100 * high:+.1f}] "
+            f"\n{pair}: {points(d.difference, True)} points, 95% interval {points_interval(d.interval, True)} "
             f"(paired, same records{noise})"
         )
     benchmark = stage_dir(run_dir, "benchmark") / BenchmarkOutput.files.results_markdown

@@ -31,7 +31,7 @@ from nlsflow.config import RUN_CONFIG_NAME, load_config
 from nlsflow.data.datasets import EVAL_DATASETS
 from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.evaluation.generation import evaluate_dataset
-from nlsflow.evaluation.intervals import correct_by_task, paired_difference
+from nlsflow.evaluation.intervals import correct_by_task, paired_difference, points, points_interval
 from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
@@ -160,8 +160,8 @@ def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
     verdict = "clearly beats" if low > 0 else "does not separably beat"
     lines += [
         "",
-        f"LoRA − dense base over the {len(records)} records: {100 * difference:+.1f} points, 95% interval "
-        f"[{100 * low:+.1f}, {100 * high:+.1f}] (paired bootstrap): at this budget LoRA {verdict} the dense base.",
+        f"LoRA − dense base over the {len(records)} records: {points(difference, True)} points, 95% interval "
+        f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} the dense base.",
     ]
     out = runs / f"study-{task}-{profile}" / "pilot.md"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,14 +216,6 @@ def test_records(run_dir: Path) -> dict[str, tuple[int, bool]]:
     return {t: (counts[t], extracted.averaged is None or t in extracted.averaged) for t in extracted.accuracy}
 
 
-def _points(value) -> str:
-    return "–" if value is None else f"{100 * value:.1f}"
-
-
-def _interval(low, high, sign: str = "") -> str:
-    return "–" if low is None else f"[{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
-
-
 def results_markdown(table: list[dict], task: str, profile: str, records: dict[str, tuple[int, bool]]) -> str:
     tasks = list(records)
     header = [
@@ -246,7 +238,6 @@ def results_markdown(table: list[dict], task: str, profile: str, records: dict[s
     ]
     for r in table:
         count = {k: "–" if r[k] is None else f"{r[k]:,}" for k in COUNTS}
-        delta = "–" if r["delta_vs_lora"] is None else f"{100 * r['delta_vs_lora']:+.1f}"
         cells = [
             r["method"],
             count["params"],
@@ -254,9 +245,9 @@ def results_markdown(table: list[dict], task: str, profile: str, records: dict[s
             count["nonzero_macs_per_token"],
             count["trainable_params"],
             count["adapter_bytes"],
-            *[_points(r["accuracy_by_task"].get(t)) for t in tasks],
-            f"{_points(r['accuracy'])} {_interval(r['accuracy_low'], r['accuracy_high'])}",
-            f"{delta} {_interval(r['delta_low'], r['delta_high'], '+')}",
+            *[points(r["accuracy_by_task"].get(t)) for t in tasks],
+            f"{points(r['accuracy'])} {points_interval((r['accuracy_low'], r['accuracy_high']))}",
+            f"{points(r['delta_vs_lora'], True)} {points_interval((r['delta_low'], r['delta_high']), signed=True)}",
             "–" if r["retention"] is None else f"{r['retention']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from nlsflow.evaluation.intervals import points, points_interval
 from schemas.outputs import (
     STAGE_OUTPUTS,
     BenchmarkOutput,
@@ -35,11 +36,12 @@ def key_metric(out: StageOutput) -> str:
         return f"{out.steps} steps, final loss {out.final_loss:.3f}"
     if isinstance(out, EvaluateOutput):
         differences = "".join(
-            f"; {pair} {100 * d.difference:+.1f} [{100 * d.interval[0]:+.1f}, {100 * d.interval[1]:+.1f}] points"
+            f"; {pair} {points(d.difference, True)} {points_interval(d.interval, True)} points"
             for pair, d in out.differences.items()
         )
         return (
-            f"{out.subnet_name} subnet: average accuracy {percent_with_interval(out)}% "
+            f"{out.subnet_name} subnet: average accuracy {points(out.average_accuracy)}% "
+            f"{points_interval(out.average_accuracy_interval)} "
             f"(strict {100 * out.average_accuracy_strict:.1f}%){differences}"
         )
     if isinstance(out, SearchOutput):
@@ -156,11 +158,8 @@ def _rounded(interval) -> str:
 
 def percent_with_interval(m: Scores) -> str:
     """The average accuracy in percent, with its 95% interval when the manifest has one: '52.3 [48.1, 56.0]'."""
-    text = f"{100 * m.average_accuracy:.1f}"
-    if m.average_accuracy_interval is not None:
-        low, high = m.average_accuracy_interval
-        text += f" [{100 * low:.1f}, {100 * high:.1f}]"
-    return text
+    interval = m.average_accuracy_interval
+    return points(m.average_accuracy) + ("" if interval is None else f" {points_interval(interval)}")
 
 
 def pareto_table(evaluations: list[dict]) -> list[dict]:

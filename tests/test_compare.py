@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import DATA_ROOT, LIGHT_BENCHMARK, needs_data
+from conftest import DATA_ROOT, needs_data
 
 from flows.compare import COLUMNS, compare, markdown
 from flows.study import pilot, run_study
@@ -14,24 +14,21 @@ from nlsflow.errors import NlsflowError
 pytestmark = [pytest.mark.slow, needs_data]
 
 
-def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
-    overrides = [
-        f"data.root={DATA_ROOT}",
-        "train.max_steps=20",
-        "search.num_evals=4",
-        LIGHT_BENCHMARK,
-    ]
-    rows = compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, overrides)
-    assert [r["method"] for r in rows] == ["lora", "shears", "nola"]
-    table = read_table(tmp_path / "compare-math-tiny.parquet", "comparison").to_pylist()
+def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot(tmp_path):
+    """`make study` on the tiny profile (configs/studies/math-tiny.yaml): every row runs through the flow, and
+    `make compare`'s table and the study's come from the manifests. The accuracies mean nothing on a random model."""
+    names = ("lora", "shears", "nola", "shears-30")
+    out = run_study("math", "tiny", names, tmp_path, [f"data.root={DATA_ROOT}"])
+    rows = read_table(tmp_path / "compare-math-tiny-study.parquet", "comparison").to_pylist()
+    assert [r["method"] for r in rows] == list(names)
     shown_only = {"accuracy_95", "delta_95"}  # cells made of the interval columns
     intervals = {"accuracy_low", "accuracy_high", "delta_low", "delta_high"}
-    assert table == rows and set(rows[0]) == set(COLUMNS) - shown_only | intervals
+    assert set(rows[0]) == set(COLUMNS) - shown_only | intervals
     for row in rows:
-        run_dir = tmp_path / f"math-tiny-{row['method']}"
-        train = read_manifest(stage_dir(run_dir, "train"), "train")
+        train = read_manifest(stage_dir(tmp_path / f"math-tiny-{row['method']}-study", "train"), "train")
         assert row["trainable_params"] == train.metrics["trainable_params"] and row["train_seconds"] == train.duration_s
-    lora, shears, nola = rows
+        assert train.output.steps == 20  # the study's budget, the same for every row
+    lora, shears, nola, _ = rows
     assert lora["trainable_params"] == shears["trainable_params"]  # the same targets at the maximal rank
     assert lora["nonzero_params"] > shears["nonzero_params"]  # plain LoRA keeps the dense base
     assert (
@@ -43,31 +40,25 @@ def test_compare_tabulates_each_method_from_its_manifests(tmp_path):
     assert nola["nonzero_macs_per_token"] > shears["nonzero_macs_per_token"]
     assert (lora["delta_vs_lora"], lora["delta_low"], lora["delta_high"]) == (0, 0, 0)
     assert lora["retention"] == (100 if lora["accuracy"] else None)  # % of 0 is undefined (a random model)
-    for row in (shears, nola):  # on the same records the paired difference is the difference of the averages
+    for row in rows[1:]:  # on the same records the paired difference is the difference of the averages
         assert row["delta_vs_lora"] == pytest.approx(row["accuracy"] - lora["accuracy"])
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
-    assert (
-        compare("math", "tiny", ("lora", "shears", "nola"), tmp_path, existing=True) == rows
-    )  # tabulated, nothing run
-    with pytest.raises(NlsflowError, match="math-tiny-lonas/train/manifest.json: run the 'train' stage first"):
-        compare("math", "tiny", ("lonas",), tmp_path, existing=True)
-    text = (tmp_path / "compare-math-tiny.md").read_text()
-    assert text == markdown(rows) and text.count("\n") == 5 and "| nola |" in text
+    # `make compare ARGS=--existing`: tabulated, nothing run
+    assert compare("math", "tiny", names[:3], tmp_path, existing=True, suffix="-study") == rows[:3]
+    with pytest.raises(NlsflowError, match="math-tiny-lonas-study/train/manifest.json: run the 'train' stage first"):
+        compare("math", "tiny", ("lonas",), tmp_path, existing=True, suffix="-study")
+    text = (tmp_path / "compare-math-tiny-study.md").read_text()
+    assert text == markdown(rows[:3]) and text.count("\n") == 5 and "| nola |" in text
 
-
-def test_a_study_runs_lora_and_a_method_and_generates_the_table_and_plot(tmp_path):
-    """`make study` on the tiny profile (configs/studies/math-tiny.yaml): the accuracies mean nothing there."""
-    out = run_study("math", "tiny", ("lora", "shears-30"), tmp_path, [f"data.root={DATA_ROOT}"])
     table = read_table(out / "results.parquet", "study").to_pylist()
-    assert [r["method"] for r in table] == ["lora", "shears-30", "dense base"]
-    lora, shears, dense = table
+    assert [r["method"] for r in table] == [*names, "dense base"]
+    dense = table[-1]
     for row in table:
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
-    assert lora["retention"] == (100 if lora["accuracy"] else None) and dense["trainable_params"] == 0
+    assert dense["trainable_params"] == 0
     assert dense["delta_vs_lora"] == pytest.approx(dense["accuracy"] - lora["accuracy"])
-    assert read_manifest(stage_dir(tmp_path / "math-tiny-shears-30-study", "train"), "train").output.steps == 20
     # the variant: Shears (sparsity-preserving) on a base pruned 30% (configs/studies/math-tiny.variants.yaml)
     shears_30 = load_config([tmp_path / "math-tiny-shears-30-study" / "config.yaml"])
     assert shears_30.method.name == "shears" and shears_30.prune.sparsity == 0.3

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nlsflow.evaluation.intervals import accuracy_intervals, excludes_zero, paired_difference
+from nlsflow.evaluation.intervals import accuracy_intervals, correct_by_task, excludes_zero, paired_difference
 
 
 def _answers(accuracy: float, n: int, seed: int) -> list[bool]:
@@ -53,3 +53,16 @@ def test_a_paired_difference_cancels_what_both_models_share():
     assert paired_difference(ours, ours)[:2] == (0.0, (0.0, 0.0))
     with pytest.raises(ValueError, match="same records"):
         paired_difference(ours, {"a": flipped[:-1]})
+
+
+def test_a_paired_difference_matches_records_by_index():
+    """Prediction rows in any order pair by (task, index); the same count of other records is refused."""
+    rows = [{"task": "a", "index": i, "correct": i % 3 == 0} for i in (4, 0, 2, 1, 3)]
+    ours = correct_by_task(rows)
+    assert list(ours["a"]) == [0, 1, 2, 3, 4]
+    assert paired_difference(ours, {"a": [i % 3 == 0 for i in range(5)]})[:2] == (0.0, (0.0, 0.0))
+    shifted = correct_by_task([{**r, "index": r["index"] + 1} for r in rows])
+    with pytest.raises(ValueError, match="same records on both sides; a's differ"):
+        paired_difference(ours, shifted)
+    with pytest.raises(ValueError, match=r"same test sets on both sides: \['a'\] vs \['b'\]"):
+        paired_difference(ours, {"b": ours["a"]})

@@ -49,7 +49,8 @@ def test_force_reruns_an_up_to_date_stage(copied_run):
 
 
 def test_upstream_change_reruns_everything_downstream(copied_run):
-    statuses = _statuses(tiny_config(copied_run, *MATH_RUN, "prune.calibration.num_samples=4"))
+    # the light benchmark (no MATH_RUN): every stage re-runs anyway, and the benchmark's OpenVINO export is slow
+    statuses = _statuses(tiny_config(copied_run, "prune.calibration.num_samples=4"))
     assert statuses == dict.fromkeys(STAGES, "ran")
 
 

@@ -8,14 +8,16 @@ the same records for both models, so what the two share (easy and hard questions
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
-from scipy.stats import binomtest, bootstrap
 
 LEVEL = 0.95
 RESAMPLES = 2000
 SEED = 0
 
 Interval = tuple[float, float]
+Answers = Sequence[bool] | Mapping[int, bool]  # a test set's correct answers: in record order, or by index
 
 
 def _mean_of_means(*samples, axis=-1):
@@ -26,6 +28,8 @@ def _interval(samples: list[np.ndarray]) -> Interval:
     if all(np.all(s == s[0]) for s in samples):  # no spread to resample (e.g. every answer wrong)
         value = float(_mean_of_means(*samples))
         return value, value
+    from scipy.stats import bootstrap  # scipy.stats takes seconds to import: only where an interval is computed
+
     # a one-record set resamples to itself; scipy wants 2 per sample, and two copies change no resample's mean
     samples = [np.repeat(s, 2) if len(s) == 1 else s for s in samples]
     result = bootstrap(
@@ -50,34 +54,58 @@ def accuracy_intervals(
 
 
 def paired_difference(
-    ours: dict[str, list[bool]], theirs: dict[str, list[bool]]
+    ours: Mapping[str, Answers], theirs: Mapping[str, Answers]
 ) -> tuple[float, Interval, dict[str, tuple[float, Interval]]]:
-    """Average accuracy of `ours` minus `theirs` on the same records (each set's lists in the same record order):
-    the difference, its 95% interval, and per set (difference, interval)."""
-    if ours.keys() != theirs.keys() or any(len(ours[k]) != len(theirs[k]) for k in ours):
-        raise ValueError("a paired difference needs the same test sets with the same records on both sides")
-    diffs = {k: np.asarray(ours[k], dtype=float) - np.asarray(theirs[k], dtype=float) for k in ours}
+    """Average accuracy of `ours` minus `theirs` on the same records: the difference, its 95% interval, and per set
+    (difference, interval). Each set's answers are by record index (`correct_by_task`) or a list in record order."""
+    ours, theirs = ({k: _by_index(v) for k, v in side.items()} for side in (ours, theirs))
+    if ours.keys() != theirs.keys():
+        raise ValueError(
+            f"a paired difference needs the same test sets on both sides: {sorted(ours)} vs {sorted(theirs)}"
+        )
+    for k in ours:
+        if ours[k].keys() != theirs[k].keys():
+            raise ValueError(f"a paired difference needs the same records on both sides; {k}'s differ")
+    diffs = {k: np.asarray([float(ours[k][i]) - float(theirs[k][i]) for i in ours[k]]) for k in ours}
     per_set = {k: (float(d.mean()), _interval([d])) for k, d in diffs.items()}
     return float(_mean_of_means(*diffs.values())), _interval(list(diffs.values())), per_set
 
 
+def _by_index(answers: Answers) -> Mapping[int, bool]:
+    return answers if isinstance(answers, Mapping) else dict(enumerate(answers))
+
+
 def proportion_interval(accuracy: float, records: int) -> Interval:
     """The 95% Wilson interval of an accuracy measured on `records` records (when only the count is kept)."""
+    from scipy.stats import binomtest
+
     interval = binomtest(round(accuracy * records), records).proportion_ci(LEVEL, method="wilson")
     return float(interval.low), float(interval.high)
 
 
-def correct_by_task(rows: list[dict], tasks: list[str] | None = None) -> dict[str, list[bool]]:
-    """Prediction rows (task, index, correct) as each test set's correct answers in record order (only `tasks`'s,
-    when given: the averaged sets a paired difference spans)."""
-    found: dict[str, list[tuple[int, bool]]] = {}
+def correct_by_task(rows: list[dict], tasks: list[str] | None = None) -> dict[str, dict[int, bool]]:
+    """Prediction rows (task, index, correct) as each test set's correct answers by record index, in index order
+    (only `tasks`'s, when given: the averaged sets a paired difference spans)."""
+    found: dict[str, dict[int, bool]] = {}
     for row in rows:
         if tasks is None or row["task"] in tasks:
-            found.setdefault(row["task"], []).append((row["index"], row["correct"]))
-    return {task: [correct for _, correct in sorted(pairs)] for task, pairs in found.items()}
+            found.setdefault(row["task"], {})[row["index"]] = row["correct"]
+    return {task: dict(sorted(answers.items())) for task, answers in found.items()}
 
 
 def excludes_zero(interval: Interval) -> bool:
     """Whether a difference is separable from noise at this level."""
     low, high = interval
     return low > 0 or high < 0
+
+
+def points(value: float | None, signed: bool = False) -> str:
+    """A fraction in percent (an accuracy) or percentage points (a difference), as tables show it: '52.3', '+1.4'."""
+    return "–" if value is None else f"{100 * value:{'+' if signed else ''}.1f}"
+
+
+def points_interval(interval: tuple[float | None, float | None] | None, signed: bool = False) -> str:
+    """An interval of fractions in percent or points: '[48.1, 56.0]', '[-2.5, +3.0]'; '–' when there is none."""
+    if interval is None or interval[0] is None:
+        return "–"
+    return f"[{points(interval[0], signed)}, {points(interval[1], signed)}]"
