@@ -138,14 +138,14 @@ class TrainConfig(Strict):
         description="a seed NNCF JSON (bootstrapNAS overwrite_groups) or plain YAML search space; fills `groups` "
         "(LoNAS: and method.width_groups; and `search` defaults) when the config loads",
     )
-    learning_rate: float = Field(3e-4, gt=0)
+    learning_rate: float = Field(3e-4, gt=0, description="peak AdamW learning rate (linear warmup, then linear decay)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLM-Adapters: 0)")
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping (HF Trainer default 1.0; None: off)")
     batch_size: int = Field(16, gt=0, description="sequences per optimizer step")
     micro_batch_size: int = Field(4, gt=0, description="sequences per forward pass (gradient accumulation)")
-    epochs: float = Field(3.0, gt=0)
+    epochs: float = Field(3.0, gt=0, description="passes over the training records when max_steps is not set")
     max_steps: int | None = Field(None, gt=0, description="cap on optimizer steps")
-    warmup_steps: int = Field(100, ge=0)
+    warmup_steps: int = Field(100, ge=0, description="optimizer steps of linear learning-rate warmup")
     cutoff_len: int = Field(256, gt=0, description="tokens per training example (LLM-Adapters cutoff_len)")
     train_on_inputs: bool = Field(True, description="also train on the prompt tokens (LLM-Adapters default)")
     max_train_samples: int | None = Field(None, gt=0, description="cap on training records")
@@ -192,9 +192,9 @@ class TrainConfig(Strict):
 
 
 class GenerationConfig(Strict):
-    max_new_tokens: int = Field(256, gt=0)
+    max_new_tokens: int = Field(256, gt=0, description="tokens generated per answer at most")
     num_beams: int = Field(1, gt=0, description="1: greedy; 4: the LLM-Adapters reference")
-    batch_size: int = Field(8, gt=0)
+    batch_size: int = Field(8, gt=0, description="prompts generated together (longest first, left-padded)")
 
 
 class ClusterConfig(Strict):
@@ -251,8 +251,8 @@ class EvaluateConfig(Strict):
 
 
 class SearchConfig(Strict):
-    algorithm: Literal["nsga2"] = "nsga2"
-    population: int = Field(5, gt=1)
+    algorithm: Literal["nsga2"] = Field("nsga2", description="pymoo's NSGA-II (the only one)")
+    population: int = Field(5, gt=1, description="subnets per NSGA-II generation")
     num_evals: int = Field(200, gt=1, description="distinct subnets to evaluate (at most the size of the space)")
     cost: Literal["params", "macs"] = Field(
         "params", description="second objective: adapter parameters or MACs per token"
@@ -334,13 +334,15 @@ class PipelineConfig(Strict):
     )
     run_dir: str = Field(description="where every stage writes <run_dir>/<stage>/")
     data: DataConfig
-    seed: int = Field(0)
+    seed: int = Field(0, description="seed of the validation split, the training order and sampling, and the search")
     device: str = Field(
         "auto",
         pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$",
         description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the models are loaded and run in"
+    )
     num_threads: int | None = Field(None, description="torch CPU threads (None: torch's default)")
     model: ModelConfig = Field(default_factory=ModelConfig)
     prune: PruneConfig = Field(default_factory=PruneConfig)

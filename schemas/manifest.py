@@ -19,24 +19,26 @@ MANIFEST_NAME = "manifest.json"
 class OutputFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="relative to the stage folder")
-    sha256: str
-    bytes: int
+    sha256: str = Field(description="hex digest of the file's bytes")
+    bytes: int = Field(description="file size")
 
 
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    schema_name: str = MANIFEST_SCHEMA
-    schema_version: int = MANIFEST_VERSION
-    stage: str
+    schema_name: str = Field(MANIFEST_SCHEMA, description="what this file is (checked on reading)")
+    schema_version: int = Field(MANIFEST_VERSION, description="bumped when the layout changes (checked on reading)")
+    stage: str = Field(description="the stage that wrote it")
     config: dict[str, Any] = Field(description="the resolved config this stage depends on")
     inputs: dict[str, str] = Field(description="upstream stage -> fingerprint of its manifest")
-    outputs: list[OutputFile]
+    outputs: list[OutputFile] = Field(description="every file the stage wrote, with its digest and size")
     metrics: dict[str, Any] = Field(
         default_factory=dict, description="the stage's output model as JSON (schemas.outputs.STAGE_OUTPUTS[stage])"
     )
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
-    duration_s: float = 0.0
-    versions: dict[str, str] = Field(default_factory=dict)
+    created_at: str = Field(
+        default_factory=lambda: datetime.now(timezone.utc).isoformat(), description="when the stage finished (UTC)"
+    )
+    duration_s: float = Field(0.0, description="the stage's wall time")
+    versions: dict[str, str] = Field(default_factory=dict, description="versions of the libraries it ran with")
 
     @property
     def output(self) -> StageOutput:

@@ -6,26 +6,30 @@ The method decides what it writes (`Method.extract`, `Method.merge`): a stock PE
 model is what deploys); LoNAS's narrowed base at `extract/base/`; NOLA's compact form at `extract/nola/`. Every
 folder is loaded as a user would and its logits compared with the super-network's at the subnet (float32): the
 stage fails naming the one that differs. With `extract.evaluate` the deployable one is scored on the test sets
-(`extract/predictions.parquet`).
+(`extract/predictions.parquet`). Every folder gets a model card, its README.md (`nlsflow.deploy.card`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+from collections import Counter
+from pathlib import Path
 
 import torch
 
 from nlsflow.adapters.elastic import activate, validate_subnet
-from nlsflow.adapters.shortcuts import attached_shortcuts
+from nlsflow.adapters.shortcuts import attached_shortcuts, has_shortcuts
 from nlsflow.adapters.supernet import NAMED_SUBNETS
 from nlsflow.artifacts import read_json, read_table, write_table
 from nlsflow.cluster import scoring_pool
 from nlsflow.data.datasets import generate_prompt
+from nlsflow.deploy.card import CardFacts, Folder, build_card, run_commands, write_card
+from nlsflow.deploy.measure import model_stats
 from nlsflow.errors import NlsflowError
 from nlsflow.evaluation.scoring import score_test_sets
 from nlsflow.evaluation.workers import DeployableLoad, TestSetScorer
-from nlsflow.methods import Artifact, ExtractPlan, method_for
+from nlsflow.methods import Artifact, ExtractPlan, Method, method_for
 from nlsflow.models import resolve_device
 from schemas.files import ChosenSubnetFile
 from schemas.outputs import ExtractOutput, PruneOutput, SearchOutput, TrainOutput
@@ -63,13 +67,15 @@ def run(ctx: StageContext) -> ExtractOutput:
     del model  # the super-network: from here on only what was written is loaded
     if xc.merge:
         artifacts.append(method.merge(plan))
-    metrics = check_artifacts(artifacts, batch, expected, device, plan.metrics)
+    measured: dict[str, dict] = {}
+    metrics = check_artifacts(artifacts, batch, expected, device, plan.metrics, measured)
 
     deployable = next((a for a in artifacts if a.deployable), None)
     if deployable is None:
         raise NlsflowError(
             f"method {method.name} wrote no deployable folder (extract.merge={xc.merge}); set extract.merge=true"
         )
+    records: dict[str, int] = {}
     if xc.evaluate:  # the deployable model, loaded as a user would (by each worker), on the test sets
         ec = cfg.evaluate
         load = DeployableLoad(deployable.load, cfg.dtype, cfg.device, base_dir)
@@ -79,9 +85,12 @@ def run(ctx: StageContext) -> ExtractOutput:
             rows, scores = score_test_sets(pool, tokenizer, ctx.data_root, ec, "extracted", "extracted")
         write_table(ctx.out_dir / ExtractOutput.files.predictions, "predictions", rows)
         metrics.update(scores)
-    return ExtractOutput(
+        records = dict(Counter(row["task"] for row in rows))
+    output = ExtractOutput(
         subnet_name=subnet_name, subnet=subnet, check_dtype=CHECK_DTYPE, deployable=deployable.name, **metrics
     )
+    write_cards(ctx, method, artifacts, output, measured, records, len(batch["input_ids"]))
+    return output
 
 
 def chosen_subnet(ctx: StageContext, space) -> tuple[dict[str, int], str]:
@@ -114,9 +123,12 @@ def logits(model, batch) -> torch.Tensor:
     return out[batch["attention_mask"].bool()]  # compare real tokens only
 
 
-def check_artifacts(artifacts: list[Artifact], batch, expected, device, metrics: dict) -> dict:
+def check_artifacts(
+    artifacts: list[Artifact], batch, expected, device, metrics: dict, measured: dict[str, dict] | None = None
+) -> dict:
     """Load each written folder as a user would; its max |logit difference| from the super-network must be within
-    its tolerance, or the stage fails naming it. Returns the metrics with each difference and the adapter's size."""
+    its tolerance, or the stage fails naming it. Returns the metrics with each difference and the adapter's size;
+    `measured` gets each folder's model's size (`model_stats`; NOLA's compact form expands to the adapter's)."""
     for artifact in artifacts:
         model = artifact.load(CHECK_DTYPE, device)
         diff = (logits(model, batch) - expected).abs().max().item()
@@ -132,6 +144,8 @@ def check_artifacts(artifacts: list[Artifact], batch, expected, device, metrics:
             )
         metrics[_diff_key(artifact)] = diff
         metrics.setdefault("loads_with", {})[artifact.name] = artifact.loads_with
+        if measured is not None and artifact.kind != "compact":  # a super-adapter: every rank, not the subnet's
+            measured[artifact.name] = model_stats(model)
         if artifact.kind == "adapter":
             shortcuts = attached_shortcuts(model)  # HeteroLoRA's, outside the model's module tree
             lora_params = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
@@ -141,6 +155,63 @@ def check_artifacts(artifacts: list[Artifact], batch, expected, device, metrics:
         del model
         gc.collect()
     return metrics
+
+
+def write_cards(
+    ctx: StageContext,
+    method: Method,
+    artifacts: list[Artifact],
+    output: ExtractOutput,
+    measured: dict[str, dict],
+    records: dict[str, int],
+    probe_records: int,
+) -> None:
+    """A model card (README.md) in every folder written, before the manifest lists the stage's files."""
+    final = ctx.input_dir("extract")
+
+    def landed(path: Path) -> str:  # where a path in the temp folder lands
+        return str(final / path.relative_to(ctx.out_dir)) if path.is_relative_to(ctx.out_dir) else str(path)
+
+    adapter_stats = next((measured.get(a.name) for a in artifacts if a.kind == "adapter"), None)
+    folders = {
+        a.name: Folder(
+            a.name,
+            a.kind,
+            a.loads_with,
+            base=landed(a.base) if a.base else None,
+            tolerance=a.tolerance,
+            max_abs_logit_diff=getattr(output, _diff_key(a), None),
+            stats=adapter_stats if a.kind == "compact" else measured.get(a.name),
+            masked=method.masked and a.kind == "adapter",
+            shortcuts=has_shortcuts(ctx.out_dir / a.name),
+            remote_code=_remote_code(ctx.out_dir / a.name),
+        )
+        for a in artifacts
+    }
+    narrowed = ctx.out_dir / ExtractOutput.files.base  # LoNAS: the base the adapter goes on
+    if narrowed.is_dir():
+        folders[narrowed.name] = Folder(narrowed.name, "base", "", remote_code=_remote_code(narrowed))
+    facts = CardFacts(
+        cfg=ctx.cfg,
+        prune=ctx.output("prune"),
+        train=ctx.output("train"),
+        extract=output,
+        search=ctx.output("search"),
+        extract_dir=str(final),
+        train_dir=str(ctx.input_dir("train")),
+        folders=folders,
+        records=records,
+        probe_records=probe_records,
+        commands=run_commands(ctx.cfg),
+    )
+    for name in folders:
+        write_card(build_card(facts, name), ctx.out_dir / name)
+
+
+def _remote_code(folder: Path) -> bool:
+    """A narrowed model whose layers keep different widths: its config.json maps the Auto classes to its own code."""
+    config = folder / "config.json"
+    return config.is_file() and '"auto_map"' in config.read_text()
 
 
 def _diff_key(artifact: Artifact) -> str:

@@ -77,12 +77,32 @@ def use_semi_structured_kernels(model: nn.Module) -> tuple[int, int]:
     return swapped, len(linears)
 
 
+@torch.no_grad()
+def model_stats(model: nn.Module, macs: int | None = None) -> dict[str, int]:
+    """A loaded model's parameters, non-zero parameters, MACs per token and those with a non-zero weight, with its
+    attached shortcuts (HeteroLoRA's) and masked deltas (Shears'). `macs`: its linears' MACs when not all of every
+    nn.Linear is active (a super-adapter at a subnet: `linear_macs_per_token`); default `model_linear_macs`."""
+    from nlsflow.adapters.masking import masked_macs_correction
+    from nlsflow.adapters.shortcuts import attached_shortcuts
+
+    shortcuts = attached_shortcuts(model)
+    params = [*model.parameters(), *(p for group in shortcuts for p in group.parameters())]
+    macs = model_linear_macs(model) if macs is None else macs
+    macs += masked_macs_correction(model) + sum(model_linear_macs(group) for group in shortcuts)
+    return {
+        "params": sum(p.numel() for p in params),
+        "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
+        "macs_per_token": macs,
+        "nonzero_macs_per_token": macs - base_linear_zeros(model),
+    }
+
+
 def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
     """The model, and its stats that need the module tree: params, non-zeros, MACs, zero MACs."""
     from nlsflow.adapters.elastic import activate, linear_macs_per_token
     from nlsflow.adapters.loading import load_peft_adapter
-    from nlsflow.adapters.masking import make_sparsity_preserving, masked_macs_correction
-    from nlsflow.adapters.shortcuts import attached_shortcuts, load_shortcuts
+    from nlsflow.adapters.masking import make_sparsity_preserving
+    from nlsflow.adapters.shortcuts import load_shortcuts
     from nlsflow.adapters.supernet import load_supernet
     from nlsflow.models import load_causal_lm
 
@@ -105,15 +125,7 @@ def _load_pytorch(variant: Variant, dtype: str, device: torch.device):
                 make_sparsity_preserving(model)
         load_shortcuts(model, Path(variant.adapter_dir or variant.model_dir))  # HeteroLoRA's, when the folder has any
         macs = model_linear_macs(model)
-    shortcuts = attached_shortcuts(model)
-    params = [*model.parameters(), *(p for group in shortcuts for p in group.parameters())]
-    stats = {
-        "params": sum(p.numel() for p in params),
-        "nonzero_params": int(sum((p != 0).sum().item() for p in params)),
-        "macs_per_token": macs + masked_macs_correction(model) + sum(model_linear_macs(group) for group in shortcuts),
-        "note": "",
-    }
-    stats["nonzero_macs_per_token"] = stats["macs_per_token"] - base_linear_zeros(model)
+    stats = {**model_stats(model, macs), "note": ""}
     if variant.semi_structured:
         swapped, linears = use_semi_structured_kernels(model)
         stats["note"] = f"{swapped} of {linears} decoder linears on 2:4 sparse kernels"

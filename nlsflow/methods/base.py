@@ -80,6 +80,7 @@ class Artifact:
     tolerance: float  # max |logit| difference from the super-network at the subnet, in float32
     loads_with: str  # what loading it takes, e.g. "peft" or "peft + nlsflow (the base's mask)"
     deployable: bool = False  # the one the extract stage scores on the test sets
+    base: Path | None = None  # the base model folder it goes on (an adapter's; None: a whole model)
 
 
 @dataclass(kw_only=True)
@@ -195,6 +196,7 @@ class Method:
             plan.tolerance,
             _with_shortcuts(self.adapter_loads_with, adapter_dir),
             deployable=True,
+            base=base_dir,
         )
 
     def load_adapter(self, base_dir: Path, adapter_dir: Path, dtype: str, device: torch.device) -> nn.Module:

@@ -65,5 +65,12 @@ class Nola(Method):
 
         return [
             *artifacts,
-            Artifact(ExtractOutput.files.nola, "compact", load, plan.tolerance, "nlsflow (nlsflow.adapters.nola)"),
+            Artifact(
+                ExtractOutput.files.nola,
+                "compact",
+                load,
+                plan.tolerance,
+                "nlsflow (nlsflow.adapters.nola)",
+                base=plan.base_dir,
+            ),
         ]
