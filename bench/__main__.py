@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bench import accelerate_loop, generation, search, training, wanda, workers
-from bench.context import load_context
+from bench.context import load_context, profile_config
 from bench.runner import render, write_bench
 from nlsflow.cli import expand_args
 from nlsflow.errors import NlsflowError
@@ -37,13 +37,19 @@ def bench(
     repeats: int | None = None,
     overrides: list[str] = (),
     only: list[str] = tuple(COMPARISONS),
-) -> tuple[list[dict], Path]:
-    """Run the comparisons in `only`; returns the rows and the Parquet file written."""
+    plan: bool = False,
+) -> tuple[list[dict], Path] | None:
+    """Run the comparisons in `only`; returns the rows and the Parquet file written. `plan`: check the settings and
+    say what would run, run nothing (returns None)."""
     unknown = sorted(set(only) - COMPARISONS.keys())
     if unknown:
         raise NlsflowError(f"unknown comparisons {unknown}; choose from {list(COMPARISONS)}")
     if repeats is not None and repeats < 1:
         raise NlsflowError(f"--repeats {repeats}: at least 1 is needed")
+    if plan:
+        cfg = profile_config(profile, list(overrides))
+        print(f"bench: {', '.join(only)} on {cfg.model.name_or_path} ({profile}), written to {out}/bench-{profile}.*")
+        return None
     ctx = load_context(profile, list(overrides), repeats)
     start, rows = time.perf_counter(), []
     for name in only:
@@ -64,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder of bench-<profile>.parquet/.md")
     parser.add_argument("--repeats", type=int, help="measured rounds per comparison (default: the profile's)")
     parser.add_argument("--only", default=",".join(COMPARISONS), help=f"comma-separated subset of {list(COMPARISONS)}")
+    parser.add_argument("--plan", action="store_true", help="check the settings; say what would run, run nothing")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides, e.g. data.root=/data")
     try:
         argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "ignore", message=".*is_gradient_checkpointing.*"
     )  # raised inside PEFT, not actionable here
     try:
-        bench(args.profile, args.out, args.repeats, args.overrides, args.only.split(","))
+        bench(args.profile, args.out, args.repeats, args.overrides, args.only.split(","), args.plan)
     except NlsflowError as e:
         print(f"error: bench: {e}", file=sys.stderr)
         return 2

@@ -103,11 +103,16 @@ class BenchContext:
         return model, space
 
 
+def profile_config(profile: str, overrides: list[str] = (), task: str = "math", method: str = "shears"):
+    """The config the bench measures: `config_files(task, profile, method)` and the overrides."""
+    return load_config(config_files(task, profile, method), [f"run_dir={Path('runs') / 'bench'}", *overrides])
+
+
 def load_context(
     profile: str, overrides: list[str] = (), repeats: int | None = None, task: str = "math", method: str = "shears"
 ) -> BenchContext:
-    """The profile's config (`config_files(task, profile, method)` + overrides), its base model and data."""
-    cfg = load_config(config_files(task, profile, method), [f"run_dir={Path('runs') / 'bench'}", *overrides])
+    """The profile's config (`profile_config`), its base model and data."""
+    cfg = profile_config(profile, overrides, task, method)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     settings = SETTINGS.get(profile, SETTINGS["smollm2"])

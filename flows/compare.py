@@ -20,8 +20,9 @@ from rich.table import Table
 
 from flows.pipeline import pipeline
 from flows.runners import RUNNERS
-from nlsflow.artifacts import read_manifest, read_output, read_table, stage_dir, write_table
+from nlsflow.artifacts import describe_plan, read_manifest, read_output, read_table, stage_dir, stage_plan, write_table
 from nlsflow.cli import expand_args
+from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError
 from nlsflow.evaluation.intervals import correct_by_task, paired_difference, points, points_interval
 from nlsflow.io import atomic_write_text
@@ -157,20 +158,26 @@ def compare(
     extra_configs: list[Path] = (),
     suffix: str = "",
     variants: dict[str, Variant] | None = None,
+    plan: bool = False,
 ) -> list[dict]:
     """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing.
     `extra_configs` follow each method's own config files (a study's settings); a name in `variants` is a method
     with overrides of its own (a row of its own, e.g. Shears at 30% sparsity, or LoRA scoring the dense base); runs
-    are <runs>/<task>-<profile>-<name><suffix>."""
+    are <runs>/<task>-<profile>-<name><suffix>. `plan`: print which stages of each run would run, run nothing."""
     rows = []
     for name in methods:
         variant = (variants or {}).get(name, Variant(name))
         run_dir = runs / f"{task}-{profile}-{name}{suffix}"
+        files = [str(f) for f in [*config_files(task, profile, variant.method), *extra_configs]]
+        settings = [f"run_dir={run_dir}", *overrides, *variant.overrides]
+        if plan:
+            cfg = load_config(files, settings)
+            print(f"{name}: " + describe_plan(cfg, stage_plan(cfg, force=force)))
+            continue
         if not existing:
-            files = [str(f) for f in [*config_files(task, profile, variant.method), *extra_configs]]
             state = pipeline(
                 files,
-                [f"run_dir={run_dir}", *overrides, *variant.overrides],
+                settings,
                 runner,
                 force,
                 runner_options,
@@ -179,6 +186,8 @@ def compare(
             if state.is_failed():
                 raise NlsflowError(f"{name}: {state.message}")
         rows.append(method_row(run_dir, name))
+    if plan:
+        return []
     against_lora(rows, {method: runs / f"{task}-{profile}-{method}{suffix}" for method in methods})
     name = runs / f"compare-{task}-{profile}{suffix}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)
@@ -211,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         help="tabulate the runs as they are (each made by `make "
         "pipeline ... METHOD=<method>`, maybe at other times); run nothing",
     )
+    parser.add_argument(
+        "--plan", action="store_true", help="check each method's config; say what would run, run nothing"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method")
     try:
         argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
@@ -233,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             args.force,
             options,
             args.existing,
+            plan=args.plan,
         )
     except NlsflowError as e:
         print(f"error: compare: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        return 0
     render(rows, f"{args.task} / {args.profile}: methods compared")
     return 0
 

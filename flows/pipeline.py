@@ -26,7 +26,7 @@ from flows.runners import RUNNERS, get_runner
 from flows.signals import start_ephemeral_server_shielded, stop_signal
 from flows.stage_process import StageInterrupted
 from flows.summary import accuracy_table, benchmark_markdown, pareto_table, render_summary, summary_markdown
-from nlsflow.artifacts import read_manifest, read_table, rerun_reason, stage_dir
+from nlsflow.artifacts import describe_plan, read_manifest, read_table, rerun_reason, stage_dir, stage_plan
 from nlsflow.cli import expand_args
 from nlsflow.config import load_config, write_run_config
 from nlsflow.errors import NlsflowError, storage_error
@@ -128,10 +128,7 @@ def pipeline(
 
 def pending_stage(cfg: PipelineConfig, force: bool) -> str | None:
     """The first stage that would write into the run folder, and why; None when every stage is up to date."""
-    for stage in STAGES:
-        if reason := "--force" if force else rerun_reason(Path(cfg.run_dir), stage, cfg):
-            return f"'{stage}' needs to run ({reason})"
-    return None
+    return next((f"'{stage}' needs to run ({why})" for stage, why in stage_plan(cfg, force=force) if why), None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--mount", action="append", default=[], help="docker: extra /host[:/container][:ro] mount")
     parser.add_argument("--force", action="store_true", help="re-run every stage")
+    parser.add_argument("--plan", action="store_true", help="check the config; say which stages would run and why")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. prune.sparsity=0.6")
     try:
         argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
@@ -170,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--gpus, --image and --mount apply to --runner docker only")
         cfg = load_config(files, args.overrides)  # a config error: one line, before the Prefect server starts
         check_model_source(cfg.model.name_or_path, cfg.model.gguf_file)  # a folder that is not a model, likewise
+        if args.plan:  # nothing written, no server, no engine
+            print(describe_plan(cfg, stage_plan(cfg, force=args.force)))
+            return 0
         print(f"run folder: {cfg.run_dir}", file=sys.stderr)
         # held here so a second run is refused before any server starts; the flow's stages share it
         with hold_run_folder(Path(cfg.run_dir), " ".join(sys.argv), lambda: pending_stage(cfg, args.force)):

@@ -76,9 +76,16 @@ def study_variants(task: str, profile: str) -> dict[str, Variant]:
 
 
 def run_study(
-    task: str, profile: str, methods=METHODS, runs: Path = Path("runs"), overrides=(), runner: str = "local"
-) -> Path:
-    """Run (or resume) the study's methods and write its results folder; returns that folder."""
+    task: str,
+    profile: str,
+    methods=METHODS,
+    runs: Path = Path("runs"),
+    overrides=(),
+    runner: str = "local",
+    plan: bool = False,
+) -> Path | None:
+    """Run (or resume) the study's methods and write its results folder; returns that folder. `plan`: print which
+    stages of each run would run, run nothing (returns None)."""
     if "lora" not in methods:
         raise NlsflowError("a study needs plain LoRA, its baseline row: add lora to the methods")
     variants = study_variants(task, profile)
@@ -98,7 +105,10 @@ def run_study(
         suffix="-study",
         # the dense base, scored once, by LoRA's run
         variants={**variants, "lora": Variant("lora", ("evaluate.baselines=[dense]",))},
+        plan=plan,
     )
+    if plan:
+        return None
     out = runs / f"study-{task}-{profile}"
     run_dirs = {m: runs / f"{task}-{profile}-{m}-study" for m in methods}
     table = results_rows(rows, run_dirs)
@@ -310,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pilot", action="store_true", help="only score LoRA's trained run against the dense base on validation"
     )
+    parser.add_argument("--plan", action="store_true", help="check each run's config; say what would run, run nothing")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every method (none for the record)")
     try:
         args = parser.parse_intermixed_args(expand_args(sys.argv[1:] if argv is None else argv))
@@ -317,10 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             print(pilot(args.task, args.profile, Path(args.runs)).read_text())
             return 0
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        out = run_study(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner)
+        out = run_study(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.plan)
     except NlsflowError as e:
         print(f"error: study: {e}", file=sys.stderr)
         return 2
+    if out is None:  # --plan
+        return 0
     print((out / "results.md").read_text())
     print(f"wrote {out}/results.md, results.parquet and accuracy_vs_macs.png")
     return 0

@@ -165,6 +165,29 @@ def rerun_reason(run_dir: Path, stage: str, cfg: PipelineConfig) -> str | None:
     return None
 
 
+def stage_plan(cfg: PipelineConfig, stages=STAGES, force: bool = False) -> list[tuple[str, str | None]]:
+    """Each stage with why it would run, None when it would be skipped; once one runs, every later one does too."""
+    plan, first = [], None
+    for stage in stages:
+        if force:
+            reason = "--force"
+        elif first:
+            reason = f"after {first}"
+        else:
+            reason = rerun_reason(Path(cfg.run_dir), stage, cfg)
+        plan.append((stage, reason))
+        first = first or (stage if reason else None)
+    return plan
+
+
+def describe_plan(cfg: PipelineConfig, plan: list[tuple[str, str | None]]) -> str:
+    """`--plan`'s answer: the run folder, then each stage: 'up to date' or 'runs: <why>'."""
+    width = max(len(stage) for stage, _ in plan)
+    lines = [f"run folder: {cfg.run_dir}"]
+    lines += [f"  {stage:<{width}}  {'up to date' if why is None else f'runs: {why}'}" for stage, why in plan]
+    return "\n".join(lines)
+
+
 def written_files(folder: Path) -> set[str] | None:
     """The files a stage folder's manifest lists as the stage's own (read leniently: any schema version);
     None when no readable manifest says."""

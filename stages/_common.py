@@ -18,7 +18,16 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from nlsflow.artifacts import check_replaceable, list_outputs, read_inputs, rerun_reason, stage_dir, write_manifest
+from nlsflow.artifacts import (
+    check_replaceable,
+    describe_plan,
+    list_outputs,
+    read_inputs,
+    rerun_reason,
+    stage_dir,
+    stage_plan,
+    write_manifest,
+)
 from nlsflow.cli import expand_args
 from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError, format_validation_error, storage_error
@@ -158,6 +167,9 @@ def _main(stage: str, fn: StageFn, argv: list[str] | None) -> int:
     )
     parser.add_argument("--config", action="append", type=Path, required=True, help="YAML file(s), merged in order")
     parser.add_argument("--force", action="store_true", help="run even if the manifest is up to date")
+    parser.add_argument(
+        "--plan", action="store_true", help="check the config; say whether the stage would run, and why"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. prune.sparsity=0.6")
     try:
         argv = expand_args(sys.argv[1:] if argv is None else argv)  # make's ARGS, as one `--args TEXT`
@@ -179,6 +191,9 @@ def _main(stage: str, fn: StageFn, argv: list[str] | None) -> int:
     except NlsflowError as e:
         print(f"error: {stage}: {e}", file=sys.stderr)
         return 2
+    if args.plan:
+        print(describe_plan(cfg, stage_plan(cfg, [stage], args.force)))
+        return 0
     log.info("run folder: %s", cfg.run_dir)
     try:
         run_stage(stage, fn, cfg, force=args.force)

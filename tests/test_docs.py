@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +99,82 @@ def test_docs_build_strictly(tmp_path):
     proc = subprocess.run(build, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "site" / "reference" / "troubleshooting" / "index.html").is_file()
+
+
+# ---- the commands the docs show: each one the Makefile runs is checked with --plan (config, overrides, flags)
+
+PLANNED_TARGETS = re.compile(r"^(pipeline|compare|study|bench|stage-\w+)$")
+PLANNED_MODULES = ("flows.", "stages.", "bench")
+NEEDS_A_FINISHED_RUN = ("--pilot", "flows.report", "--config runs/")  # what they read exists only after a run
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(page, command) for every `make` or `python -m` line in a fenced block of the README and the docs pages."""
+    found = []
+    for page in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        fenced = False
+        for line in page.read_text().replace("\\\n", " ").splitlines():  # a command continued with \ is one line
+            if line.lstrip().startswith("```"):
+                fenced = not fenced
+            elif fenced and re.match(r"\s*(make |(\.venv/bin/)?python -m )", line):
+                found.append((str(page.relative_to(REPO)), line.strip()))
+    return found
+
+
+def _planned(command: str) -> list[str] | None:
+    """The command as it runs with --plan (a make line through the Makefile's own recipe); None for one that does
+    not run a stage or flow (make test, make ui, ...) or has placeholders."""
+    if "<" in command or "[" in command or any(part in command for part in NEEDS_A_FINISHED_RUN):
+        return None
+    words = shlex.split(command, comments=True)
+    if words[0] != "make":
+        argv = words[words.index("-m") + 1 :]
+        return [*argv, "--plan"] if argv[0].startswith(PLANNED_MODULES) else argv  # nlsflow.layers: runs as is
+    variables = [w for w in words[1:] if "=" in w]
+    targets = [w for w in words[1:] if "=" not in w]
+    if len(targets) != 1 or not PLANNED_TARGETS.match(targets[0]):
+        return None
+    args = next((w.split("=", 1)[1] for w in variables if w.startswith("ARGS=")), "")
+    venv = Path(sys.prefix)
+    recipe = subprocess.run(  # the line make would run, not run: -n
+        ["make", "-n", "-s", "-o", f"{venv}/.installed", f"VENV={venv}", *targets, *variables],
+        cwd=REPO,
+        env={**os.environ, "ARGS": args},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    line = [line for line in recipe.splitlines() if " -m " in line][-1]  # after stage-*'s check of its configs
+    tokens = [args if t == "$ARGS" else t for t in shlex.split(line)]
+    return [*tokens[tokens.index("-m") + 1 :], "--plan"]
+
+
+def _run_planned(argv: list[str]) -> int:
+    module, *rest = argv
+    if module.startswith("stages."):
+        from stages._common import main
+
+        stage = module.split(".", 1)[1]
+        return main(stage, importlib.import_module(module).run, rest)
+    if not module.startswith(PLANNED_MODULES):
+        proc = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, capture_output=True, text=True)
+        print(proc.stdout, end="")
+        return proc.returncode
+    entry = "bench.__main__" if module == "bench" else module
+    return importlib.import_module(entry).main(rest)
+
+
+def test_every_documented_command_passes_its_plan(monkeypatch, capsys):
+    """What the docs tell users to type resolves to a valid config with existing targets, flags and keys. The runs
+    themselves are what tests/test_flow.py, test_compare.py and test_bench.py execute on the tiny profile."""
+    monkeypatch.chdir(REPO)  # the Makefile's relative paths (configs/, runs/): read, never written, by --plan
+    planned = [(page, command, argv) for page, command in documented_commands() if (argv := _planned(command))]
+    assert len(planned) >= 30, planned  # the docs show that many: a parser that found none must not pass
+    failed = []
+    for page, command, argv in planned:
+        code = _run_planned(argv)
+        out = capsys.readouterr()
+        expected = r"^(\w[\w-]*: )?(run folder|bench):" if argv[-1] == "--plan" else r"\S"
+        if code != 0 or not re.search(expected, out.out, re.M):
+            failed.append(f"{page}: {command}\n  -> {' '.join(argv)}: exit {code}\n{out.err.strip()[-600:]}")
+    assert not failed, "\n".join(failed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import MATH_RUN, tiny_config
@@ -86,3 +87,23 @@ def test_stage_cli_takes_overrides_before_and_after_flags(tmp_path):
     ]
     assert main("prune", stop, argv) == 2
     assert seen["cfg"].prune.sparsity == 0.25 and seen["cfg"].run_dir == str(tmp_path)
+
+
+def test_plan_says_which_stages_would_run_and_writes_nothing(math_run, capsys):
+    """`--plan` (`make pipeline ... ARGS=--plan`): the resume decision, made without running or writing anything."""
+    from conftest import TINY_CONFIGS, tiny_overrides
+
+    from flows.pipeline import main
+    from nlsflow.artifacts import stage_plan
+
+    run_dir = math_run.run_dir
+    assert stage_plan(tiny_config(run_dir, *MATH_RUN)) == [(stage, None) for stage in STAGES]
+    changed = stage_plan(tiny_config(run_dir, *MATH_RUN, "search.population=5"))
+    assert changed[:3] == [(stage, None) for stage in STAGES[:3]]
+    assert changed[3][0] == "search" and changed[3][1].startswith("settings changed (search.population")
+    assert changed[4:] == [("extract", "after search"), ("benchmark", "after search")]
+    before = sorted((p, p.stat().st_mtime_ns) for p in Path(run_dir).rglob("*"))
+    configs = [arg for path in TINY_CONFIGS for arg in ("--config", str(path))]
+    assert main([*configs, *tiny_overrides(run_dir, *MATH_RUN, "search.population=5"), "--plan"]) == 0
+    assert "  search     runs: settings changed" in capsys.readouterr().out
+    assert sorted((p, p.stat().st_mtime_ns) for p in Path(run_dir).rglob("*")) == before  # nothing written
