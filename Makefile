@@ -21,7 +21,7 @@ export PREFECT_LOGGING_LEVEL ?= INFO
 export PYTHONHASHSEED ?= 0
 
 STAGE_TARGETS := $(addprefix stage-,prune train evaluate search extract benchmark)
-.PHONY: pipeline compare study bench test lint format docs docs-serve venv clean-runs ui worker images $(STAGE_TARGETS)
+.PHONY: pipeline compare study bench test lint format docs docs-serve docs-screenshot venv clean-runs ui worker images $(STAGE_TARGETS)
 
 venv: $(VENV)/.installed
 
@@ -104,6 +104,10 @@ docs: venv
 
 docs-serve: venv
 	$(PY) -m mkdocs serve -a $(DOCS_ADDR)
+
+# docs/images/prefect-flow-run.png again: a tiny run against a fresh Prefect server, photographed by headless Chromium.
+docs-screenshot: venv
+	$(PY) docs/gen/prefect_screenshot.py
 
 clean-runs:
 	rm -rf runs
