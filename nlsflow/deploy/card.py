@@ -19,6 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from nlsflow.evaluation.intervals import points, points_interval
 from nlsflow.io import atomic_write_text
 from schemas.config import PipelineConfig
 from schemas.outputs import ExtractOutput, PruneOutput, SearchOutput, TrainOutput
@@ -189,8 +190,7 @@ def _eval_results(facts: CardFacts) -> list[EvalResult]:
 
 
 def _percent(value: float, interval: tuple[float, float] | None = None) -> str:
-    text = f"{100 * value:.1f}"
-    return text if interval is None else f"{text} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+    return points(value) + ("" if interval is None else f" {points_interval(interval)}")
 
 
 def _model(facts: CardFacts, folder: Folder) -> str:
