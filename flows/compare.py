@@ -60,9 +60,11 @@ COLUMNS = {  # column -> header
 }
 
 
-def method_row(run_dir: Path, method: str) -> dict:
-    """The comparison row of one finished run."""
-    train, extract, bench = (read_manifest(stage_dir(run_dir, s), s) for s in ("train", "extract", "benchmark"))
+def method_row(run_dir: Path, method: str, missing_ok: bool = False) -> dict:
+    """The comparison row of one finished run (`missing_ok`: of its published evidence, without its weights)."""
+    train, extract, bench = (
+        read_manifest(stage_dir(run_dir, s), s, missing_ok=missing_ok) for s in ("train", "extract", "benchmark")
+    )
     trained, extracted, results = train.output, extract.output, bench.output.results
     if extracted.scores is None:
         raise NlsflowError(
@@ -145,6 +147,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def row_config(
+    task: str,
+    profile: str,
+    name: str,
+    runs: Path,
+    overrides=(),
+    extra_configs: list[Path] = (),
+    suffix: str = "",
+    variants: dict[str, Variant] | None = None,
+) -> tuple[list[str], list[str]]:
+    """A row's config files and settings: the method's (or variant's) config files, then `extra_configs` (a study's
+    settings), in <runs>/<task>-<profile>-<name><suffix>."""
+    variant = (variants or {}).get(name, Variant(name))
+    files = [str(f) for f in [*config_files(task, profile, variant.method), *extra_configs]]
+    return files, [f"run_dir={runs / f'{task}-{profile}-{name}{suffix}'}", *overrides, *variant.overrides]
+
+
+def print_plans(task: str, profile: str, methods, runs: Path, force: bool = False, **row) -> None:
+    """`--plan`: check each row's config and print which stages of its run would run; run nothing."""
+    for name in methods:
+        cfg = load_config(*row_config(task, profile, name, runs, **row))
+        print(f"{name}: " + describe_plan(cfg, stage_plan(cfg, force=force)))
+
+
 def compare(
     task: str,
     profile: str,
@@ -158,36 +184,19 @@ def compare(
     extra_configs: list[Path] = (),
     suffix: str = "",
     variants: dict[str, Variant] | None = None,
-    plan: bool = False,
 ) -> list[dict]:
     """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing.
     `extra_configs` follow each method's own config files (a study's settings); a name in `variants` is a method
     with overrides of its own (a row of its own, e.g. Shears at 30% sparsity, or LoRA scoring the dense base); runs
-    are <runs>/<task>-<profile>-<name><suffix>. `plan`: print which stages of each run would run, run nothing."""
+    are <runs>/<task>-<profile>-<name><suffix>."""
     rows = []
     for name in methods:
-        variant = (variants or {}).get(name, Variant(name))
-        run_dir = runs / f"{task}-{profile}-{name}{suffix}"
-        files = [str(f) for f in [*config_files(task, profile, variant.method), *extra_configs]]
-        settings = [f"run_dir={run_dir}", *overrides, *variant.overrides]
-        if plan:
-            cfg = load_config(files, settings)
-            print(f"{name}: " + describe_plan(cfg, stage_plan(cfg, force=force)))
-            continue
+        files, settings = row_config(task, profile, name, runs, overrides, extra_configs, suffix, variants)
         if not existing:
-            state = pipeline(
-                files,
-                settings,
-                runner,
-                force,
-                runner_options,
-                return_state=True,
-            )
+            state = pipeline(files, settings, runner, force, runner_options, return_state=True)
             if state.is_failed():
                 raise NlsflowError(f"{name}: {state.message}")
-        rows.append(method_row(run_dir, name))
-    if plan:
-        return []
+        rows.append(method_row(runs / f"{task}-{profile}-{name}{suffix}", name))
     against_lora(rows, {method: runs / f"{task}-{profile}-{method}{suffix}" for method in methods})
     name = runs / f"compare-{task}-{profile}{suffix}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)
@@ -234,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := sorted(set(methods) - set(METHODS)):
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     try:
+        if args.plan:
+            print_plans(args.task, args.profile, methods, Path(args.runs), args.force, overrides=args.overrides)
+            return 0
         options = {k: v for k, v in {"gpus": args.gpus, "image": args.image}.items() if v}
         rows = compare(
             args.task,
@@ -245,13 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             args.force,
             options,
             args.existing,
-            plan=args.plan,
         )
     except NlsflowError as e:
         print(f"error: compare: {e}", file=sys.stderr)
         return 2
-    if args.plan:
-        return 0
     render(rows, f"{args.task} / {args.profile}: methods compared")
     return 0
 

@@ -3,8 +3,10 @@ seeds' table generated from the manifests.
 
 The study's settings are `configs/studies/<task>-<profile>.yaml`, added after each method's configs, so that every
 method gets the same data, steps and evaluation. The runs go through `flows.compare` (runs/<task>-<profile>-<method>-
-study), and each resumes stage by stage, and within training from its last checkpoint. The study then writes
-`runs/study-<task>-<profile>/`:
+study), and each resumes stage by stage, and within training from its last checkpoint. Each finished row is
+published into `results/<task>-<profile>/<row>/` (its config, manifests, JSON files and tables, not its weights;
+committed), and a published row whose settings are the study's is not run again, on any machine. The study then
+writes, from the published rows, `results/<task>-<profile>/`:
 - `results.md`: the table (method | total params | non-zero params | MACs/token | trainable params | adapter bytes |
   per-task accuracy | average [95% interval] | Δ vs LoRA [paired 95% interval] | % of LoRA), plus the dense base;
 - `results.parquet`: the same rows;
@@ -23,9 +25,26 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from flows.compare import METHODS, Variant, compare, extracted_answers
+from flows.compare import (
+    METHODS,
+    Variant,
+    against_lora,
+    compare,
+    extracted_answers,
+    method_row,
+    print_plans,
+    row_config,
+)
 from flows.runners import RUNNERS
-from nlsflow.artifacts import read_json, read_output, read_table, stage_dir, write_table
+from nlsflow.artifacts import (
+    publish_evidence,
+    read_json,
+    read_output,
+    read_table,
+    rerun_reason,
+    stage_dir,
+    write_table,
+)
 from nlsflow.cli import expand_args
 from nlsflow.config import RUN_CONFIG_NAME, load_config
 from nlsflow.data.datasets import EVAL_DATASETS
@@ -36,10 +55,12 @@ from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
 from nlsflow.yaml12 import yaml_load
+from schemas.config import STAGES, PipelineConfig
 from schemas.files import SearchSpaceFile
 from schemas.outputs import EvaluateOutput, ExtractOutput, PruneOutput, SearchOutput, TrainOutput
 
 STUDIES = Path(__file__).resolve().parent.parent / "configs" / "studies"
+RESULTS = Path(__file__).resolve().parent.parent / "results"  # each study's published rows and tables, committed
 BASE = "dense base"
 COUNTS = ("params", "nonzero_params", "nonzero_macs_per_token", "trainable_params", "adapter_bytes")
 
@@ -83,9 +104,12 @@ def run_study(
     overrides=(),
     runner: str = "local",
     plan: bool = False,
+    results: Path = RESULTS,
+    existing: bool = False,
 ) -> Path | None:
-    """Run (or resume) the study's methods and write its results folder; returns that folder. `plan`: print which
-    stages of each run would run, run nothing (returns None)."""
+    """Run the study's rows that are not published yet, publish each, and write the results folder from what is
+    published; returns that folder. `existing`: run nothing, tabulate the published rows. `plan`: print which rows
+    are published and which stages of the others would run; run nothing (returns None)."""
     if "lora" not in methods:
         raise NlsflowError("a study needs plain LoRA, its baseline row: add lora to the methods")
     variants = study_variants(task, profile)
@@ -94,34 +118,57 @@ def run_study(
             f"unknown study rows {unknown}: choose from the methods {list(METHODS)} and the variants {list(variants)} "
             f"(configs/studies/{task}-{profile}.variants.yaml)"
         )
-    rows = compare(
-        task,
-        profile,
-        methods,
-        runs,
-        overrides,
-        runner,
+    row = dict(
         extra_configs=[study_config(task, profile)],
         suffix="-study",
         # the dense base, scored once, by LoRA's run
         variants={**variants, "lora": Variant("lora", ("evaluate.baselines=[dense]",))},
-        plan=plan,
     )
+    out = results / f"{task}-{profile}"
+    published = {m: out / m for m in methods}
+    pending = {}
+    for m in methods:
+        files, settings = row_config(task, profile, m, runs, overrides, **row)
+        if why := unpublished(published[m], load_config(files, [*settings, f"run_dir={published[m]}"])):
+            pending[m] = why
     if plan:
+        for m in methods:
+            print(f"{m}: {pending.get(m) or 'published, up to date'} ({published[m]})")
+        print_plans(task, profile, list(pending), runs, overrides=overrides, **row)
         return None
-    out = runs / f"study-{task}-{profile}"
-    run_dirs = {m: runs / f"{task}-{profile}-{m}-study" for m in methods}
-    table = results_rows(rows, run_dirs)
+    if pending and not existing:
+        compare(task, profile, list(pending), runs, overrides, runner, **row)
+        for m in pending:
+            publish_evidence(runs / f"{task}-{profile}-{m}-study", published[m])
+        pending = {}
+    done = [m for m in methods if m not in pending]
+    if "lora" not in done:
+        raise NlsflowError(f"LoRA's row is not in {out} ({pending['lora']}); run the study without --existing first")
+    rows = [method_row(published[m], m, missing_ok=True) for m in done]
+    against_lora(rows, {m: published[m] for m in done})
+    table = results_rows(rows, published)
     write_table(out / "results.parquet", "study", table)
-    atomic_write_text(out / "results.md", results_markdown(table, task, profile, test_records(run_dirs["lora"])))
-    plot_study(table, run_dirs, out / "accuracy_vs_macs.png")
+    markdown = results_markdown(table, task, profile, test_records(published["lora"]), pending)
+    atomic_write_text(out / "results.md", markdown)
+    plot_study(table, {m: published[m] for m in done}, out / "accuracy_vs_macs.png")
     return out
 
 
-def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
+def unpublished(evidence: Path, cfg: PipelineConfig) -> str | None:
+    """Why a row's published evidence cannot stand for it (none yet, made with other settings, a file altered);
+    None when every stage's evidence is up to date with `cfg`."""
+    if not evidence.is_dir():
+        return "not run yet"
+    for stage in STAGES:
+        if why := rerun_reason(evidence, stage, cfg, missing_ok=True):
+            return f"{stage}: {why}"
+    return None
+
+
+def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RESULTS) -> Path:
     """The budget check, on the validation slice only (never a test set): the study's LoRA run against the dense
-    base (the same model, its adapter off) on every held-out validation record, paired. Needs LoRA's train stage;
-    writes `<runs>/study-<task>-<profile>/pilot.md` and returns it."""
+    base (the same model, its adapter off) on every held-out validation record, paired. Needs LoRA's train stage
+    in `runs` (its weights); writes `<results>/<task>-<profile>/pilot.md` and returns it."""
     run_dir = runs / f"{task}-{profile}-lora-study"
     train_dir = stage_dir(run_dir, "train")
     trained: TrainOutput = read_output(run_dir, "train")  # a finished train stage, or a one-line error naming it
@@ -173,7 +220,7 @@ def pilot(task: str, profile: str, runs: Path = Path("runs")) -> Path:
         f"LoRA − dense base over the {len(records)} records: {points(difference, True)} points, 95% interval "
         f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} the dense base.",
     ]
-    out = runs / f"study-{task}-{profile}" / "pilot.md"
+    out = results / f"{task}-{profile}" / "pilot.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
@@ -226,7 +273,13 @@ def test_records(run_dir: Path) -> dict[str, tuple[int, bool]]:
     return {t: (counts[t], extracted.averaged is None or t in extracted.averaged) for t in extracted.accuracy}
 
 
-def results_markdown(table: list[dict], task: str, profile: str, records: dict[str, tuple[int, bool]]) -> str:
+def results_markdown(
+    table: list[dict],
+    task: str,
+    profile: str,
+    records: dict[str, tuple[int, bool]],
+    pending: dict[str, str] | None = None,
+) -> str:
     tasks = list(records)
     header = [
         "method",
@@ -274,6 +327,8 @@ def results_markdown(table: list[dict], task: str, profile: str, records: dict[s
             f"Not in the average, its interval or Δ (evaluate.outside_average): {', '.join(outside)}; its column is "
             "reported as measured."
         )
+    if pending:
+        lines += ["", "Rows not run yet: " + "; ".join(f"{m} ({why})" for m, why in pending.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -315,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--methods", default=",".join(METHODS), help="comma-separated, lora among them; also the variants file's names"
     )
-    parser.add_argument("--runs", default="runs")
+    parser.add_argument("--runs", default="runs", help="where the rows run (with their weights)")
+    parser.add_argument("--results", default=str(RESULTS), help="where the rows are published and tabulated")
+    parser.add_argument("--existing", action="store_true", help="run nothing; tabulate the published rows")
     parser.add_argument("--runner", default="local", choices=sorted(RUNNERS))
     parser.add_argument(
         "--pilot", action="store_true", help="only score LoRA's trained run against the dense base on validation"
@@ -325,10 +382,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_intermixed_args(expand_args(sys.argv[1:] if argv is None else argv))
         if args.pilot:
-            print(pilot(args.task, args.profile, Path(args.runs)).read_text())
+            print(pilot(args.task, args.profile, Path(args.runs), Path(args.results)).read_text())
             return 0
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        out = run_study(args.task, args.profile, methods, Path(args.runs), args.overrides, args.runner, args.plan)
+        out = run_study(
+            args.task,
+            args.profile,
+            methods,
+            Path(args.runs),
+            args.overrides,
+            args.runner,
+            args.plan,
+            Path(args.results),
+            args.existing,
+        )
     except NlsflowError as e:
         print(f"error: study: {e}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
+from nlsflow.config import RUN_CONFIG_NAME
 from nlsflow.errors import NlsflowError, format_validation_error
-from nlsflow.io import atomic_write_bytes, atomic_write_text, sha256_file
+from nlsflow.io import atomic_dir, atomic_write_bytes, atomic_write_text, sha256_file
 from schemas.config import STAGE_INPUTS, STAGES, PipelineConfig
 from schemas.manifest import MANIFEST_NAME, MANIFEST_SCHEMA, MANIFEST_VERSION, Manifest, OutputFile
 from schemas.outputs import STAGE_OUTPUTS, StageOutput
@@ -44,8 +46,9 @@ def write_manifest(folder: Path, manifest: Manifest) -> None:
     atomic_write_text(Path(folder) / MANIFEST_NAME, manifest.model_dump_json(indent=2))
 
 
-def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
-    """Load and validate `<folder>/manifest.json`; with verify, check every output file's digest."""
+def read_manifest(folder: Path, stage: str, verify: bool = True, missing_ok: bool = False) -> Manifest:
+    """Load and validate `<folder>/manifest.json`; with verify, check every output file's digest (`missing_ok`: of
+    the files present, as in a run's published evidence, which leaves out its weights)."""
     path = Path(folder) / MANIFEST_NAME
     if not path.is_file():
         raise NlsflowError(
@@ -81,6 +84,8 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
         for out in manifest.outputs:
             file = Path(folder) / out.path
             if not file.is_file():
+                if missing_ok:
+                    continue
                 raise NlsflowError(f"{file} listed in {path} is missing; re-run the '{stage}' stage")
             stat = file.stat()
             if stat.st_size != out.bytes or _cached_sha256(str(file), stat.st_size, stat.st_mtime_ns) != out.sha256:
@@ -90,9 +95,9 @@ def read_manifest(folder: Path, stage: str, verify: bool = True) -> Manifest:
     return manifest
 
 
-def read_output(run_dir: Path, stage: str, verify: bool = True) -> StageOutput:
+def read_output(run_dir: Path, stage: str, verify: bool = True, missing_ok: bool = False) -> StageOutput:
     """The typed outputs of a finished stage of a run, e.g. `read_output(run_dir, "evaluate").subnet`."""
-    return read_manifest(stage_dir(run_dir, stage), stage, verify=verify).output
+    return read_manifest(stage_dir(run_dir, stage), stage, verify, missing_ok).output
 
 
 def upstream_stages(stage: str) -> list[str]:
@@ -122,13 +127,16 @@ def config_change(before: dict[str, Any], now: dict[str, Any], prefix: str = "")
     return ""
 
 
-def read_inputs(run_dir: Path, stage: str, cfg: PipelineConfig | None = None) -> dict[str, Manifest]:
+def read_inputs(
+    run_dir: Path, stage: str, cfg: PipelineConfig | None = None, missing_ok: bool = False
+) -> dict[str, Manifest]:
     """The verified manifests of a stage's upstream stages, checked to belong together.
 
     Every upstream stage (direct or not) must have been made from the others' current results (lineage), and, with
-    `cfg`, with this config's settings; otherwise one line names the stage to re-run.
+    `cfg`, with this config's settings; otherwise one line names the stage to re-run. `missing_ok`: see
+    read_manifest.
     """
-    chain = {up: read_manifest(stage_dir(run_dir, up), up) for up in upstream_stages(stage)}
+    chain = {up: read_manifest(stage_dir(run_dir, up), up, missing_ok=missing_ok) for up in upstream_stages(stage)}
     for up, manifest in chain.items():
         if cfg is not None and manifest.config != (now := _plain(cfg.stage_config(up))):
             raise NlsflowError(
@@ -145,17 +153,18 @@ def read_inputs(run_dir: Path, stage: str, cfg: PipelineConfig | None = None) ->
     return {up: chain[up] for up in STAGE_INPUTS[stage]}
 
 
-def rerun_reason(run_dir: Path, stage: str, cfg: PipelineConfig) -> str | None:
-    """Why the stage must run (not run yet, settings or inputs changed, files corrupt); None when it is up to date."""
+def rerun_reason(run_dir: Path, stage: str, cfg: PipelineConfig, missing_ok: bool = False) -> str | None:
+    """Why the stage must run (not run yet, settings or inputs changed, files corrupt); None when it is up to date.
+    `missing_ok`: of a run's published evidence (see read_manifest)."""
     try:
-        inputs = read_inputs(run_dir, stage, cfg)
+        inputs = read_inputs(run_dir, stage, cfg, missing_ok)
     except NlsflowError as e:
         return f"its inputs are not ready: {e}"
     folder = stage_dir(run_dir, stage)
     if not (folder / MANIFEST_NAME).exists():
         return "not run yet"
     try:
-        done = read_manifest(folder, stage)
+        done = read_manifest(folder, stage, missing_ok=missing_ok)
     except NlsflowError as e:
         return str(e).split("; re-run")[0]
     if done.config != (now := _plain(cfg.stage_config(stage))):
@@ -186,6 +195,27 @@ def describe_plan(cfg: PipelineConfig, plan: list[tuple[str, str | None]]) -> st
     lines = [f"run folder: {cfg.run_dir}"]
     lines += [f"  {stage:<{width}}  {'up to date' if why is None else f'runs: {why}'}" for stage, why in plan]
     return "\n".join(lines)
+
+
+EVIDENCE_SUFFIXES = (".json", ".parquet")
+
+
+def publish_evidence(run_dir: Path, dest: Path) -> None:
+    """Copy a finished run's evidence to `dest`: its config (when the flow wrote one) and, per stage, the manifest
+    with the JSON files and tables at the stage folder's top level, not the weights, so that the run can be
+    committed, tabulated and audited where its weights are not (read it with missing_ok). `dest` is replaced
+    whole, atomically."""
+    run_dir = Path(run_dir)
+    with atomic_dir(dest) as tmp:
+        if (run_dir / RUN_CONFIG_NAME).is_file():
+            shutil.copy2(run_dir / RUN_CONFIG_NAME, tmp / RUN_CONFIG_NAME)
+        for stage in STAGES:
+            manifest = read_manifest(stage_dir(run_dir, stage), stage)
+            (tmp / stage).mkdir()
+            shutil.copy2(stage_dir(run_dir, stage) / MANIFEST_NAME, tmp / stage / MANIFEST_NAME)
+            for out in manifest.outputs:
+                if "/" not in out.path and out.path.endswith(EVIDENCE_SUFFIXES):
+                    shutil.copy2(stage_dir(run_dir, stage) / out.path, tmp / stage / out.path)
 
 
 def written_files(folder: Path) -> set[str] | None:

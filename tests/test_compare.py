@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from conftest import DATA_ROOT, needs_data
 
@@ -14,11 +16,16 @@ from nlsflow.errors import NlsflowError
 pytestmark = [pytest.mark.slow, needs_data]
 
 
-def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot(tmp_path):
-    """`make study` on the tiny profile (configs/studies/math-tiny.yaml): every row runs through the flow, and
-    `make compare`'s table and the study's come from the manifests. The accuracies mean nothing on a random model."""
+def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot(tmp_path, monkeypatch, capsys):
+    """`make study` on the tiny profile (configs/studies/math-tiny.yaml): every row runs through the flow and is
+    published without its weights, and `make compare`'s table and the study's come from the manifests. The
+    accuracies mean nothing on a random model."""
     names = ("lora", "shears", "nola", "shears-30")
-    out = run_study("math", "tiny", names, tmp_path, [f"data.root={DATA_ROOT}"])
+    results = tmp_path / "results"
+    out = run_study("math", "tiny", names, tmp_path, [f"data.root={DATA_ROOT}"], results=results)
+    assert out == results / "math-tiny"
+    assert all((out / name / "extract" / "manifest.json").is_file() for name in names)
+    assert not list(out.rglob("*.safetensors"))
     rows = read_table(tmp_path / "compare-math-tiny-study.parquet", "comparison").to_pylist()
     assert [r["method"] for r in rows] == list(names)
     shown_only = {"accuracy_95", "delta_95"}  # cells made of the interval columns
@@ -69,11 +76,27 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     assert "| lora |" in text and "| dense base |" in text and "Δ vs LoRA" in text
     assert "Test records: gsm8k 8, AQuA 8, mawps 8, SVAMP 8." in text and "outside_average" not in text
     # the budget check: LoRA against its own base with the adapter off, on the validation slice only
-    pilot_text = pilot("math", "tiny", tmp_path).read_text()
+    pilot_text = pilot("math", "tiny", tmp_path, results).read_text()
     validation = read_table(stage_dir(tmp_path / "math-tiny-lora-study", "train") / "validation.parquet", "records")
     assert f"{validation.num_rows} held-out validation records" in pilot_text and "LoRA − dense base" in pilot_text
     assert pilot_text.count("\n| ") == 1 + len(set(validation.column("source").to_pylist()))  # header + a source each
     assert (out / "accuracy_vs_macs.png").stat().st_size > 10_000
+    # published rows are not run again, on any machine: the same table from the evidence alone, the runs gone
+    import flows.study
+
+    monkeypatch.setattr(flows.study, "compare", lambda *a, **k: pytest.fail("a published row ran again"))
+    for name in names:
+        shutil.rmtree(tmp_path / f"math-tiny-{name}-study")
+    assert run_study("math", "tiny", names, tmp_path, [f"data.root={DATA_ROOT}"], plan=True, results=results) is None
+    assert capsys.readouterr().out.count("published, up to date") == len(names)
+    run_study("math", "tiny", names, tmp_path, [f"data.root={DATA_ROOT}"], results=results)
+    assert read_table(out / "results.parquet", "study").to_pylist() == table
+    # --existing: the published rows only, and the others named
+    run_study("math", "tiny", ("lora", "lonas"), tmp_path, [f"data.root={DATA_ROOT}"], results=results, existing=True)
+    assert [r["method"] for r in read_table(out / "results.parquet", "study").to_pylist()] == ["lora", "dense base"]
+    assert "Rows not run yet: lonas (not run yet)." in (out / "results.md").read_text()
+    with pytest.raises(NlsflowError, match="LoRA's row is not in .*; run the study without --existing first"):
+        run_study("math", "tiny", ("lora",), tmp_path, ["train.max_steps=3"], results=results, existing=True)
     with pytest.raises(NlsflowError, match=r"unknown study rows \['shears-3'\]: choose from .* \['shears-30'\]"):
         run_study("math", "tiny", ("lora", "shears-3"), tmp_path)
     with pytest.raises(NlsflowError, match="a study needs plain LoRA"):

@@ -20,6 +20,9 @@ _spec = importlib.util.spec_from_file_location("docs_reference", REPO / "docs" /
 reference = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = reference
 _spec.loader.exec_module(reference)
+_spec = importlib.util.spec_from_file_location("docs_results", REPO / "docs" / "gen" / "results.py")
+results_pages = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(results_pages)
 
 
 def _template_regex(template: str) -> re.Pattern:
@@ -90,6 +93,21 @@ def test_artifacts_lists_every_output_field_and_file():
 
 
 @pytest.mark.slow
+def test_a_study_page_shows_what_is_published_and_says_what_is_not(tmp_path):
+    """docs/gen/results.py: a study's page is its results folder's pilot, table and plot, under the page's own
+    headings; nothing published is said so, not left blank."""
+    assert "No row is published yet." in results_pages.study_page("math-tiny", "t", tmp_path)
+    assert "## The budget check\n\nNot run yet." in results_pages.study_page("math-tiny", "t", tmp_path)
+    folder = tmp_path / "math-tiny"
+    folder.mkdir()
+    (folder / "pilot.md").write_text("### Pilot\n\nLoRA beats it.\n")
+    (folder / "results.md").write_text("### math on tiny\n\n| method |\n|---|\n| lora |\n")
+    (folder / "accuracy_vs_macs.png").write_bytes(b"png")
+    page = results_pages.study_page("math-tiny", "The tiny study", tmp_path)
+    assert page.startswith("# The tiny study\n") and "#### Pilot\n\nLoRA beats it." in page
+    assert "#### math on tiny\n\n| method |\n|---|\n| lora |" in page and "](math-tiny.png)" in page
+
+
 def test_docs_build_strictly(tmp_path):
     """`make docs`: the whole site, strict (a broken link or a page missing from nav fails), in about 10 s."""
     pytest.importorskip("mkdocs")

@@ -107,3 +107,28 @@ def test_plan_says_which_stages_would_run_and_writes_nothing(math_run, capsys):
     assert main([*configs, *tiny_overrides(run_dir, *MATH_RUN, "search.population=5"), "--plan"]) == 0
     assert "  search     runs: settings changed" in capsys.readouterr().out
     assert sorted((p, p.stat().st_mtime_ns) for p in Path(run_dir).rglob("*")) == before  # nothing written
+
+
+def test_published_evidence_leaves_the_weights_out_and_stands_for_its_run(math_run, tmp_path):
+    """A study's published row (results/<task>-<profile>/<row>): manifests, JSON files and tables, no weights; it
+    stands for its run while its settings are the config's and its files are unaltered."""
+    from nlsflow.artifacts import publish_evidence, read_manifest, rerun_reason
+
+    evidence = tmp_path / "lora"
+    publish_evidence(math_run.run_dir, evidence)
+    files = {p.relative_to(evidence).as_posix() for p in evidence.rglob("*") if p.is_file()}
+    assert {f"{stage}/manifest.json" for stage in STAGES} <= files  # (and config.yaml, which only the flow writes)
+    assert {"evaluate/predictions.parquet", "search/evaluations.parquet", "extract/predictions.parquet"} <= files
+    assert not [f for f in files if f.endswith((".safetensors", ".bin", ".xml"))]
+    assert sum(p.stat().st_size for p in evidence.rglob("*")) < 1_000_000
+    cfg = tiny_config(evidence, *MATH_RUN)
+    assert [rerun_reason(evidence, stage, cfg, missing_ok=True) for stage in STAGES] == [None] * len(STAGES)
+    assert "is missing" in rerun_reason(evidence, "train", cfg)  # its weights are not there
+    assert read_manifest(stage_dir(evidence, "extract"), "extract", missing_ok=True).output.average_accuracy == (
+        read_manifest(stage_dir(math_run.run_dir, "extract"), "extract").output.average_accuracy
+    )
+    changed = tiny_config(evidence, *MATH_RUN, "search.population=5")
+    assert rerun_reason(evidence, "search", changed, missing_ok=True).startswith("settings changed (search.population")
+    table = stage_dir(evidence, "extract") / "predictions.parquet"
+    table.write_bytes(table.read_bytes()[:-10])
+    assert "does not match its sha256" in rerun_reason(evidence, "extract", cfg, missing_ok=True)
