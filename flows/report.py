@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from flows.summary import percent_with_interval, scored_models
+from flows.summary import scored_models
 from nlsflow.artifacts import read_manifest, read_output, stage_dir
-from nlsflow.evaluation.intervals import excludes_zero, points, points_interval
+from nlsflow.evaluation.intervals import excludes_zero, points, points_interval, points_with_interval
 from schemas.outputs import BenchmarkOutput, EvaluateOutput, ExtractOutput, Scores, SearchOutput, TrainOutput
 
 
@@ -58,7 +58,9 @@ def run_report(run_dir: Path) -> str:
     for name, m in rows:
         cells = [f"{100 * m.accuracy[t]:.1f}" for t in tasks]
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | {percent_with_interval(m)} | "
+            f"| {name} | "
+            + " | ".join(cells)
+            + f" | {points_with_interval(m.average_accuracy, m.average_accuracy_interval)} | "
             f"{100 * m.average_accuracy_strict:.1f} |"
         )
     if outside := [t for t in tasks if evaluate.averaged is not None and t not in evaluate.averaged]:

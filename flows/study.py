@@ -50,7 +50,13 @@ from nlsflow.config import RUN_CONFIG_NAME, load_config
 from nlsflow.data.datasets import EVAL_DATASETS
 from nlsflow.errors import NlsflowError, format_validation_error
 from nlsflow.evaluation.generation import evaluate_dataset
-from nlsflow.evaluation.intervals import correct_by_task, paired_difference, points, points_interval
+from nlsflow.evaluation.intervals import (
+    correct_by_task,
+    paired_difference,
+    points,
+    points_interval,
+    points_with_interval,
+)
 from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
@@ -309,8 +315,8 @@ def results_markdown(
             count["trainable_params"],
             count["adapter_bytes"],
             *[points(r["accuracy_by_task"].get(t)) for t in tasks],
-            f"{points(r['accuracy'])} {points_interval((r['accuracy_low'], r['accuracy_high']))}",
-            f"{points(r['delta_vs_lora'], True)} {points_interval((r['delta_low'], r['delta_high']), signed=True)}",
+            points_with_interval(r["accuracy"], (r["accuracy_low"], r["accuracy_high"])),
+            points_with_interval(r["delta_vs_lora"], (r["delta_low"], r["delta_high"]), signed=True),
             "–" if r["retention"] is None else f"{r['retention']:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from nlsflow.evaluation.intervals import points, points_interval
+from nlsflow.evaluation.intervals import points, points_interval, points_with_interval
 from schemas.outputs import (
     STAGE_OUTPUTS,
     BenchmarkOutput,
@@ -36,7 +36,7 @@ def key_metric(out: StageOutput) -> str:
         return f"{out.steps} steps, final loss {out.final_loss:.3f}"
     if isinstance(out, EvaluateOutput):
         differences = "".join(
-            f"; {pair} {points(d.difference, True)} {points_interval(d.interval, True)} points"
+            f"; {pair} {points_with_interval(d.difference, d.interval, True)} points"
             for pair, d in out.differences.items()
         )
         return (
@@ -154,12 +154,6 @@ def accuracy_table(results: list[dict]) -> list[dict]:
 
 def _rounded(interval) -> str:
     return "–" if interval is None else f"[{interval[0]:.4f}, {interval[1]:.4f}]"
-
-
-def percent_with_interval(m: Scores) -> str:
-    """The average accuracy in percent, with its 95% interval when the manifest has one: '52.3 [48.1, 56.0]'."""
-    interval = m.average_accuracy_interval
-    return points(m.average_accuracy) + ("" if interval is None else f" {points_interval(interval)}")
 
 
 def pareto_table(evaluations: list[dict]) -> list[dict]:

@@ -6,7 +6,15 @@ import random
 
 import pytest
 
-from nlsflow.evaluation.intervals import accuracy_intervals, correct_by_task, excludes_zero, paired_difference
+from nlsflow.evaluation.intervals import (
+    accuracy_intervals,
+    correct_by_task,
+    excludes_zero,
+    paired_difference,
+    points,
+    points_interval,
+    points_with_interval,
+)
 
 
 def _answers(accuracy: float, n: int, seed: int) -> list[bool]:
@@ -66,3 +74,12 @@ def test_a_paired_difference_matches_records_by_index():
         paired_difference(ours, shifted)
     with pytest.raises(ValueError, match=r"same test sets on both sides: \['a'\] vs \['b'\]"):
         paired_difference(ours, {"b": ours["a"]})
+
+
+def test_accuracies_and_differences_read_the_same_everywhere():
+    """One formatter for the tables, the summaries, the report and the model card: percent and points."""
+    assert points(0.5234) == "52.3" and points(0.014, signed=True) == "+1.4" and points(None) == "–"
+    assert points_interval((0.481, 0.56)) == "[48.1, 56.0]" and points_interval((None, None)) == "–"
+    assert points_with_interval(0.5234, (0.481, 0.56)) == "52.3 [48.1, 56.0]"
+    assert points_with_interval(0.014, (-0.005, 0.032), signed=True) == "+1.4 [-0.5, +3.2]"
+    assert points_with_interval(0.5234) == points_with_interval(0.5234, (None, None)) == "52.3"

@@ -19,7 +19,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from nlsflow.evaluation.intervals import points, points_interval
+from nlsflow.evaluation.intervals import points, points_with_interval
 from nlsflow.io import atomic_write_text
 from schemas.config import PipelineConfig
 from schemas.outputs import ExtractOutput, PruneOutput, SearchOutput, TrainOutput
@@ -189,10 +189,6 @@ def _eval_results(facts: CardFacts) -> list[EvalResult]:
     return results
 
 
-def _percent(value: float, interval: tuple[float, float] | None = None) -> str:
-    return points(value) + ("" if interval is None else f" {points_interval(interval)}")
-
-
 def _model(facts: CardFacts, folder: Folder) -> str:
     cfg, prune, x = facts.cfg, facts.prune, facts.extract
     revision = f"revision `{prune.base_revision}`" if prune.base_revision else "no hub revision (a local folder)"
@@ -260,7 +256,7 @@ def _evaluation(facts: CardFacts, folder: Folder) -> str:
         if facts.search is not None and x.subnet_name == "searched":
             s = facts.search
             lines.append(
-                f"The search scored this subnet {_percent(s.chosen_accuracy)}% on {s.val_samples} held-out "
+                f"The search scored this subnet {points(s.chosen_accuracy)}% on {s.val_samples} held-out "
                 "validation records (not a test score)."
             )
         return "\n".join(lines)
@@ -277,13 +273,13 @@ def _evaluation(facts: CardFacts, folder: Folder) -> str:
         "| test set | records | accuracy % [95% interval] (LLM-Adapters rules) | accuracy % (strict) |",
         "|---|---|---|---|",
         *(
-            f"| {name} | {facts.records.get(name, '?')} | {_percent(x.accuracy[name], intervals.get(name))} | "
-            f"{_percent(x.accuracy_strict[name])} |"
+            f"| {name} | {facts.records.get(name, '?')} | "
+            f"{points_with_interval(x.accuracy[name], intervals.get(name))} | {points(x.accuracy_strict[name])} |"
             for name in x.accuracy
         ),
         f"| average{'' if x.averaged is None else ' of ' + ', '.join(x.averaged)} | "
-        f"{sum(facts.records.values())} | {_percent(x.average_accuracy, x.average_accuracy_interval)} | "
-        f"{_percent(x.average_accuracy_strict)} |",
+        f"{sum(facts.records.values())} | {points_with_interval(x.average_accuracy, x.average_accuracy_interval)} | "
+        f"{points(x.average_accuracy_strict)} |",
         "",
         "Protocols: the reference one scores answers as LLM-Adapters' evaluation scripts do; the strict one takes "
         "only the answer the generation commits to. The intervals are 95% percentile bootstraps over the records "

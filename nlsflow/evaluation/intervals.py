@@ -109,3 +109,11 @@ def points_interval(interval: tuple[float | None, float | None] | None, signed: 
     if interval is None or interval[0] is None:
         return "–"
     return f"[{points(interval[0], signed)}, {points(interval[1], signed)}]"
+
+
+def points_with_interval(
+    value: float | None, interval: tuple[float | None, float | None] | None = None, signed: bool = False
+) -> str:
+    """`points`, then its interval when there is one: '52.3 [48.1, 56.0]', '+1.4 [-0.5, +3.2]', '52.3'."""
+    shown = points_interval(interval, signed)
+    return points(value, signed) + ("" if shown == "–" else f" {shown}")
