@@ -6,17 +6,15 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
 from conftest import DATA_ROOT, LIGHT_BENCHMARK, REPO, TINY_CONFIGS, needs_data, tiny_overrides
 from prefect.client.base import PrefectHttpxSyncClient
 
 from flows import runners
+from flows.local_server import local_prefect_server, wait_until
 from flows.runners import LocalRunner
 from flows.stage_process import StageInterrupted
 from nlsflow.artifacts import stage_dir
@@ -58,57 +56,13 @@ def test_only_interrupted_stages_are_retried(math_run, tmp_path, monkeypatch, fa
     assert state.is_completed() == completed and stage_dir(run_dir, "benchmark").is_dir() == completed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := predicate():
-                return result
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
 @pytest.fixture
 def prefect_server(tmp_path):
-    """`prefect server start` on a free loopback port with its own home; yields the API URL and Prefect's own HTTP
-    client for it (which retries the 503s a SQLite-backed server answers while another process writes); stopped
-    afterwards."""
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_API_URL": api}
-    env.pop("PREFECT_API_URL", None)
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        _wait(
-            lambda: server.poll() is None and httpx.get(f"{api}/health", timeout=5).status_code == 200,
-            180,
-            f"the Prefect server (log: {tmp_path / 'server.log'})",
-        )
+    """A real Prefect server of its own (flows.local_server); yields the API URL and Prefect's own HTTP client for it
+    (which retries the 503s a SQLite-backed server answers while another process writes); stopped afterwards."""
+    with local_prefect_server(tmp_path / "prefect-home", tmp_path / "server.log") as api:
         with PrefectHttpxSyncClient(base_url=api, timeout=30) as client:
             yield api, client
-    finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
 
 
 TINY = [f"data.root={DATA_ROOT}", "train.max_steps=20", "search.num_evals=4", "evaluate.max_samples=2", LIGHT_BENCHMARK]
@@ -177,7 +131,7 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
         start_new_session=True,
     )
     try:
-        deployment = _wait(
+        deployment = wait_until(
             lambda: client.get("/deployments/name/nlsflow/nlsflow").json()["id"], 120, "the nlsflow deployment"
         )
         parameters = {
@@ -188,7 +142,7 @@ def test_pipeline_and_deployment_report_to_a_real_server(prefect_server, tmp_pat
             "overrides": WITH_PRUNED,
         }
         run = client.post(f"/deployments/{deployment}/create_flow_run", json={"parameters": parameters}).json()
-        final = _wait(
+        final = wait_until(
             lambda: (
                 (r := client.get(f"/flow_runs/{run['id']}").json())["state"]["type"]
                 in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
