@@ -69,6 +69,14 @@ STUDIES = Path(__file__).resolve().parent.parent / "configs" / "studies"
 RESULTS = Path(__file__).resolve().parent.parent / "results"  # each study's published rows and tables, committed
 BASE = "dense base"
 COUNTS = ("params", "nonzero_params", "nonzero_macs_per_token", "trainable_params", "adapter_bytes")
+# What each row's seed reports against plain LoRA, at the seed's own scale, set beside this study's reading.
+SEED_CLAIMS = {
+    "shears": "Shears README, LLaMA-7B math: 45.3 against LoRA's 46.9 at 50% sparsity (96.6%)",
+    "shears-40": "Shears README, LLaMA-7B math: 46.9 against LoRA's 46.9 at 40% sparsity (100%)",
+    "lonas": "LoNAS README, LLaMA-7B commonsense: 65.2 against LoRA's 65.8 at 0.82× the TFLOPs (99.1%)",
+    "nola": "NOLA README: no loss of accuracy at about 20× fewer parameters than the smallest LoRA (LLaMA-2 70B)",
+    "heterolora": "HeteroLoRA paper: +1.6 points over LoRA at an equal parameter budget",
+}
 
 
 def study_config(task: str, profile: str) -> Path:
@@ -333,9 +341,28 @@ def results_markdown(
             f"Not in the average, its interval or Δ (evaluate.outside_average): {', '.join(outside)}; its column is "
             "reported as measured."
         )
+    lines += ["", "Against plain LoRA, paired on the same test records, beside what each seed reports:", ""]
+    lines += [f"- {verdict(r)}" for r in table if r["method"] != "lora"]
     if pending:
         lines += ["", "Rows not run yet: " + "; ".join(f"{m} ({why})" for m, why in pending.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+def verdict(row: dict) -> str:
+    """A row's reading against LoRA from its paired interval: above, below, or not separable (contains 0)."""
+    low, high = row["delta_low"], row["delta_high"]
+    if low is None:
+        reading = "no paired difference"
+    elif low > 0:
+        reading = "above LoRA beyond noise"
+    elif high < 0:
+        reading = "below LoRA beyond noise"
+    else:
+        reading = "not separable from LoRA (the interval contains 0)"
+    delta = points_with_interval(row["delta_vs_lora"], (low, high), signed=True)
+    retention = "" if row["retention"] is None else f", {row['retention']:.1f}% of LoRA's accuracy"
+    claim = f"; the seed: {SEED_CLAIMS[row['method']]}" if row["method"] in SEED_CLAIMS else ""
+    return f"**{row['method']}**: {delta} points{retention}: {reading}{claim}."
 
 
 def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None:
