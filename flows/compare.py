@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,19 +185,23 @@ def compare(
     extra_configs: list[Path] = (),
     suffix: str = "",
     variants: dict[str, Variant] | None = None,
+    finished: Callable[[str, Path], None] | None = None,
 ) -> list[dict]:
     """Run (or resume) each method, then tabulate; `existing`: tabulate the finished runs as they are, run nothing.
     `extra_configs` follow each method's own config files (a study's settings); a name in `variants` is a method
     with overrides of its own (a row of its own, e.g. Shears at 30% sparsity, or LoRA scoring the dense base); runs
-    are <runs>/<task>-<profile>-<name><suffix>."""
+    are <runs>/<task>-<profile>-<name><suffix>; `finished(name, run_dir)` is called as each run completes."""
     rows = []
     for name in methods:
         files, settings = row_config(task, profile, name, runs, overrides, extra_configs, suffix, variants)
+        run_dir = runs / f"{task}-{profile}-{name}{suffix}"
         if not existing:
             state = pipeline(files, settings, runner, force, runner_options, return_state=True)
             if state.is_failed():
                 raise NlsflowError(f"{name}: {state.message}")
-        rows.append(method_row(runs / f"{task}-{profile}-{name}{suffix}", name))
+            if finished:
+                finished(name, run_dir)
+        rows.append(method_row(run_dir, name))
     against_lora(rows, {method: runs / f"{task}-{profile}-{method}{suffix}" for method in methods})
     name = runs / f"compare-{task}-{profile}{suffix}"
     write_table(name.with_suffix(".parquet"), "comparison", rows)

@@ -150,10 +150,17 @@ def run_study(
             print(f"{m}: {pending.get(m) or 'published, up to date'} ({published[m]})")
         print_plans(task, profile, list(pending), runs, overrides=overrides, **row)
         return None
-    if pending and not existing:
-        compare(task, profile, list(pending), runs, overrides, runner, **row)
-        for m in pending:
-            publish_evidence(runs / f"{task}-{profile}-{m}-study", published[m])
+    if pending and not existing:  # each row is published as soon as it finishes: a later row may not, here
+        compare(
+            task,
+            profile,
+            list(pending),
+            runs,
+            overrides,
+            runner,
+            **row,
+            finished=lambda m, run_dir: publish_evidence(run_dir, published[m]),
+        )
         pending = {}
     done = [m for m in methods if m not in pending]
     if "lora" not in done:

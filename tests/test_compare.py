@@ -26,6 +26,10 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     assert out == results / "math-tiny"
     assert all((out / name / "extract" / "manifest.json").is_file() for name in names)
     assert not list(out.rglob("*.safetensors"))
+    # each row is published as it finishes, before the next one starts
+    assert (out / "lora").stat().st_mtime <= (
+        tmp_path / "math-tiny-shears-study" / "prune" / "manifest.json"
+    ).stat().st_mtime
     rows = read_table(tmp_path / "compare-math-tiny-study.parquet", "comparison").to_pylist()
     assert [r["method"] for r in rows] == list(names)
     shown_only = {"accuracy_95", "delta_95"}  # cells made of the interval columns
