@@ -49,6 +49,7 @@ from nlsflow.cli import expand_args
 from nlsflow.config import RUN_CONFIG_NAME, load_config
 from nlsflow.data.datasets import EVAL_DATASETS
 from nlsflow.errors import NlsflowError, format_validation_error
+from nlsflow.evaluation.answers import chance_level
 from nlsflow.evaluation.generation import evaluate_dataset
 from nlsflow.evaluation.intervals import (
     correct_by_task,
@@ -68,6 +69,7 @@ from schemas.outputs import EvaluateOutput, ExtractOutput, PruneOutput, SearchOu
 STUDIES = Path(__file__).resolve().parent.parent / "configs" / "studies"
 RESULTS = Path(__file__).resolve().parent.parent / "results"  # each study's published rows and tables, committed
 BASE = "dense base"
+CHANCE = "chance"  # a uniform guess among each test record's options
 COUNTS = ("params", "nonzero_params", "nonzero_macs_per_token", "trainable_params", "adapter_bytes")
 # What each row's seed reports against plain LoRA, at the seed's own scale, set beside this study's reading.
 SEED_CLAIMS = {
@@ -188,8 +190,9 @@ def unpublished(evidence: Path, cfg: PipelineConfig) -> str | None:
 
 def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RESULTS) -> Path:
     """The budget check, on the validation slice only (never a test set): the study's LoRA run against the dense
-    base (the same model, its adapter off) on every held-out validation record, paired. Needs LoRA's train stage
-    in `runs` (its weights); writes `<results>/<task>-<profile>/pilot.md` and returns it."""
+    base (the same model, its adapter off) and, for multiple-choice records, against a uniform guess among each
+    record's options, on every held-out validation record, paired. Needs LoRA's train stage in `runs` (its
+    weights); writes `<results>/<task>-<profile>/pilot.md` and returns it."""
     run_dir = runs / f"{task}-{profile}-lora-study"
     train_dir = stage_dir(run_dir, "train")
     trained: TrainOutput = read_output(run_dir, "train")  # a finished train stage, or a one-line error naming it
@@ -200,6 +203,7 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
     )()
     records = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()
     generation = cfg.search.generation
+    levels = {source: [chance_level(r["instruction"]) for r in rows] for source, rows in by_source(records).items()}
     answers = {}
     for name, adapter in (("LoRA", contextlib.nullcontext()), ("dense base", model.disable_adapter())):
         with adapter:
@@ -220,7 +224,9 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
             }
     # the slice as one sample (its sources are in proportion to the training mixture, some with a few records)
     pooled = {name: {"validation": [c for rows in by_set.values() for c in rows]} for name, by_set in answers.items()}
-    difference, (low, high), _ = paired_difference(pooled["LoRA"], pooled["dense base"])
+    if all(level is not None for rows in levels.values() for level in rows):
+        answers[CHANCE] = levels
+        pooled[CHANCE] = {"validation": [level for rows in levels.values() for level in rows]}
     lines = [
         f"### Pilot: plain LoRA against the dense base on the validation slice ({task}, {profile})",
         "",
@@ -228,22 +234,29 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
         f"records); {len(records)} held-out validation records, scored as the search scores them "
         f"({generation.num_beams} beam(s), {generation.max_new_tokens} new tokens).",
         "",
-        "| source | records | dense base | LoRA | Δ |",
-        "|---|---:|---:|---:|---:|",
+        "| source | records | "
+        + " | ".join(m for m in (CHANCE, "dense base") if m in answers)
+        + " | LoRA | Δ vs dense |",
+        "|---|---:" + "|---:" * (len(answers) + 1) + "|",
     ]
     for source, lora_answers in answers["LoRA"].items():
         n = len(lora_answers)
-        dense, lora = (100 * sum(answers[m][source]) / n for m in ("dense base", "LoRA"))
-        lines.append(f"| {source} | {n} | {dense:.1f} | {lora:.1f} | {lora - dense:+.1f} |")
-    verdict = "clearly beats" if low > 0 else "does not separably beat"
-    lines += [
-        "",
-        f"LoRA − dense base over the {len(records)} records: {points(difference, True)} points, 95% interval "
-        f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} the dense base.",
-    ]
+        accuracy = {m: 100 * sum(answers[m][source]) / n for m in answers}
+        shown = " | ".join(f"{accuracy[m]:.1f}" for m in (CHANCE, "dense base", "LoRA") if m in answers)
+        lines.append(f"| {source} | {n} | {shown} | {accuracy['LoRA'] - accuracy['dense base']:+.1f} |")
+    lines.append("")
+    for other in (m for m in ("dense base", CHANCE) if m in pooled):
+        difference, (low, high), _ = paired_difference(pooled["LoRA"], pooled[other])
+        verdict = "clearly beats" if low > 0 else "does not separably beat"
+        lines += [
+            f"LoRA − {other} over the {len(records)} records: {points(difference, True)} points, 95% interval "
+            f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} "
+            f"{'the dense base' if other == 'dense base' else 'a uniform guess'}.",
+            "",
+        ]
     out = results / f"{task}-{profile}" / "pilot.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     return out
 
 
@@ -283,7 +296,36 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
                 "accuracy_by_task": dense.accuracy,
             }
         )
+    if chance := chance_row(run_dirs["lora"], table):
+        table.append(chance)
     return table
+
+
+def chance_row(lora_dir: Path, table: list[dict]) -> dict | None:
+    """A uniform guess among each test record's options, as a row against LoRA on the same records (None where an
+    answer is open, as in math): a retention of LoRA's accuracy means something only where LoRA beats it."""
+    extracted: ExtractOutput = read_output(lora_dir, "extract", verify=False)
+    predictions = read_table(stage_dir(lora_dir, "extract") / ExtractOutput.files.predictions, "predictions")
+    levels: dict[str, dict[int, float]] = {}
+    for r in predictions.to_pylist():
+        if (level := chance_level(r["prompt"])) is None:
+            return None
+        levels.setdefault(r["task"], {})[r["index"]] = level
+    by_task = {task: sum(by_index.values()) / len(by_index) for task, by_index in levels.items()}
+    averaged = extracted.averaged or list(levels)
+    lora = next(r for r in table if r["method"] == "lora")
+    delta, (low, high), _ = paired_difference({t: levels[t] for t in averaged}, extracted_answers(lora_dir))
+    accuracy = sum(by_task[t] for t in averaged) / len(averaged)
+    return {
+        **dict.fromkeys(table[0]),
+        "method": CHANCE,
+        "accuracy": accuracy,  # an expectation, exact: no interval
+        "delta_vs_lora": delta,
+        "delta_low": low,
+        "delta_high": high,
+        "retention": 100 * accuracy / lora["accuracy"] if lora["accuracy"] else None,
+        "accuracy_by_task": by_task,
+    }
 
 
 def test_records(run_dir: Path) -> dict[str, tuple[int, bool]]:
@@ -349,7 +391,9 @@ def results_markdown(
             "reported as measured."
         )
     lines += ["", "Against plain LoRA, paired on the same test records, beside what each seed reports:", ""]
-    lines += [f"- {verdict(r)}" for r in table if r["method"] != "lora"]
+    if chance := next((r for r in table if r["method"] == CHANCE), None):
+        lines.append(f"- {lora_against_chance(chance)}")
+    lines += [f"- {verdict(r)}" for r in table if r["method"] not in ("lora", CHANCE)]
     if pending:
         lines += ["", "Rows not run yet: " + "; ".join(f"{m} ({why})" for m, why in pending.items()) + "."]
     return "\n".join(lines) + "\n"
@@ -372,6 +416,20 @@ def verdict(row: dict) -> str:
     return f"**{row['method']}**: {delta} points{retention}: {reading}{claim}."
 
 
+def lora_against_chance(chance: dict) -> str:
+    """Whether LoRA itself beats a uniform guess, from the chance row's paired interval: where it does not, the
+    test sets measure the answer format more than the task, and no retention says whether a method keeps accuracy."""
+    delta = points_with_interval(-chance["delta_vs_lora"], (-chance["delta_high"], -chance["delta_low"]), signed=True)
+    if chance["delta_high"] < 0:
+        reading = "above chance beyond noise, so the rows below measure what each method keeps of a learned task"
+    else:
+        reading = (
+            "not above chance beyond noise: at this budget the test sets measure the answer format more than the "
+            "task, and no retention below says whether a method keeps accuracy"
+        )
+    return f"**lora against chance** (a uniform guess among each record's options): {delta} points: {reading}."
+
+
 def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None:
     """Test accuracy vs non-zero MACs per token (intervals as bars), and each method's validation Pareto front."""
     import matplotlib
@@ -381,6 +439,9 @@ def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
     for r in table:
+        if r["method"] == CHANCE:
+            left.axhline(100 * r["accuracy"], color="firebrick", linestyle="--", linewidth=1, label=CHANCE)
+            continue
         x, y = r["nonzero_macs_per_token"], 100 * r["accuracy"]
         bar = None if r["accuracy_low"] is None else [[y - 100 * r["accuracy_low"]], [100 * r["accuracy_high"] - y]]
         marker = {"lora": "s", BASE: "D"}.get(r["method"], "o")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from flows.study import SEED_CLAIMS, results_markdown, verdict
+from types import SimpleNamespace
+
+import pytest
+
+from flows.study import CHANCE, SEED_CLAIMS, chance_row, results_markdown, verdict
+from nlsflow.evaluation.answers import chance_level
 
 
 def _row(method: str, accuracy: float, delta: float, low: float, high: float) -> dict:
@@ -42,3 +47,42 @@ def test_the_table_names_outside_sets_and_rows_not_run_yet():
     assert "Test records: boolq 200, hellaswag 36." in text and "outside_average): hellaswag" in text
     assert "- **shears**: -5.0 [-8.0, -2.0] points, 90.0% of LoRA's accuracy: below LoRA beyond noise" in text
     assert "**lora**:" not in text and text.endswith("Rows not run yet: lonas (not run yet).\n")
+
+
+def test_a_chance_level_is_one_over_the_options_a_record_names():
+    assert chance_level("Question?\n\nAnswer format: answer1/answer2/answer3") == 1 / 3
+    assert chance_level("...Option2: Maria Answer format: option1/option2") == 0.5
+    assert chance_level("A robe takes 2 bolts of blue fiber. How many bolts in total?") is None  # math: open answers
+
+
+def test_the_chance_row_pairs_a_uniform_guess_with_lora_on_the_same_records(monkeypatch, tmp_path):
+    import flows.study
+
+    prompts = {"boolq": "Answer format: true/false", "ARC-Easy": "Answer format: answer1/answer2/answer3/answer4"}
+    rows = [{"task": t, "index": i, "prompt": prompts[t]} for t in prompts for i in range(4)]
+    monkeypatch.setattr(flows.study, "read_output", lambda *a, **k: SimpleNamespace(averaged=list(prompts)))
+    monkeypatch.setattr(flows.study, "read_table", lambda *a: SimpleNamespace(to_pylist=lambda: rows))
+    lora_answers = {"boolq": [True, True, True, False], "ARC-Easy": [True, False, False, False]}  # 75% and 25%
+    monkeypatch.setattr(flows.study, "extracted_answers", lambda run_dir: lora_answers)
+    chance = chance_row(tmp_path, [_row("lora", 0.5, 0, 0, 0)])
+    assert chance["method"] == CHANCE and chance["accuracy_by_task"] == {"boolq": 0.5, "ARC-Easy": 0.25}
+    assert chance["accuracy"] == 0.375 and chance["accuracy_low"] is None and chance["params"] is None
+    assert chance["delta_vs_lora"] == pytest.approx(0.375 - 0.5) and chance["retention"] == 75
+    assert chance["delta_low"] <= chance["delta_vs_lora"] <= chance["delta_high"]
+    rows[0]["prompt"] = "How many apples?"  # one open answer: no chance row
+    assert chance_row(tmp_path, [_row("lora", 0.5, 0, 0, 0)]) is None
+
+
+def test_the_reading_first_says_whether_lora_beats_chance():
+    lora = _row("lora", 0.5, 0, 0, 0)
+    counts = dict.fromkeys(("params", "nonzero_params", "nonzero_macs_per_token", "trainable_params", "adapter_bytes"))
+    above = {**_row(CHANCE, 0.4, -0.1, -0.14, -0.06), **counts, "accuracy_low": None, "accuracy_high": None}
+    text = results_markdown([lora, above], "commonsense", "smollm2", {"boolq": (200, True)})
+    assert (
+        "- **lora against chance** (a uniform guess among each record's options): +10.0 [+6.0, +14.0] points: " in text
+    )
+    assert "above chance beyond noise" in text and "**chance**:" not in text
+    assert "| chance | – | – | – | – | – | 40.0 | 40.0 | -10.0 [-14.0, -6.0] | 80.0 |" in text
+    level = {**above, "delta_vs_lora": -0.01, "delta_low": -0.04, "delta_high": 0.02}
+    text = results_markdown([lora, level], "commonsense", "smollm2", {"boolq": (200, True)})
+    assert "+1.0 [-2.0, +4.0] points: not above chance beyond noise" in text and "no retention below says" in text

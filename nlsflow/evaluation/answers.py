@@ -28,6 +28,7 @@ _NUMBER = re.compile(r"-?\d+\.?\d*")
 _OPTION_LETTER = re.compile(r"A|B|C|D|E")
 _NUMERIC_TOLERANCE = 0.001
 
+_ANSWER_FORMAT = re.compile(r"Answer format:\s*(\w+(?:/\w+)+)")  # "Answer format: answer1/answer2/answer3"
 _NEXT_SECTION = re.compile(r"###\s*(?:Instruction|Input|Response)\s*:")
 _ANSWER_IS = re.compile(r"\bthe\s+(?:correct\s+)?answer\s+is\b", re.IGNORECASE)
 # An optional sign only where no word or digit precedes it, so "3-4" is 3 and 4; "1,000" is one number.
@@ -54,6 +55,13 @@ def extract_prediction(kind: str, text: str, keywords: tuple[str, ...] = ()) -> 
         match = re.search("|".join(map(re.escape, keywords)), response)
         return match.group(0) if match else None
     raise ValueError(f"unknown answer kind {kind!r}; expected 'numeric', 'aqua' or 'choice'")
+
+
+def chance_level(prompt: str) -> float | None:
+    """A uniform guess's accuracy on a multiple-choice record: one over the options its "Answer format: a/b/c" line
+    names (commonsense); None for an open answer (math)."""
+    match = _ANSWER_FORMAT.search(prompt)
+    return None if match is None else 1 / len(match.group(1).split("/"))
 
 
 def is_correct(kind: str, prediction: str | float | None, label: str) -> bool:

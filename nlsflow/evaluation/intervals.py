@@ -17,7 +17,8 @@ RESAMPLES = 2000
 SEED = 0
 
 Interval = tuple[float, float]
-Answers = Sequence[bool] | Mapping[int, bool]  # a test set's correct answers: in record order, or by index
+# A test set's correct answers, in record order or by index; or each record's expected accuracy (a chance level).
+Answers = Sequence[bool] | Mapping[int, bool] | Mapping[int, float]
 
 
 def _mean_of_means(*samples, axis=-1):
