@@ -70,7 +70,9 @@ class TrainingData:
 
     @classmethod
     def prepare(cls, records: list[dict], tokenizer, tc: TrainConfig, seed: int, device) -> TrainingData:
-        examples = [tokenize_for_training(tokenizer, r, tc.cutoff_len, tc.train_on_inputs) for r in records]
+        examples = [
+            tokenize_for_training(tokenizer, r, tc.cutoff_len, tc.train_on_inputs, tc.tokenize) for r in records
+        ]
         collate = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
         return cls(examples, collate, tc.micro_batch_size, seed, device)
 

@@ -148,6 +148,13 @@ class TrainConfig(Strict):
     warmup_steps: int = Field(100, ge=0, description="optimizer steps of linear learning-rate warmup")
     cutoff_len: int = Field(256, gt=0, description="tokens per training example (LLM-Adapters cutoff_len)")
     train_on_inputs: bool = Field(True, description="also train on the prompt tokens (LLM-Adapters default)")
+    tokenize: Literal["split", "joint"] = Field(
+        "split",
+        description="how a record becomes training tokens: 'split' tokenizes the prompt alone, as evaluation does, "
+        "then the response, so the model is trained on exactly the prompt tokens it is later given; 'joint' "
+        "tokenizes prompt + response as one text, as LLM-Adapters does, where a token can merge across the boundary "
+        "(a byte-level BPE tokenizer, e.g. SmolLM2's, then never trains on the evaluation prompt's last token)",
+    )
     max_train_samples: int | None = Field(None, gt=0, description="cap on training records")
     val_size: int = Field(1000, ge=1, description="records held out of training for the search stage")
     log_every: int = Field(10, gt=0, description="steps between loss-log rows")

@@ -391,6 +391,27 @@ def test_tokenize_truncates_without_eos(char_tokenizer):
     assert short["labels"] == [-100] * 20
 
 
+def test_split_tokenization_trains_on_the_prompt_tokens_evaluation_gives():
+    """A BPE that merges " t" before "  " (as byte-level BPEs join a space to the next word) tokenizes the template's
+    16 trailing spaces differently when the response follows: jointly (LLM-Adapters) the trained prompt is not the
+    evaluated one; split, it is, token for token."""
+    chars = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .+=?#:,\n"))
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *chars, " t", "  "])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(" ", "t"), (" ", " ")], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<unk>")
+    record = {"instruction": "Is 5 odd?", "input": "", "output": "the answer is true"}
+    evaluated = tokenizer(generate_prompt(record["instruction"]))["input_ids"]
+    split = tokenize_for_training(tokenizer, record, 512, train_on_inputs=False, tokenize="split")
+    joint = tokenize_for_training(tokenizer, record, 512, train_on_inputs=False, tokenize="joint")
+    assert split["input_ids"][: len(evaluated)] == evaluated
+    assert tokenizer.decode(split["input_ids"][len(evaluated) : -1]) == record["output"]
+    assert split["labels"][: len(evaluated)] == [-100] * len(evaluated)
+    assert split["labels"][len(evaluated) :] == split["input_ids"][len(evaluated) :]
+    assert joint["input_ids"][: len(evaluated)] != evaluated
+    assert tokenizer.decode(joint["input_ids"][:-1]) == tokenizer.decode(split["input_ids"][:-1])  # the same text
+
+
 @needs_data
 def test_wikitext2_splits():
     valid = wikitext2(DATA_ROOT, "valid")

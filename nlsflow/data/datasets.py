@@ -321,20 +321,31 @@ def split_validation(records: list[dict], val_size: int, seed: int) -> tuple[lis
     return shuffled[val_size:], shuffled[:val_size]
 
 
-def tokenize_for_training(tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool) -> dict[str, list[int]]:
-    """Tokenize a record as LLM-Adapters' finetune.py does (`generate_and_tokenize_prompt`).
+def tokenize_for_training(
+    tokenizer, record: dict, cutoff_len: int, train_on_inputs: bool, tokenize: Literal["split", "joint"] = "split"
+) -> dict[str, list[int]]:
+    """Tokenize a record for training, as LLM-Adapters' finetune.py does (`generate_and_tokenize_prompt`) but for
+    where the prompt ends.
 
+    `tokenize="split"`: the prompt is tokenized alone, exactly as evaluation tokenizes it, and the response's
+    tokens follow. `"joint"` (LLM-Adapters): prompt + response as one text. The template ends the prompt in 16
+    spaces, so a byte-level BPE tokenizer joins the last of them to the response's first word (" the"): trained
+    jointly, such a model never sees the prompt's last token as evaluation gives it, and answers off-format.
     Truncate to `cutoff_len`; append EOS when the text did not already end in EOS and there is room.
     With `train_on_inputs=False` the first n labels become -100, n being the token count of the
-    prompt alone (tokenized separately, no EOS), so a token that merges across the prompt/response
-    boundary shifts the mask by one; we keep that behaviour.
+    prompt alone (tokenized separately, no EOS); jointly, a token that merges across the boundary
+    shifts the mask by one, as in LLM-Adapters.
     """
     prompt = generate_prompt(record["instruction"], record.get("input", ""))
-    full = tokenizer(prompt + record["output"], truncation=True, max_length=cutoff_len)
-    input_ids, attention_mask = list(full["input_ids"]), list(full["attention_mask"])
+    if tokenize == "split":
+        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        input_ids = (tokenizer(prompt)["input_ids"] + response)[:cutoff_len]
+    else:
+        input_ids = tokenizer(prompt + record["output"], truncation=True, max_length=cutoff_len)["input_ids"]
+    input_ids = list(input_ids)
     if input_ids and input_ids[-1] != tokenizer.eos_token_id and len(input_ids) < cutoff_len:
         input_ids.append(tokenizer.eos_token_id)
-        attention_mask.append(1)
+    attention_mask = [1] * len(input_ids)
     labels = list(input_ids)
     if not train_on_inputs:
         prompt_len = min(len(tokenizer(prompt, truncation=True, max_length=cutoff_len)["input_ids"]), len(labels))
