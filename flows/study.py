@@ -247,7 +247,7 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
     lines.append("")
     for other in (m for m in ("dense base", CHANCE) if m in pooled):
         difference, (low, high), _ = paired_difference(pooled["LoRA"], pooled[other])
-        verdict = "clearly beats" if low > 0 else "does not separably beat"
+        verdict = "clearly beats" if low > 0 else "falls below" if high < 0 else "does not separably beat"
         lines += [
             f"LoRA − {other} over the {len(records)} records: {points(difference, True)} points, 95% interval "
             f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} "
