@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows.study import CHANCE, SEED_CLAIMS, chance_row, results_markdown, verdict
+from flows.study import CHANCE, COUNTS, SEED_CLAIMS, chance_row, results_markdown, verdict
 from nlsflow.evaluation.answers import chance_level
 
 
@@ -75,7 +75,7 @@ def test_the_chance_row_pairs_a_uniform_guess_with_lora_on_the_same_records(monk
 
 def test_the_reading_first_says_whether_lora_beats_chance():
     lora = _row("lora", 0.5, 0, 0, 0)
-    counts = dict.fromkeys(("params", "nonzero_params", "nonzero_macs_per_token", "trainable_params", "adapter_bytes"))
+    counts = dict.fromkeys(COUNTS)
     above = {**_row(CHANCE, 0.4, -0.1, -0.14, -0.06), **counts, "accuracy_low": None, "accuracy_high": None}
     text = results_markdown([lora, above], "commonsense", "smollm2", {"boolq": (200, True)})
     assert (

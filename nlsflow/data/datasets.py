@@ -337,18 +337,17 @@ def tokenize_for_training(
     shifts the mask by one, as in LLM-Adapters.
     """
     prompt = generate_prompt(record["instruction"], record.get("input", ""))
+    prompt_ids = tokenizer(prompt)["input_ids"]
     if tokenize == "split":
-        response = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
-        input_ids = (tokenizer(prompt)["input_ids"] + response)[:cutoff_len]
+        input_ids = (prompt_ids + tokenizer(record["output"], add_special_tokens=False)["input_ids"])[:cutoff_len]
     else:
-        input_ids = tokenizer(prompt + record["output"], truncation=True, max_length=cutoff_len)["input_ids"]
-    input_ids = list(input_ids)
+        input_ids = list(tokenizer(prompt + record["output"], truncation=True, max_length=cutoff_len)["input_ids"])
     if input_ids and input_ids[-1] != tokenizer.eos_token_id and len(input_ids) < cutoff_len:
         input_ids.append(tokenizer.eos_token_id)
     attention_mask = [1] * len(input_ids)
     labels = list(input_ids)
     if not train_on_inputs:
-        prompt_len = min(len(tokenizer(prompt, truncation=True, max_length=cutoff_len)["input_ids"]), len(labels))
+        prompt_len = min(len(prompt_ids), cutoff_len, len(labels))
         labels[:prompt_len] = [-100] * prompt_len
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
