@@ -64,7 +64,7 @@ from nlsflow.io import atomic_write_text
 from nlsflow.yaml12 import yaml_load
 from schemas.config import STAGES, PipelineConfig
 from schemas.files import SearchSpaceFile
-from schemas.outputs import EvaluateOutput, ExtractOutput, PruneOutput, SearchOutput, TrainOutput
+from schemas.outputs import BenchmarkOutput, EvaluateOutput, ExtractOutput, PruneOutput, SearchOutput, TrainOutput
 
 STUDIES = Path(__file__).resolve().parent.parent / "configs" / "studies"
 RESULTS = Path(__file__).resolve().parent.parent / "results"  # each study's published rows and tables, committed
@@ -269,6 +269,11 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
     evaluate: EvaluateOutput = read_output(run_dirs["lora"], "evaluate", verify=False)
     if dense := evaluate.baselines.get("dense"):
         lora = next(r for r in table if r["method"] == "lora")
+        # counted as LoRA's benchmark measured the dense base (dequantized weights can hold exact zeros)
+        benchmarked: BenchmarkOutput = read_output(run_dirs["lora"], "benchmark", verify=False)
+        dense_counts = benchmarked.results["dense"].model_dump(
+            include={"params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token"}
+        )
         interval = dense.average_accuracy_interval or (None, None)
         # against the same LoRA model as every other row: the one extracted, on the same records
         predictions = read_table(
@@ -280,10 +285,7 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
             {
                 **dict.fromkeys(table[0]),
                 "method": BASE,
-                "params": lora["params"],
-                "nonzero_params": lora["params"],
-                "macs_per_token": lora["macs_per_token"],
-                "nonzero_macs_per_token": lora["macs_per_token"],
+                **dense_counts,
                 "trainable_params": 0,
                 "accuracy": dense.average_accuracy,
                 "accuracy_low": interval[0],

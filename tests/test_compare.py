@@ -69,6 +69,11 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
     assert dense["trainable_params"] == 0
+    counted = read_manifest(stage_dir(out / "lora", "benchmark"), "benchmark").output.results["dense"]
+    assert (dense["nonzero_params"], dense["nonzero_macs_per_token"]) == (
+        counted.nonzero_params,
+        counted.nonzero_macs_per_token,
+    )
     assert dense["delta_vs_lora"] == pytest.approx(dense["accuracy"] - lora["accuracy"])
     # the variant: Shears (sparsity-preserving) on a base pruned 30% (configs/studies/math-tiny.variants.yaml)
     shears_30 = load_config([tmp_path / "math-tiny-shears-30-study" / "config.yaml"])
