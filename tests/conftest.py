@@ -39,6 +39,26 @@ LIGHT_BENCHMARK = (
 MATH_RUN = (f"benchmark={json.dumps(yaml.safe_load(TINY_CONFIGS[1].read_text())['benchmark'])}",)
 
 
+def micro_llama(hidden: int = 64, layers: int = 2, **config):
+    """A seeded random Llama for unit tests: 128 tokens, 4 attention heads over 2 key-value heads, an MLP twice as wide
+    as the hidden size; `config` adds LlamaConfig fields."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=128,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **config,
+        )
+    )
+
+
 def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
     return [f"run_dir={run_dir}", f"data.root={DATA_ROOT}", LIGHT_BENCHMARK, *extra]
 

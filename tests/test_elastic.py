@@ -7,9 +7,10 @@ import re
 
 import pytest
 import torch
+from conftest import micro_llama
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from nlsflow.adapters.elastic import (
     ElasticGroup,
@@ -38,16 +39,7 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])
 
 
 def _base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return micro_llama().eval()
 
 
 def _super() -> PeftModel:

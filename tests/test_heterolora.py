@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from conftest import micro_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from test_methods import method_config, run_all
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -31,17 +32,8 @@ BATCHES = [{"input_ids": TOKENS, "labels": TOKENS}, {"input_ids": TOKENS.flip(1)
 
 
 def _model(shortcut_layers=(0, 1)):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     model = get_peft_model(
-        LlamaForCausalLM(cfg), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+        micro_llama(32), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
     )
     shortcuts = attach_shortcuts(model, list(shortcut_layers), 4, 8) if shortcut_layers else None
     return model, shortcuts, hetero.candidates(model, shortcuts)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import micro_llama
+from transformers import LlamaForCausalLM
 
 from nlsflow.deploy.measure import (
     Variant,
@@ -20,18 +21,7 @@ from nlsflow.deploy.timing import TorchDecoder, median_spread, repeat_timing, su
 
 
 def tiny_llama(hidden: int = 64, layers: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config).eval()
+    return micro_llama(hidden, layers, tie_word_embeddings=False, pad_token_id=0).eval()
 
 
 def test_torch_decoder_gives_generate_tokens():

@@ -3,9 +3,9 @@ trips through the saved coefficients and through a materialized stock PEFT LoRA 
 
 import pytest
 import torch
+from conftest import micro_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from nlsflow.adapters.elastic import ElasticGroup, activate, make_elastic, resolve_space
 from nlsflow.adapters.nola import (
@@ -27,16 +27,7 @@ SPEC = NolaSpec(num_basis_a=16, num_basis_b=12, seed=7)
 
 
 def _lora(rank: int = 8) -> PeftModel:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    base = LlamaForCausalLM(cfg).eval()
+    base = micro_llama().eval()
     return get_peft_model(base, LoraConfig(r=rank, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
 
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-import transformers
+from conftest import micro_llama
 
 from nlsflow.adapters.shortcuts import attach_shortcuts, load_shortcuts, save_shortcuts
 from nlsflow.deploy.openvino_format import MODEL_BIN, OpenVINODecoder, export_openvino, openvino_available
@@ -21,17 +21,7 @@ CPU = torch.device("cpu")
 
 
 def _tiny_llama(folder, shortcut_layers=()):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = micro_llama(tie_word_embeddings=False)
     model.save_pretrained(folder)
     if shortcut_layers:
         shortcuts = attach_shortcuts(model, list(shortcut_layers), rank=4, alpha=8.0)

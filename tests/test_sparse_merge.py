@@ -5,8 +5,9 @@ import random
 
 import pytest
 import torch
+from conftest import micro_llama
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from nlsflow.adapters.elastic import (
     ElasticGroup,
@@ -44,16 +45,7 @@ TOKENS = torch.tensor([[1, 5, 9, 33, 70, 127, 2, 64]])
 
 
 def _pruned_base() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg).eval()
+    model = micro_llama().eval()
     prune_model(model, None, method="magnitude", sparsity=0.5, progress=False)
     return model
 

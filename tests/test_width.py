@@ -6,10 +6,11 @@ import random
 
 import pytest
 import torch
+from conftest import micro_llama
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from nlsflow.adapters.elastic import (
     ElasticGroup,
@@ -39,16 +40,7 @@ WIDTH_GROUPS = [WidthGroup("gate_up_width", ("gate_proj", "up_proj"), WIDTHS)]
 
 
 def tiny_llama(layers=3) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
+    return micro_llama(32, layers).eval()
 
 
 @pytest.fixture
