@@ -288,6 +288,7 @@ def train_supernet(
                     }
                 )
                 state.recent = []
+                progress.set_postfix(loss=f"{state.log_rows[-1]['loss']:.4f}", refresh=False)  # shown at the next tick
             state.step = step
             stopping = _anyone(stop.signum is not None, accelerator)
             if checkpoints is not None and (stopping or checkpoints.due(step)):
