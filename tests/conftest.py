@@ -59,6 +59,23 @@ def micro_llama(hidden: int = 64, layers: int = 2, **config):
     )
 
 
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    """One token per character, BOS prepended, so prompt lengths are exact; 76 ids, within micro_llama's 128."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .+=?#:,\n"
+    chars = sorted(set(alphabet))
+    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
 def tiny_overrides(run_dir: Path, *extra: str) -> list[str]:
     return [f"run_dir={run_dir}", f"data.root={DATA_ROOT}", LIGHT_BENCHMARK, *extra]
 

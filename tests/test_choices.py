@@ -3,7 +3,7 @@ from conftest import DATA_ROOT, needs_data
 
 from nlsflow.data.datasets import EVAL_DATASETS
 from nlsflow.data.registry import DATA_FILES, read_records
-from nlsflow.evaluation.choices import Choices, parse_choices
+from nlsflow.evaluation.choices import RESPONSE, Choices, parse_choices
 
 COMMONSENSE = [name for name, d in EVAL_DATASETS.items() if d.kind == "choice"]
 
@@ -44,6 +44,7 @@ def test_every_local_commonsense_record_parses_to_its_labels(name):
     for record in read_records(DATA_ROOT / DATA_FILES[name].path):
         choices = parse_choices(record["instruction"])
         assert record["answer"] in choices.labels and len(choices.texts) == len(choices.labels)
+        assert record["output"] == RESPONSE.format(record["answer"])
         assert choices.stem and all(choices.texts), record["instruction"][:120]
         if name.startswith("winogrande"):  # one blank, for lm-eval's partial scoring
             assert choices.stem.count("_") == 1

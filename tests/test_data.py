@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from conftest import DATA_ROOT, needs_data
-from tokenizers import Tokenizer, decoders, models, processors
+from tokenizers import Tokenizer, decoders, models
 from transformers import PreTrainedTokenizerFast
 
 from nlsflow.data.datasets import (
@@ -343,20 +343,6 @@ def test_split_validation_is_deterministic_and_disjoint():
     assert split_validation(records, 10, seed=1)[1] != val
     with pytest.raises(ValueError):
         split_validation(records, 100, seed=0)
-
-
-@pytest.fixture(scope="module")
-def char_tokenizer():
-    """One token per character, BOS prepended, so prompt lengths are exact."""
-    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .+=?#:,\n"
-    chars = sorted(set(alphabet))
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", *chars])}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
 
 
 RECORD = {"instruction": "Add 2 and 3.", "input": "", "output": "2 + 3 = 5. The answer is 5."}

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+RESPONSE = "the correct answer is {}"  # every commonsense record's output, its label filled in
+
 _LEAD_IN = re.compile(r"^Please (?:choose|answer)[^:]*:\s*")  # "Please choose the correct answer to the question: "
 _FORMAT = re.compile(r"\s*Answer format:\s*(\w+(?:/\w+)+)\s*$")
 _OPTION = re.compile(r"(?:Answer|Solution|Option|Ending)(\d+):\s*")

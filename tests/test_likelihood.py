@@ -1,0 +1,55 @@
+import pytest
+import torch
+from conftest import micro_llama
+
+from nlsflow.data.datasets import generate_prompt
+from nlsflow.evaluation.choices import RESPONSE
+from nlsflow.evaluation.likelihood import continuation_logprobs, rank_labels
+
+RECORDS = [
+    {
+        "instruction": "Please choose the correct answer to the question: Which is a mammal?\n\n"
+        "Answer1: a trout Answer2: a bat Answer3: a frog\n\nAnswer format: answer1/answer2/answer3",
+        "answer": "answer2",
+    },
+    {
+        "instruction": "Please answer the following question with true or false, question: is ice cold?\n\n"
+        "Answer format: true/false",
+        "answer": "true",
+    },
+]
+
+
+def one_by_one(model, context: list[int], continuation: list[int]) -> float:
+    logprobs = model(input_ids=torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+    return sum(logprobs[len(context) - 1 + k, token].item() for k, token in enumerate(continuation))
+
+
+@torch.no_grad()
+def test_batched_scores_are_each_pair_scored_alone():
+    model = micro_llama()
+    pairs = [([1, 5, 9, 12], [20, 21]), ([1, 7], [30, 31, 32, 33, 34]), ([1, 40, 41, 42, 43, 44, 45], [50])]
+    expected = [one_by_one(model, *pair) for pair in pairs]
+    for batch_size in (1, 2, 3):
+        assert continuation_logprobs(model, pairs, batch_size=batch_size, pad_id=3) == pytest.approx(expected, abs=1e-4)
+
+
+@torch.no_grad()
+def test_the_ranked_label_is_the_likeliest_response_after_the_prompt(char_tokenizer):
+    model = micro_llama()
+    rows = rank_labels(model, char_tokenizer, RECORDS, batch_size=2)
+    for record, row in zip(RECORDS, rows):
+        labels = record["instruction"].rsplit("Answer format: ", 1)[1].split("/")
+        prompt = char_tokenizer(generate_prompt(record["instruction"]))["input_ids"]
+        scores = [
+            one_by_one(model, prompt, char_tokenizer(RESPONSE.format(label), add_special_tokens=False)["input_ids"])
+            for label in labels
+        ]
+        assert row["prediction"] == labels[scores.index(max(scores))]
+        assert row["correct"] == (row["prediction"] == record["answer"])
+    assert [row["index"] for row in rows] == [0, 1]
+
+
+def test_an_open_answer_cannot_be_ranked(char_tokenizer):
+    with pytest.raises(ValueError, match="not a multiple-choice record"):
+        rank_labels(micro_llama(), char_tokenizer, [{"instruction": "Add 2 and 3.", "answer": "5"}])
