@@ -58,6 +58,7 @@ from nlsflow.evaluation.intervals import (
     points_interval,
     points_with_interval,
 )
+from nlsflow.evaluation.likelihood import rank_labels
 from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
@@ -204,7 +205,8 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
     records = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()
     generation = cfg.search.generation
     levels = {source: [chance_level(r["instruction"]) for r in rows] for source, rows in by_source(records).items()}
-    answers = {}
+    multiple_choice = all(level is not None for rows in levels.values() for level in rows)
+    answers, ranked = {}, {}  # generated, as the search scores them; the labels ranked by likelihood (the choice alone)
     for name, adapter in (("LoRA", contextlib.nullcontext()), ("dense base", model.disable_adapter())):
         with adapter:
             answers[name] = {
@@ -222,36 +224,70 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
                 ]
                 for source, rows in by_source(records).items()
             }
+            if multiple_choice:
+                ranked[name] = {
+                    source: [
+                        r["correct"] for r in rank_labels(model, tokenizer, rows, batch_size=generation.batch_size)
+                    ]
+                    for source, rows in by_source(records).items()
+                }
+    return write_pilot(task, profile, trained, cfg, len(records), answers, ranked, levels, results)
+
+
+def write_pilot(
+    task: str,
+    profile: str,
+    trained: TrainOutput,
+    cfg: PipelineConfig,
+    records: int,
+    answers: dict[str, dict[str, list[bool]]],
+    ranked: dict[str, dict[str, list[bool]]],
+    levels: dict[str, list[float | None]],
+    results: Path,
+) -> Path:
+    """`pilot.md` from the pilot's paired answers: `answers[name][source]` generated, `ranked[name][source]` by
+    label likelihood (empty for open answers), `levels[source]` each record's chance level (None for open answers)."""
+    generation = cfg.search.generation
+    columns = {"dense base": answers["dense base"], "LoRA": answers["LoRA"]}
+    if ranked:  # multiple choice: a uniform guess, and the choice alone
+        columns = {
+            CHANCE: levels,
+            **columns,
+            "dense base, ranked": ranked["dense base"],
+            "LoRA, ranked": ranked["LoRA"],
+        }
     # the slice as one sample (its sources are in proportion to the training mixture, some with a few records)
-    pooled = {name: {"validation": [c for rows in by_set.values() for c in rows]} for name, by_set in answers.items()}
-    if all(level is not None for rows in levels.values() for level in rows):
-        answers[CHANCE] = levels
-        pooled[CHANCE] = {"validation": [level for rows in levels.values() for level in rows]}
+    pooled = {name: {"validation": [c for rows in by_set.values() for c in rows]} for name, by_set in columns.items()}
     lines = [
         f"### Pilot: plain LoRA against the dense base on the validation slice ({task}, {profile})",
         "",
         f"LoRA after {trained.steps} steps of {cfg.train.batch_size} sequences ({trained.train_records:,} training "
-        f"records); {len(records)} held-out validation records, scored as the search scores them "
-        f"({generation.num_beams} beam(s), {generation.max_new_tokens} new tokens).",
+        f"records) at a peak learning rate of {cfg.train.learning_rate:g}; {records} held-out validation records, "
+        f"scored as the search scores them ({generation.num_beams} beam(s), {generation.max_new_tokens} new tokens)"
+        + (
+            ", and ranked: each record's labels in order of the likelihood the model gives their response after the "
+            "prompt, the answer format taken out."
+            if ranked
+            else "."
+        ),
         "",
-        "| source | records | "
-        + " | ".join(m for m in (CHANCE, "dense base") if m in answers)
-        + " | LoRA | Δ vs dense |",
-        "|---|---:" + "|---:" * (len(answers) + 1) + "|",
+        "| source | records | " + " | ".join(columns) + " | Δ vs dense |",
+        "|---|---:" + "|---:" * (len(columns) + 1) + "|",
     ]
     for source, lora_answers in answers["LoRA"].items():
         n = len(lora_answers)
-        accuracy = {m: 100 * sum(answers[m][source]) / n for m in answers}
-        shown = " | ".join(f"{accuracy[m]:.1f}" for m in (CHANCE, "dense base", "LoRA") if m in answers)
+        accuracy = {name: 100 * sum(by_set[source]) / n for name, by_set in columns.items()}
+        shown = " | ".join(f"{value:.1f}" for value in accuracy.values())
         lines.append(f"| {source} | {n} | {shown} | {accuracy['LoRA'] - accuracy['dense base']:+.1f} |")
     lines.append("")
-    for other in (m for m in ("dense base", CHANCE) if m in pooled):
-        difference, (low, high), _ = paired_difference(pooled["LoRA"], pooled[other])
+    comparisons = [("LoRA", "dense base", "the dense base"), ("LoRA", CHANCE, "a uniform guess")]
+    comparisons += [("LoRA, ranked", "dense base, ranked", "the dense base, on the choice alone")]
+    for mine, other, whom in (c for c in comparisons if c[0] in pooled and c[1] in pooled):
+        difference, (low, high), _ = paired_difference(pooled[mine], pooled[other])
         verdict = "clearly beats" if low > 0 else "falls below" if high < 0 else "does not separably beat"
         lines += [
-            f"LoRA − {other} over the {len(records)} records: {points(difference, True)} points, 95% interval "
-            f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} "
-            f"{'the dense base' if other == 'dense base' else 'a uniform guess'}.",
+            f"{mine} − {other} over the {records} records: {points(difference, True)} points, 95% interval "
+            f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} {whom}.",
             "",
         ]
     out = results / f"{task}-{profile}" / "pilot.md"

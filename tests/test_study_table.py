@@ -86,3 +86,29 @@ def test_the_reading_first_says_whether_lora_beats_chance():
     level = {**above, "delta_vs_lora": -0.01, "delta_low": -0.04, "delta_high": 0.02}
     text = results_markdown([lora, level], "commonsense", "smollm2", {"boolq": (200, True)})
     assert "+1.0 [-2.0, +4.0] points: not above chance beyond noise" in text and "no retention below says" in text
+
+
+def test_the_pilot_sets_the_choice_alone_beside_the_generated_answers(tmp_path):
+    """A base that never answers in the expected form scores 0 generated; ranked by label likelihood it gets a fair
+    score, and LoRA − dense base on the choice alone is what LoRA learned of the task."""
+    from flows.study import write_pilot
+
+    n = 40
+    answers = {"LoRA": {"piqa": [True] * 24 + [False] * 16}, "dense base": {"piqa": [False] * n}}
+    ranked = {"LoRA": {"piqa": [True] * 24 + [False] * 16}, "dense base": {"piqa": [True] * 22 + [False] * 18}}
+    trained = SimpleNamespace(steps=200, train_records=15000)
+    generation = SimpleNamespace(num_beams=1, max_new_tokens=32)
+    cfg = SimpleNamespace(
+        train=SimpleNamespace(batch_size=16, learning_rate=5e-4), search=SimpleNamespace(generation=generation)
+    )
+    out = write_pilot("commonsense", "smollm2", trained, cfg, n, answers, ranked, {"piqa": [0.5] * n}, tmp_path)
+    text = out.read_text()
+    assert "| source | records | chance | dense base | LoRA | dense base, ranked | LoRA, ranked | Δ vs dense |" in text
+    assert "| piqa | 40 | 50.0 | 0.0 | 60.0 | 55.0 | 60.0 | +60.0 |" in text
+    assert "peak learning rate of 0.0005" in text
+    assert "LoRA − dense base over the 40 records: +60.0 points" in text and "clearly beats the dense base." in text
+    assert "LoRA, ranked − dense base, ranked over the 40 records: +5.0 points" in text
+    assert "does not separably beat the dense base, on the choice alone." in text
+    # open answers (math): no chance, nothing ranked
+    text = write_pilot("math", "tiny", trained, cfg, n, answers, {}, {"piqa": [None] * n}, tmp_path).read_text()
+    assert "chance" not in text and "ranked" not in text and "| piqa | 40 | 0.0 | 60.0 | +60.0 |" in text
