@@ -48,3 +48,22 @@ def test_every_local_commonsense_record_parses_to_its_labels(name):
         assert choices.stem and all(choices.texts), record["instruction"][:120]
         if name.startswith("winogrande"):  # one blank, for lm-eval's partial scoring
             assert choices.stem.count("_") == 1
+
+
+def test_cloze_writes_each_option_after_the_question_as_lm_eval_does():
+    from nlsflow.evaluation.choices import cloze
+
+    arc = Choices("Which is a mammal?", ("answer1", "answer2"), ("a trout", "a bat"))
+    assert cloze(arc, "ARC-Easy") == [
+        ("Question: Which is a mammal?\nAnswer:", " a trout"),
+        ("Question: Which is a mammal?\nAnswer:", " a bat"),
+    ]
+    wino = Choices("Ann lent Bo a pen because _ had two.", ("option1", "option2"), ("Ann", "Bo"))
+    assert cloze(wino, "winogrande") == [
+        ("Ann lent Bo a pen because Ann", " had two."),
+        ("Ann lent Bo a pen because Bo", " had two."),
+    ]
+    boolq = Choices("is it?", ("true", "false"), ("true", "false"))
+    assert [continuation for _, continuation in cloze(boolq, "boolq")] == [" yes", " no"]
+    siqa = Choices("Kai sat down. Why?", ("answer1", "answer2"), ("to rest", "to run"))
+    assert cloze(siqa, "social_i_qa")[1] == ("Q: Kai sat down. Why?\nA:", " to run")

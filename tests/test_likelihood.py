@@ -53,3 +53,31 @@ def test_the_ranked_label_is_the_likeliest_response_after_the_prompt(char_tokeni
 def test_an_open_answer_cannot_be_ranked(char_tokenizer):
     with pytest.raises(ValueError, match="not a multiple-choice record"):
         rank_labels(micro_llama(), char_tokenizer, [{"instruction": "Add 2 and 3.", "answer": "5"}])
+
+
+def test_cloze_pairs_split_where_the_context_ends_and_move_its_trailing_spaces(char_tokenizer):
+    from nlsflow.evaluation.likelihood import _cloze_ids
+
+    context, continuation = _cloze_ids(char_tokenizer, "Q: a cat ", "sat")
+    assert char_tokenizer.decode(context, skip_special_tokens=True) == "Q: a cat"
+    assert char_tokenizer.decode(continuation) == " sat"
+
+
+@torch.no_grad()
+def test_an_option_is_ranked_by_its_likelihood_and_by_its_likelihood_per_character(char_tokenizer):
+    from nlsflow.evaluation.choices import cloze, parse_choices
+    from nlsflow.evaluation.likelihood import _cloze_ids, rank_options
+
+    model = micro_llama()
+    record = RECORDS[0]
+    (row,) = rank_options(model, char_tokenizer, [record], "ARC-Easy")
+    options = cloze(parse_choices(record["instruction"]), "ARC-Easy")
+    scores = [one_by_one(model, *_cloze_ids(char_tokenizer, *option)) for option in options]
+    labels = ["answer1", "answer2", "answer3"]
+    assert row["prediction"] == labels[scores.index(max(scores))]
+    per_char = [score / len(text.lstrip()) for score, (_, text) in zip(scores, options)]
+    assert row["prediction_norm"] == labels[per_char.index(max(per_char))]
+    assert (row["correct"], row["correct_norm"]) == (
+        row["prediction"] == "answer2",
+        row["prediction_norm"] == "answer2",
+    )

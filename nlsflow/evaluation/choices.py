@@ -40,3 +40,20 @@ def parse_choices(instruction: str) -> Choices | None:
     if [int(n) for n in numbers] != list(range(1, len(labels) + 1)):
         raise ValueError(f"options {numbers} do not match the answer format {'/'.join(labels)}: {instruction[:80]!r}")
     return Choices(stem.strip(), labels, texts)
+
+
+def cloze(choices: Choices, source: str) -> list[tuple[str, str]]:
+    """(context, continuation) per option, as lm-eval's zero-shot multiple-choice tasks write them: the question
+    without its options, then each option's own text. WinoGrande is scored by partial evaluation (the sentence up
+    to the blank, the option filled in, is the context; the rest of the sentence is the continuation). BoolQ's
+    records in LLM-Adapters' files have no passage, so its context is the question alone, answered " yes" or " no"."""
+    if source == "winogrande":
+        before, after = choices.stem.split("_", 1)
+        return [(before + text, " " + after.strip()) for text in choices.texts]
+    if source == "boolq":
+        return [(f"Question: {choices.stem}\nAnswer:", " yes" if text == "true" else " no") for text in choices.texts]
+    if source == "social_i_qa":
+        return [(f"Q: {choices.stem}\nA:", " " + text) for text in choices.texts]
+    if source in ("hellaswag", "openbookqa"):
+        return [(choices.stem, " " + text) for text in choices.texts]
+    return [(f"Question: {choices.stem}\nAnswer:", " " + text) for text in choices.texts]  # PIQA, ARC

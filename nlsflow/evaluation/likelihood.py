@@ -5,6 +5,11 @@ response "the correct answer is <label>" for each label the record names (lm-eva
 It measures the choice with the format taken out: a base model that never answers in the expected form still gets
 a fair score. The prompt is tokenized alone and the response after it, as training tokenizes them
 (`tokenize_for_training`, split).
+
+`rank_options` is lm-eval's zero-shot protocol: no template, each option's own text after the question
+(`choices.cloze`), the likeliest option taken by summed log-probability (acc) and by log-probability per character
+of the option's text (acc_norm). It measures what the model knows of the question rather than what it learned of a
+format: a base model scores above chance on it where it has the knowledge.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nlsflow.data.datasets import generate_prompt
-from nlsflow.evaluation.choices import RESPONSE, parse_choices
+from nlsflow.evaluation.choices import RESPONSE, cloze, parse_choices
 
 
 @torch.no_grad()
@@ -71,4 +76,50 @@ def rank_labels(model, tokenizer, records: list[dict], *, batch_size: int = 8, d
         label_scores = scores[first : first + len(labels)]
         prediction = labels[max(range(len(labels)), key=label_scores.__getitem__)]
         rows.append({"index": index, "prediction": prediction, "correct": prediction == str(record["answer"])})
+    return rows
+
+
+def _cloze_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's split: the context's trailing spaces move to the continuation, the pair is tokenized whole, and the
+    continuation is what follows the context's own tokens (a token merged across the boundary goes with it)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation)["input_ids"]
+    context_ids = tokenizer(context)["input_ids"]
+    return whole[: len(context_ids)], whole[len(context_ids) :]
+
+
+def rank_options(
+    model, tokenizer, records: list[dict], source: str, *, batch_size: int = 8, desc: str = "rank options"
+) -> list[dict]:
+    """One row per multiple-choice record of `source`, in record order: the likeliest option's label by summed
+    log-probability (`prediction`, `correct`), and by log-probability per character of the option's text, as lm-eval
+    normalizes (`prediction_norm`, `correct_norm`)."""
+    pairs, spans = [], []
+    for record in records:
+        choices = parse_choices(record["instruction"])
+        if choices is None:
+            raise ValueError(f"not a multiple-choice record (no 'Answer format' line): {record['instruction'][:80]!r}")
+        options = cloze(choices, source)
+        spans.append((len(pairs), choices.labels, [len(text.lstrip()) for _, text in options]))
+        pairs += [_cloze_ids(tokenizer, context, continuation) for context, continuation in options]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores = continuation_logprobs(model, pairs, batch_size=batch_size, pad_id=pad_id, desc=desc)
+    rows = []
+    for index, (record, (first, labels, sizes)) in enumerate(zip(records, spans)):
+        summed = scores[first : first + len(labels)]
+        per_char = [score / size for score, size in zip(summed, sizes)]
+        best = labels[max(range(len(labels)), key=summed.__getitem__)]
+        best_norm = labels[max(range(len(labels)), key=per_char.__getitem__)]
+        answer = str(record["answer"])
+        rows.append(
+            {
+                "index": index,
+                "prediction": best,
+                "correct": best == answer,
+                "prediction_norm": best_norm,
+                "correct_norm": best_norm == answer,
+            }
+        )
     return rows
