@@ -58,7 +58,7 @@ from nlsflow.evaluation.intervals import (
     points_interval,
     points_with_interval,
 )
-from nlsflow.evaluation.likelihood import rank_labels
+from nlsflow.evaluation.likelihood import rank_labels, rank_options
 from nlsflow.evaluation.scoring import by_source
 from nlsflow.evaluation.workers import AtSubnet, SupernetLoad
 from nlsflow.io import atomic_write_text
@@ -206,7 +206,8 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
     generation = cfg.search.generation
     levels = {source: [chance_level(r["instruction"]) for r in rows] for source, rows in by_source(records).items()}
     multiple_choice = all(level is not None for rows in levels.values() for level in rows)
-    answers, ranked = {}, {}  # generated, as the search scores them; the labels ranked by likelihood (the choice alone)
+    # generated, as the search scores them; the labels ranked by likelihood (the choice alone); lm-eval's cloze
+    answers, ranked, clozed = {}, {}, {}
     for name, adapter in (("LoRA", contextlib.nullcontext()), ("dense base", model.disable_adapter())):
         with adapter:
             answers[name] = {
@@ -231,7 +232,14 @@ def pilot(task: str, profile: str, runs: Path = Path("runs"), results: Path = RE
                     ]
                     for source, rows in by_source(records).items()
                 }
-    return write_pilot(task, profile, trained, cfg, len(records), answers, ranked, levels, results)
+                clozed[name] = {
+                    source: [
+                        r["correct_norm"]
+                        for r in rank_options(model, tokenizer, rows, source, batch_size=generation.batch_size)
+                    ]
+                    for source, rows in by_source(records).items()
+                }
+    return write_pilot(task, profile, trained, cfg, len(records), answers, ranked, clozed, levels, results)
 
 
 def write_pilot(
@@ -242,11 +250,13 @@ def write_pilot(
     records: int,
     answers: dict[str, dict[str, list[bool]]],
     ranked: dict[str, dict[str, list[bool]]],
+    clozed: dict[str, dict[str, list[bool]]],
     levels: dict[str, list[float | None]],
     results: Path,
 ) -> Path:
     """`pilot.md` from the pilot's paired answers: `answers[name][source]` generated, `ranked[name][source]` by
-    label likelihood (empty for open answers), `levels[source]` each record's chance level (None for open answers)."""
+    label likelihood and `clozed[name][source]` by lm-eval's cloze, acc_norm (both empty for open answers),
+    `levels[source]` each record's chance level (None for open answers)."""
     generation = cfg.search.generation
     columns = {"dense base": answers["dense base"], "LoRA": answers["LoRA"]}
     if ranked:  # multiple choice: a uniform guess, and the choice alone
@@ -255,6 +265,8 @@ def write_pilot(
             **columns,
             "dense base, ranked": ranked["dense base"],
             "LoRA, ranked": ranked["LoRA"],
+            "dense base, cloze": clozed["dense base"],
+            "LoRA, cloze": clozed["LoRA"],
         }
     # the slice as one sample (its sources are in proportion to the training mixture, some with a few records)
     pooled = {name: {"validation": [c for rows in by_set.values() for c in rows]} for name, by_set in columns.items()}
@@ -266,7 +278,8 @@ def write_pilot(
         f"scored as the search scores them ({generation.num_beams} beam(s), {generation.max_new_tokens} new tokens)"
         + (
             ", and ranked: each record's labels in order of the likelihood the model gives their response after the "
-            "prompt, the answer format taken out."
+            "prompt, the answer format taken out; and by lm-eval's zero-shot cloze: each option's own text after the "
+            "question, the likeliest per character (acc_norm)."
             if ranked
             else "."
         ),
@@ -280,14 +293,19 @@ def write_pilot(
         shown = " | ".join(f"{value:.1f}" for value in accuracy.values())
         lines.append(f"| {source} | {n} | {shown} | {accuracy['LoRA'] - accuracy['dense base']:+.1f} |")
     lines.append("")
-    comparisons = [("LoRA", "dense base", "the dense base"), ("LoRA", CHANCE, "a uniform guess")]
-    comparisons += [("LoRA, ranked", "dense base, ranked", "the dense base, on the choice alone")]
-    for mine, other, whom in (c for c in comparisons if c[0] in pooled and c[1] in pooled):
+    comparisons = [  # (minuend, subtrahend, who is compared, with whom)
+        ("LoRA", "dense base", "LoRA", "the dense base"),
+        ("LoRA", CHANCE, "LoRA", "a uniform guess"),
+        ("LoRA, ranked", "dense base, ranked", "LoRA", "the dense base, on the choice alone"),
+        ("LoRA, cloze", "dense base, cloze", "LoRA", "the dense base, by lm-eval's cloze"),
+        ("dense base, cloze", CHANCE, "the dense base", "a uniform guess, by lm-eval's cloze"),
+    ]
+    for mine, other, who, whom in (c for c in comparisons if c[0] in pooled and c[1] in pooled):
         difference, (low, high), _ = paired_difference(pooled[mine], pooled[other])
         verdict = "clearly beats" if low > 0 else "falls below" if high < 0 else "does not separably beat"
         lines += [
             f"{mine} − {other} over the {records} records: {points(difference, True)} points, 95% interval "
-            f"{points_interval((low, high), True)} (paired bootstrap): at this budget LoRA {verdict} {whom}.",
+            f"{points_interval((low, high), True)} (paired bootstrap): at this budget {who} {verdict} {whom}.",
             "",
         ]
     out = results / f"{task}-{profile}" / "pilot.md"

@@ -101,14 +101,21 @@ def test_the_pilot_sets_the_choice_alone_beside_the_generated_answers(tmp_path):
     cfg = SimpleNamespace(
         train=SimpleNamespace(batch_size=16, learning_rate=5e-4), search=SimpleNamespace(generation=generation)
     )
-    out = write_pilot("commonsense", "smollm2", trained, cfg, n, answers, ranked, {"piqa": [0.5] * n}, tmp_path)
+    clozed = {"LoRA": {"piqa": [True] * 25 + [False] * 15}, "dense base": {"piqa": [True] * 26 + [False] * 14}}
+    out = write_pilot("commonsense", "smollm2", trained, cfg, n, answers, ranked, clozed, {"piqa": [0.5] * n}, tmp_path)
     text = out.read_text()
-    assert "| source | records | chance | dense base | LoRA | dense base, ranked | LoRA, ranked | Δ vs dense |" in text
-    assert "| piqa | 40 | 50.0 | 0.0 | 60.0 | 55.0 | 60.0 | +60.0 |" in text
+    assert (
+        "| source | records | chance | dense base | LoRA | dense base, ranked | LoRA, ranked | dense base, cloze "
+        "| LoRA, cloze | Δ vs dense |" in text
+    )
+    assert "LoRA, cloze − dense base, cloze over the 40 records: -2.5 points" in text
+    assert "dense base, cloze − chance over the 40 records: +15.0 points" in text
+    assert "at this budget the dense base" in text
+    assert "| piqa | 40 | 50.0 | 0.0 | 60.0 | 55.0 | 60.0 | 65.0 | 62.5 | +60.0 |" in text
     assert "peak learning rate of 0.0005" in text
     assert "LoRA − dense base over the 40 records: +60.0 points" in text and "clearly beats the dense base." in text
     assert "LoRA, ranked − dense base, ranked over the 40 records: +5.0 points" in text
     assert "does not separably beat the dense base, on the choice alone." in text
     # open answers (math): no chance, nothing ranked
-    text = write_pilot("math", "tiny", trained, cfg, n, answers, {}, {"piqa": [None] * n}, tmp_path).read_text()
+    text = write_pilot("math", "tiny", trained, cfg, n, answers, {}, {}, {"piqa": [None] * n}, tmp_path).read_text()
     assert "chance" not in text and "ranked" not in text and "| piqa | 40 | 0.0 | 60.0 | +60.0 |" in text
