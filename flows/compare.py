@@ -14,6 +14,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from rich.console import Console
@@ -31,6 +32,9 @@ from nlsflow.layers import config_files
 from schemas.outputs import ExtractOutput
 
 METHODS = ("lora", "shears", "lonas", "nola", "heterolora")  # plain LoRA first: the baseline row
+# accuracy's columns per protocol: suffix -> the prediction rows' key. "_cloze": lm-eval's zero-shot cloze, scored
+# for multiple-choice tasks only (`scoring.predict`): accuracy_cloze, accuracy_cloze_low, delta_cloze_vs_lora, ...
+PROTOCOL_KEYS = {"": "correct", "_cloze": "cloze_correct"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,11 @@ COLUMNS = {  # column -> header
     "delta_95": "Δ 95% interval (paired)",
     "retention": "% of LoRA",
     "accuracy_strict": "accuracy (strict, %)",
+    "accuracy_cloze": "accuracy (cloze, %)",
+    "accuracy_cloze_95": "cloze 95% interval",
+    "delta_cloze_vs_lora": "cloze Δ vs LoRA (points)",
+    "delta_cloze_95": "cloze Δ 95% interval (paired)",
+    "retention_cloze": "% of LoRA (cloze)",
     "train_seconds": "train time (s)",
 }
 
@@ -82,39 +91,69 @@ def method_row(run_dir: Path, method: str, missing_ok: bool = False) -> dict:
         "nonzero_params": deployed.nonzero_params,
         "macs_per_token": deployed.macs_per_token,
         "nonzero_macs_per_token": deployed.nonzero_macs_per_token,
-        "accuracy": extracted.average_accuracy,
-        "accuracy_low": (extracted.average_accuracy_interval or (None, None))[0],
-        "accuracy_high": (extracted.average_accuracy_interval or (None, None))[1],
+        **accuracy_columns(extracted.scores),
         "accuracy_strict": extracted.average_accuracy_strict,
         "train_seconds": train.duration_s,
     }
 
 
-def extracted_answers(run_dir: Path) -> dict[str, list[bool]]:
-    """The extracted model's correct answers per averaged test set, in record order (extract/predictions.parquet)."""
+def accuracy_columns(scores) -> dict:
+    """A `Scores`' averages with their 95% intervals, by each protocol: accuracy, accuracy_low, accuracy_high,
+    accuracy_cloze, ... (None where it was not scored)."""
+    columns = {}
+    for suffix in PROTOCOL_KEYS:
+        interval = getattr(scores, f"average_accuracy{suffix}_interval") or (None, None)
+        columns |= {
+            f"accuracy{suffix}": getattr(scores, f"average_accuracy{suffix}"),
+            f"accuracy{suffix}_low": interval[0],
+            f"accuracy{suffix}_high": interval[1],
+        }
+    return columns
+
+
+def extracted_answers(run_dir: Path, key: str = "correct") -> dict[str, list[bool]]:
+    """The extracted model's answers (`key`: correct by the reference rules, or "cloze_correct") per averaged test
+    set, in record order (extract/predictions.parquet)."""
     extracted: ExtractOutput = read_output(run_dir, "extract", verify=False)
     return correct_by_task(
         read_table(stage_dir(run_dir, "extract") / ExtractOutput.files.predictions, "predictions").to_pylist(),
         extracted.averaged,
+        key,
     )
 
 
 def against_lora(rows: list[dict], run_dirs: dict[str, Path]) -> None:
     """Each method's paired difference from plain LoRA on the same test records, its interval and the retention
-    (accuracy as % of LoRA's), added to the rows in place; nothing when LoRA is not among them."""
+    (accuracy as % of LoRA's), by each protocol both were scored by, added to the rows in place; nothing when LoRA
+    is not among them."""
     if "lora" not in run_dirs:
         return
-    lora = extracted_answers(run_dirs["lora"])
-    lora_accuracy = next(r["accuracy"] for r in rows if r["method"] == "lora")
+    lora_row = next(r for r in rows if r["method"] == "lora")
     for row in rows:
         try:
-            delta, (low, high), _ = paired_difference(extracted_answers(run_dirs[row["method"]]), lora)
+            pair_with_lora(row, lora_row, partial(extracted_answers, run_dirs[row["method"]]), run_dirs["lora"])
         except ValueError as e:
             raise NlsflowError(
                 f"{row['method']} vs lora: {e} (compare runs of the same task and evaluate settings)"
             ) from None
-        row.update(delta_vs_lora=delta, delta_low=low, delta_high=high)
-        row["retention"] = 100 * row["accuracy"] / lora_accuracy if lora_accuracy else None
+
+
+def pair_with_lora(row: dict, lora_row: dict, answers: Callable[[str], dict], lora_dir: Path) -> None:
+    """`row`'s paired difference from LoRA's extracted model (its interval, its retention), in place, by each
+    protocol both were scored by; `answers(key)` are the row's answers by the prediction rows' `key`."""
+    for suffix, key in PROTOCOL_KEYS.items():
+        lora_accuracy = lora_row.get(f"accuracy{suffix}")
+        if row.get(f"accuracy{suffix}") is None or lora_accuracy is None:  # one of them not scored by it
+            row |= dict.fromkeys(against_lora_columns(suffix))
+            continue
+        delta, (low, high), _ = paired_difference(answers(key), extracted_answers(lora_dir, key))
+        retention = 100 * row[f"accuracy{suffix}"] / lora_accuracy if lora_accuracy else None
+        row |= dict(zip(against_lora_columns(suffix), (delta, low, high, retention)))
+
+
+def against_lora_columns(suffix: str) -> tuple[str, ...]:
+    """The columns a row's pairing with LoRA fills, by the protocol whose columns end in `suffix`."""
+    return f"delta{suffix}_vs_lora", f"delta{suffix}_low", f"delta{suffix}_high", f"retention{suffix}"
 
 
 def _display(r: dict) -> dict:
@@ -126,6 +165,10 @@ def _display(r: dict) -> dict:
         "accuracy_95": points_interval((r.get("accuracy_low"), r.get("accuracy_high"))),
         "delta_vs_lora": points(r.get("delta_vs_lora"), signed=True),
         "delta_95": points_interval((r.get("delta_low"), r.get("delta_high")), signed=True),
+        "accuracy_cloze": points(r.get("accuracy_cloze")),
+        "accuracy_cloze_95": points_interval((r.get("accuracy_cloze_low"), r.get("accuracy_cloze_high"))),
+        "delta_cloze_vs_lora": points(r.get("delta_cloze_vs_lora"), signed=True),
+        "delta_cloze_95": points_interval((r.get("delta_cloze_low"), r.get("delta_cloze_high")), signed=True),
     }
 
 

@@ -53,24 +53,28 @@ def run_report(run_dir: Path) -> str:
     ]
     rows = _accuracy_rows(evaluate, extract, "pruned" if pc["sparsity"] else "dense")
     tasks = list(rows[-1][1].accuracy)
-    lines.append("| model | " + " | ".join(tasks) + " | average [95% interval] | average (strict) |")
-    lines.append("|---" * (len(tasks) + 3) + "|")
+    cloze = evaluate.average_accuracy_cloze is not None  # multiple choice: lm-eval's cloze as well
+    header = ["model", *tasks, "average [95% interval]", "average (strict)", *["average by cloze [95%]"] * cloze]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|---" * len(header) + "|")
     for name, m in rows:
-        cells = [f"{100 * m.accuracy[t]:.1f}" for t in tasks]
-        lines.append(
-            f"| {name} | "
-            + " | ".join(cells)
-            + f" | {points_with_interval(m.average_accuracy, m.average_accuracy_interval)} | "
-            f"{100 * m.average_accuracy_strict:.1f} |"
-        )
+        cells = [
+            name,
+            *[f"{100 * m.accuracy[t]:.1f}" for t in tasks],
+            points_with_interval(m.average_accuracy, m.average_accuracy_interval),
+            f"{100 * m.average_accuracy_strict:.1f}",
+            *[points_with_interval(m.average_accuracy_cloze, m.average_accuracy_cloze_interval)] * cloze,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     if outside := [t for t in tasks if evaluate.averaged is not None and t not in evaluate.averaged]:
         lines.append(f"\nNot in the averages or the differences (evaluate.outside_average): {', '.join(outside)}.")
-    for pair, d in evaluate.differences.items():
-        noise = "" if excludes_zero(d.interval) else ", within noise"
-        lines.append(
-            f"\n{pair}: {points(d.difference, True)} points, 95% interval {points_interval(d.interval, True)} "
-            f"(paired, same records{noise})"
-        )
+    for by, differences in (("", evaluate.differences), (" by cloze", evaluate.differences_cloze)):
+        for pair, d in differences.items():
+            noise = "" if excludes_zero(d.interval) else ", within noise"
+            lines.append(
+                f"\n{pair}{by}: {points(d.difference, True)} points, 95% interval {points_interval(d.interval, True)} "
+                f"(paired, same records{noise})"
+            )
     benchmark = stage_dir(run_dir, "benchmark") / BenchmarkOutput.files.results_markdown
     if benchmark.is_file():
         lines += ["", "Benchmark:", "", benchmark.read_text().rstrip()]

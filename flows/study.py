@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import sys
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,10 +29,11 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from flows.compare import (
     METHODS,
     Variant,
+    accuracy_columns,
     against_lora,
     compare,
-    extracted_answers,
     method_row,
+    pair_with_lora,
     print_plans,
     row_config,
 )
@@ -319,47 +321,45 @@ def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
     table = []
     for row in rows:
         extracted: ExtractOutput = read_output(run_dirs[row["method"]], "extract", verify=False)
-        table.append({**row, "accuracy_by_task": extracted.accuracy})
+        table.append({**row, **by_task(extracted.scores)})
+    lora = next(r for r in table if r["method"] == "lora")
     evaluate: EvaluateOutput = read_output(run_dirs["lora"], "evaluate", verify=False)
     if dense := evaluate.baselines.get("dense"):
-        lora = next(r for r in table if r["method"] == "lora")
         # counted as LoRA's benchmark measured the dense base (dequantized weights can hold exact zeros)
         benchmarked: BenchmarkOutput = read_output(run_dirs["lora"], "benchmark", verify=False)
         dense_counts = benchmarked.results["dense"].model_dump(
             include={"params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token"}
         )
-        interval = dense.average_accuracy_interval or (None, None)
-        # against the same LoRA model as every other row: the one extracted, on the same records
         predictions = read_table(
             stage_dir(run_dirs["lora"], "evaluate") / EvaluateOutput.files.predictions, "predictions"
-        )
-        dense_answers = correct_by_task([r for r in predictions.to_pylist() if r["model"] == "dense"], dense.averaged)
-        delta, (low, high), _ = paired_difference(dense_answers, extracted_answers(run_dirs["lora"]))
-        table.append(
-            {
-                **dict.fromkeys(table[0]),
-                "method": BASE,
-                **dense_counts,
-                "trainable_params": 0,
-                "accuracy": dense.average_accuracy,
-                "accuracy_low": interval[0],
-                "accuracy_high": interval[1],
-                "accuracy_strict": dense.average_accuracy_strict,
-                "delta_vs_lora": delta,
-                "delta_low": low,
-                "delta_high": high,
-                "retention": 100 * dense.average_accuracy / lora["accuracy"] if lora["accuracy"] else None,
-                "accuracy_by_task": dense.accuracy,
-            }
-        )
+        ).to_pylist()
+        dense_rows = [r for r in predictions if r["model"] == "dense"]
+        row = {
+            **dict.fromkeys(table[0]),
+            "method": BASE,
+            **dense_counts,
+            "trainable_params": 0,
+            **accuracy_columns(dense),
+            "accuracy_strict": dense.average_accuracy_strict,
+            **by_task(dense),
+        }
+        # against the same LoRA model as every other row: the one extracted, on the same records
+        pair_with_lora(row, lora, partial(correct_by_task, dense_rows, dense.averaged), run_dirs["lora"])
+        table.append(row)
     if chance := chance_row(run_dirs["lora"], table):
         table.append(chance)
     return table
 
 
+def by_task(scores) -> dict:
+    """A `Scores`' per-test-set accuracies, by each protocol (the cloze's None where it was not scored)."""
+    return {"accuracy_by_task": scores.accuracy, "accuracy_cloze_by_task": scores.accuracy_cloze}
+
+
 def chance_row(lora_dir: Path, table: list[dict]) -> dict | None:
     """A uniform guess among each test record's options, as a row against LoRA on the same records (None where an
-    answer is open, as in math): a retention of LoRA's accuracy means something only where LoRA beats it."""
+    answer is open, as in math): a retention of LoRA's accuracy means something only where LoRA beats it. The same
+    expectation stands for every protocol."""
     extracted: ExtractOutput = read_output(lora_dir, "extract", verify=False)
     predictions = read_table(stage_dir(lora_dir, "extract") / ExtractOutput.files.predictions, "predictions")
     levels: dict[str, dict[int, float]] = {}
@@ -367,21 +367,21 @@ def chance_row(lora_dir: Path, table: list[dict]) -> dict | None:
         if (level := chance_level(r["prompt"])) is None:
             return None
         levels.setdefault(r["task"], {})[r["index"]] = level
-    by_task = {task: sum(by_index.values()) / len(by_index) for task, by_index in levels.items()}
+    expected = {task: sum(by_index.values()) / len(by_index) for task, by_index in levels.items()}
     averaged = extracted.averaged or list(levels)
     lora = next(r for r in table if r["method"] == "lora")
-    delta, (low, high), _ = paired_difference({t: levels[t] for t in averaged}, extracted_answers(lora_dir))
-    accuracy = sum(by_task[t] for t in averaged) / len(averaged)
-    return {
+    accuracy = sum(expected[t] for t in averaged) / len(averaged)  # an expectation, exact: no interval
+    cloze = lora.get("accuracy_cloze") is not None
+    row = {
         **dict.fromkeys(table[0]),
         "method": CHANCE,
-        "accuracy": accuracy,  # an expectation, exact: no interval
-        "delta_vs_lora": delta,
-        "delta_low": low,
-        "delta_high": high,
-        "retention": 100 * accuracy / lora["accuracy"] if lora["accuracy"] else None,
-        "accuracy_by_task": by_task,
+        "accuracy": accuracy,
+        "accuracy_cloze": accuracy if cloze else None,
+        "accuracy_by_task": expected,
+        "accuracy_cloze_by_task": expected if cloze else None,
     }
+    pair_with_lora(row, lora, lambda key: {t: levels[t] for t in averaged}, lora_dir)
+    return row
 
 
 def test_records(run_dir: Path) -> dict[str, tuple[int, bool]]:
@@ -427,10 +427,7 @@ def results_markdown(
             count["nonzero_macs_per_token"],
             count["trainable_params"],
             count["adapter_bytes"],
-            *[points(r["accuracy_by_task"].get(t)) for t in tasks],
-            points_with_interval(r["accuracy"], (r["accuracy_low"], r["accuracy_high"])),
-            points_with_interval(r["delta_vs_lora"], (r["delta_low"], r["delta_high"]), signed=True),
-            "–" if r["retention"] is None else f"{r['retention']:.1f}",
+            *accuracy_cells(r, tasks),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
@@ -447,17 +444,60 @@ def results_markdown(
             "reported as measured."
         )
     lines += ["", "Against plain LoRA, paired on the same test records, beside what each seed reports:", ""]
-    if chance := next((r for r in table if r["method"] == CHANCE), None):
-        lines.append(f"- {lora_against_chance(chance)}")
-    lines += [f"- {verdict(r)}" for r in table if r["method"] not in ("lora", CHANCE)]
+    lines += reading(table)
+    if any(r.get("accuracy_cloze") is not None for r in table):
+        header = ["method", *tasks, "average [95%]", "Δ vs LoRA [95%, paired]", "% of LoRA"]
+        lines += [
+            "",
+            f"#### By lm-eval's zero-shot cloze ({task} on {profile})",
+            "",
+            "Each option's own text after the question, no template, the likeliest taken (acc_norm where lm-eval "
+            "reports it, acc for BoolQ, Social IQa and WinoGrande): what the model knows of the question, not what it "
+            "learned of the answer format. The same test records, paired the same way.",
+            "",
+            "| " + " | ".join(header) + " |",
+            "|---" * len(header) + "|",
+        ]
+        lines += [
+            "| " + " | ".join([r["method"], *accuracy_cells(r, tasks, "_cloze")]) + " |"
+            for r in table
+            if r.get("accuracy_cloze") is not None
+        ]
+        lines += ["", *reading(table, "_cloze")]
     if pending:
         lines += ["", "Rows not run yet: " + "; ".join(f"{m} ({why})" for m, why in pending.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
-def verdict(row: dict) -> str:
+def accuracy_cells(r: dict, tasks: list[str], suffix: str = "") -> list[str]:
+    """A row's per-task accuracies, average with its interval, Δ vs LoRA with its interval and retention, by the
+    protocol whose columns end in `suffix` ("" or "_cloze")."""
+    per_task = r.get(f"accuracy{suffix}_by_task") or {}
+    retention = r.get(f"retention{suffix}")
+    return [
+        *[points(per_task.get(t)) for t in tasks],
+        points_with_interval(r[f"accuracy{suffix}"], (r.get(f"accuracy{suffix}_low"), r.get(f"accuracy{suffix}_high"))),
+        points_with_interval(
+            r.get(f"delta{suffix}_vs_lora"), (r.get(f"delta{suffix}_low"), r.get(f"delta{suffix}_high")), signed=True
+        ),
+        "–" if retention is None else f"{retention:.1f}",
+    ]
+
+
+def reading(table: list[dict], suffix: str = "") -> list[str]:
+    """The reading's lines by one protocol: LoRA against chance first, then each row against LoRA."""
+    lines = []
+    if (chance := next((r for r in table if r["method"] == CHANCE), None)) and chance.get(
+        f"delta{suffix}_low"
+    ) is not None:
+        lines.append(f"- {lora_against_chance(chance, suffix)}")
+    scored = [r for r in table if r["method"] not in ("lora", CHANCE) and r.get(f"accuracy{suffix}") is not None]
+    return lines + [f"- {verdict(r, suffix)}" for r in scored]
+
+
+def verdict(row: dict, suffix: str = "") -> str:
     """A row's reading against LoRA from its paired interval: above, below, or not separable (contains 0)."""
-    low, high = row["delta_low"], row["delta_high"]
+    low, high = row.get(f"delta{suffix}_low"), row.get(f"delta{suffix}_high")
     if low is None:
         reading = "no paired difference"
     elif low > 0:
@@ -466,24 +506,34 @@ def verdict(row: dict) -> str:
         reading = "below LoRA beyond noise"
     else:
         reading = "not separable from LoRA (the interval contains 0)"
-    delta = points_with_interval(row["delta_vs_lora"], (low, high), signed=True)
-    retention = "" if row["retention"] is None else f", {row['retention']:.1f}% of LoRA's accuracy"
-    claim = f"; the seed: {SEED_CLAIMS[row['method']]}" if row["method"] in SEED_CLAIMS else ""
-    return f"**{row['method']}**: {delta} points{retention}: {reading}{claim}."
+    delta = points_with_interval(row.get(f"delta{suffix}_vs_lora"), (low, high), signed=True)
+    retention = (
+        "" if row.get(f"retention{suffix}") is None else f", {row[f'retention{suffix}']:.1f}% of LoRA's accuracy"
+    )
+    claim = f"; the seed: {SEED_CLAIMS[row['method']]}" if row["method"] in SEED_CLAIMS and not suffix else ""
+    return f"**{row['method']}{' (cloze)' if suffix else ''}**: {delta} points{retention}: {reading}{claim}."
 
 
-def lora_against_chance(chance: dict) -> str:
+def lora_against_chance(chance: dict, suffix: str = "") -> str:
     """Whether LoRA itself beats a uniform guess, from the chance row's paired interval: where it does not, the
-    test sets measure the answer format more than the task, and no retention says whether a method keeps accuracy."""
-    delta = points_with_interval(-chance["delta_vs_lora"], (-chance["delta_high"], -chance["delta_low"]), signed=True)
-    if chance["delta_high"] < 0:
+    test sets measure the answer format more than the task (by the cloze: the model does not know the task), and no
+    retention says whether a method keeps accuracy."""
+    low, high, delta = (chance[f"delta{suffix}_{end}"] for end in ("low", "high", "vs_lora"))
+    shown = points_with_interval(-delta, (-high, -low), signed=True)
+    if high < 0:
         reading = "above chance beyond noise, so the rows below measure what each method keeps of a learned task"
+    elif suffix:
+        reading = (
+            "not above chance beyond noise: by the cloze the model does not know these tasks at this scale, and no "
+            "retention below says whether a method keeps accuracy"
+        )
     else:
         reading = (
             "not above chance beyond noise: at this budget the test sets measure the answer format more than the "
             "task, and no retention below says whether a method keeps accuracy"
         )
-    return f"**lora against chance** (a uniform guess among each record's options): {delta} points: {reading}."
+    by = " by the cloze" if suffix else ""
+    return f"**lora against chance{by}** (a uniform guess among each record's options): {shown} points: {reading}."
 
 
 def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None:

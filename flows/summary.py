@@ -39,10 +39,16 @@ def key_metric(out: StageOutput) -> str:
             f"; {pair} {points_with_interval(d.difference, d.interval, True)} points"
             for pair, d in out.differences.items()
         )
+        cloze = out.average_accuracy_cloze
+        cloze = (
+            ""
+            if cloze is None
+            else f", by cloze {points(cloze)}% {points_interval(out.average_accuracy_cloze_interval)}"
+        )
         return (
             f"{out.subnet_name} subnet: average accuracy {points(out.average_accuracy)}% "
             f"{points_interval(out.average_accuracy_interval)} "
-            f"(strict {100 * out.average_accuracy_strict:.1f}%){differences}"
+            f"(strict {100 * out.average_accuracy_strict:.1f}%){cloze}{differences}"
         )
     if isinstance(out, SearchOutput):
         return (

@@ -33,6 +33,18 @@ class Scores(Strict):
     average_accuracy_interval: tuple[float, float] | None = Field(
         None, description="95% bootstrap interval of `average_accuracy` (records resampled within each set)"
     )
+    accuracy_cloze: dict[str, float] | None = Field(
+        None,
+        description="multiple choice only: test set -> accuracy by lm-eval's zero-shot cloze (each option's text "
+        "after the question, the likeliest taken; acc_norm where lm-eval reports it)",
+    )
+    average_accuracy_cloze: float | None = Field(None, description="mean of `accuracy_cloze` over `averaged`")
+    accuracy_cloze_interval: dict[str, tuple[float, float]] | None = Field(
+        None, description="test set -> 95% bootstrap interval of `accuracy_cloze`"
+    )
+    average_accuracy_cloze_interval: tuple[float, float] | None = Field(
+        None, description="95% bootstrap interval of `average_accuracy_cloze`"
+    )
 
 
 # ---- prune
@@ -128,6 +140,9 @@ class EvaluateOutput(Scores):
         {},
         description="'<a> - <b>' -> paired difference, for the subnet and the baselines scored ('heuristic - pruned')",
     )
+    differences_cloze: dict[str, PairedDifference] = Field(
+        {}, description="multiple choice only: `differences` by lm-eval's cloze (Scores.accuracy_cloze)"
+    )
     samples: int = Field(description="rows in files.predictions")
     generation: GenerationConfig = Field(description="the generation settings used")
     workers: int = Field(1, description="scoring workers (evaluate.workers); the predictions do not depend on it")
@@ -220,6 +235,14 @@ class ExtractOutput(Strict):
     )
     average_accuracy_interval: tuple[float, float] | None = Field(
         None, description="extract.evaluate: Scores.average_accuracy_interval"
+    )
+    accuracy_cloze: dict[str, float] | None = Field(None, description="extract.evaluate: Scores.accuracy_cloze")
+    average_accuracy_cloze: float | None = Field(None, description="extract.evaluate: Scores.average_accuracy_cloze")
+    accuracy_cloze_interval: dict[str, tuple[float, float]] | None = Field(
+        None, description="extract.evaluate: Scores.accuracy_cloze_interval"
+    )
+    average_accuracy_cloze_interval: tuple[float, float] | None = Field(
+        None, description="extract.evaluate: Scores.average_accuracy_cloze_interval"
     )
 
     @property

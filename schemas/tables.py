@@ -26,6 +26,14 @@ COMPARISON = [
     ("delta_low", pa.float64()),
     ("delta_high", pa.float64()),
     ("retention", pa.float64()),
+    # the same by lm-eval's zero-shot cloze (multiple-choice tasks; null elsewhere)
+    ("accuracy_cloze", pa.float64()),
+    ("accuracy_cloze_low", pa.float64()),
+    ("accuracy_cloze_high", pa.float64()),
+    ("delta_cloze_vs_lora", pa.float64()),
+    ("delta_cloze_low", pa.float64()),
+    ("delta_cloze_high", pa.float64()),
+    ("retention_cloze", pa.float64()),
     ("train_seconds", pa.float64()),
 ]
 
@@ -79,6 +87,8 @@ TABLES: dict[str, pa.Schema] = {
             ("correct", pa.bool_()),
             ("strict_prediction", pa.string()),
             ("strict_correct", pa.bool_()),
+            ("cloze_prediction", pa.string()),  # multiple choice only: lm-eval's zero-shot cloze (null elsewhere)
+            ("cloze_correct", pa.bool_()),
         ]
     ),
     "evaluations": pa.schema(
@@ -128,7 +138,13 @@ TABLES: dict[str, pa.Schema] = {
     ),
     "comparison": pa.schema(COMPARISON),
     # the study's table (flows.study): the comparison's columns and each test set's accuracy
-    "study": pa.schema([*COMPARISON, ("accuracy_by_task", pa.map_(pa.string(), pa.float64()))]),
+    "study": pa.schema(
+        [
+            *COMPARISON,
+            ("accuracy_by_task", pa.map_(pa.string(), pa.float64())),
+            ("accuracy_cloze_by_task", pa.map_(pa.string(), pa.float64())),
+        ]
+    ),
     "bench": pa.schema(
         [
             ("comparison", pa.string()),

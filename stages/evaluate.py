@@ -49,15 +49,10 @@ def run(ctx: StageContext) -> EvaluateOutput:
             dense_rows, baselines["dense"] = score_test_sets(pool, dense_tokenizer, ctx.data_root, ec, "dense", "dense")
             rows += dense_rows
     write_table(ctx.out_dir / EvaluateOutput.files.predictions, "predictions", rows)
-    answers = {
-        name: correct_by_task([r for r in rows if r["model"] == name], ec.averaged) for name in (ec.subnet, *baselines)
-    }
-    differences = {}  # each model against the ones below it: the subnet, the pruned base, the dense base
-    for first, second in combinations([m for m in (ec.subnet, "pruned", "dense") if m in answers], 2):
-        difference, interval, per_set = paired_difference(answers[first], answers[second])
-        differences[f"{first} - {second}"] = PairedDifference(
-            difference=difference, interval=interval, per_set={k: d for k, (d, _) in per_set.items()}
-        )
+    scored = [m for m in (ec.subnet, "pruned", "dense") if m == ec.subnet or m in baselines]  # each above the next
+    differences = paired_differences(rows, scored, ec.averaged)
+    cloze = "average_accuracy_cloze" in scores  # multiple choice: by lm-eval's cloze as well
+    differences_cloze = paired_differences(rows, scored, ec.averaged, "cloze_correct") if cloze else {}
     return EvaluateOutput(
         protocols=[REFERENCE_PROTOCOL, STRICT_PROTOCOL],
         subnet_name=ec.subnet,
@@ -65,10 +60,26 @@ def run(ctx: StageContext) -> EvaluateOutput:
         **scores,
         baselines=baselines,
         differences=differences,
+        differences_cloze=differences_cloze,
         samples=len(rows),
         generation=ec.generation,
         workers=ec.workers,
     )
+
+
+def paired_differences(
+    rows: list[dict], models: list[str], averaged: list[str] | None, key: str = "correct"
+) -> dict[str, PairedDifference]:
+    """'<a> - <b>' -> each model's paired difference from every one after it in `models`, on the same records,
+    by the prediction rows' `key` ("correct", or "cloze_correct")."""
+    answers = {name: correct_by_task([r for r in rows if r["model"] == name], averaged, key) for name in models}
+    differences = {}
+    for first, second in combinations(models, 2):
+        difference, interval, per_set = paired_difference(answers[first], answers[second])
+        differences[f"{first} - {second}"] = PairedDifference(
+            difference=difference, interval=interval, per_set={k: d for k, (d, _) in per_set.items()}
+        )
+    return differences
 
 
 if __name__ == "__main__":

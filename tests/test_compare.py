@@ -32,9 +32,15 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     ).stat().st_mtime
     rows = read_table(tmp_path / "compare-math-tiny-study.parquet", "comparison").to_pylist()
     assert [r["method"] for r in rows] == list(names)
-    shown_only = {"accuracy_95", "delta_95"}  # cells made of the interval columns
-    intervals = {"accuracy_low", "accuracy_high", "delta_low", "delta_high"}
+    shown_only = {"accuracy_95", "delta_95", "accuracy_cloze_95", "delta_cloze_95"}  # cells made of intervals
+    intervals = {
+        f"{column}{suffix}_{end}"
+        for column in ("accuracy", "delta")
+        for suffix in ("", "_cloze")
+        for end in ("low", "high")
+    }
     assert set(rows[0]) == set(COLUMNS) - shown_only | intervals
+    assert all(r[c] is None for r in rows for c in intervals | set(COLUMNS) if "cloze" in c)  # math: no cloze
     for row in rows:
         train = read_manifest(stage_dir(tmp_path / f"math-tiny-{row['method']}-study", "train"), "train")
         assert row["trainable_params"] == train.metrics["trainable_params"] and row["train_seconds"] == train.duration_s

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import micro_llama
+from conftest import DATA_ROOT, micro_llama, needs_data
 
 from nlsflow.data.datasets import generate_prompt
 from nlsflow.evaluation.choices import RESPONSE
@@ -81,3 +81,36 @@ def test_an_option_is_ranked_by_its_likelihood_and_by_its_likelihood_per_charact
         row["prediction"] == "answer2",
         row["prediction_norm"] == "answer2",
     )
+
+
+@needs_data
+@torch.no_grad()
+def test_a_multiple_choice_test_set_is_scored_by_the_cloze_beside_the_generated_answers(char_tokenizer):
+    """evaluate and extract score each multiple-choice record both ways in one pass: the generated answer and
+    lm-eval's cloze, each with its own accuracy and interval; an open-answer set has no cloze."""
+    from nlsflow.data.datasets import load_eval_records
+    from nlsflow.evaluation.choices import CLOZE_NORMALIZED
+    from nlsflow.evaluation.likelihood import rank_options
+    from nlsflow.evaluation.scoring import evaluate_test_sets
+    from schemas.config import EvaluateConfig
+
+    model = micro_llama()
+    sets = ["boolq", "piqa"]
+    generation = {"max_new_tokens": 2, "num_beams": 1, "batch_size": 4}
+    ec = EvaluateConfig(datasets=sets, max_samples=6, generation=generation)
+    rows, scores = evaluate_test_sets(model, char_tokenizer, DATA_ROOT, ec, "model")
+    for name in sets:
+        expected = rank_options(model, char_tokenizer, load_eval_records(DATA_ROOT, name, 6), name, batch_size=3)
+        mine = [r for r in rows if r["task"] == name]
+        assert [r["cloze_correct"] for r in mine] == [e["cloze_correct"] for e in expected]
+        assert [e["cloze_correct"] for e in expected] == [
+            e["correct_norm" if name in CLOZE_NORMALIZED else "correct"] for e in expected
+        ]
+        assert scores["accuracy_cloze"][name] == sum(r["cloze_correct"] for r in mine) / 6
+        low, high = scores["accuracy_cloze_interval"][name]
+        assert low <= scores["accuracy_cloze"][name] <= high
+    assert scores["average_accuracy_cloze"] == pytest.approx(sum(scores["accuracy_cloze"].values()) / 2)
+    _, math_scores = evaluate_test_sets(
+        model, char_tokenizer, DATA_ROOT, EvaluateConfig(datasets=["gsm8k"], max_samples=2, generation=generation), "m"
+    )
+    assert "accuracy_cloze" not in math_scores

@@ -56,6 +56,7 @@ def test_a_chance_level_is_one_over_the_options_a_record_names():
 
 
 def test_the_chance_row_pairs_a_uniform_guess_with_lora_on_the_same_records(monkeypatch, tmp_path):
+    import flows.compare
     import flows.study
 
     prompts = {"boolq": "Answer format: true/false", "ARC-Easy": "Answer format: answer1/answer2/answer3/answer4"}
@@ -63,12 +64,19 @@ def test_the_chance_row_pairs_a_uniform_guess_with_lora_on_the_same_records(monk
     monkeypatch.setattr(flows.study, "read_output", lambda *a, **k: SimpleNamespace(averaged=list(prompts)))
     monkeypatch.setattr(flows.study, "read_table", lambda *a: SimpleNamespace(to_pylist=lambda: rows))
     lora_answers = {"boolq": [True, True, True, False], "ARC-Easy": [True, False, False, False]}  # 75% and 25%
-    monkeypatch.setattr(flows.study, "extracted_answers", lambda run_dir: lora_answers)
+    cloze_answers = {"boolq": [True, True, False, False], "ARC-Easy": [True, True, True, False]}  # 50% and 75%
+    answers = {"correct": lora_answers, "cloze_correct": cloze_answers}
+    monkeypatch.setattr(flows.compare, "extracted_answers", lambda run_dir, key="correct": answers[key])
     chance = chance_row(tmp_path, [_row("lora", 0.5, 0, 0, 0)])
     assert chance["method"] == CHANCE and chance["accuracy_by_task"] == {"boolq": 0.5, "ARC-Easy": 0.25}
     assert chance["accuracy"] == 0.375 and chance["accuracy_low"] is None and chance["params"] is None
     assert chance["delta_vs_lora"] == pytest.approx(0.375 - 0.5) and chance["retention"] == 75
     assert chance["delta_low"] <= chance["delta_vs_lora"] <= chance["delta_high"]
+    assert chance["accuracy_cloze"] is None and chance.get("delta_cloze_vs_lora") is None  # LoRA has no cloze
+    # LoRA scored by the cloze too: the same expectation, paired with LoRA's cloze answers
+    chance = chance_row(tmp_path, [{**_row("lora", 0.5, 0, 0, 0), "accuracy_cloze": 0.625}])
+    assert chance["accuracy_cloze"] == 0.375 and chance["accuracy_cloze_by_task"] == chance["accuracy_by_task"]
+    assert chance["delta_cloze_vs_lora"] == pytest.approx(0.375 - 0.625) and chance["retention_cloze"] == 60
     rows[0]["prompt"] = "How many apples?"  # one open answer: no chance row
     assert chance_row(tmp_path, [_row("lora", 0.5, 0, 0, 0)]) is None
 
@@ -119,3 +127,40 @@ def test_the_pilot_sets_the_choice_alone_beside_the_generated_answers(tmp_path):
     # open answers (math): no chance, nothing ranked
     text = write_pilot("math", "tiny", trained, cfg, n, answers, {}, {}, {"piqa": [None] * n}, tmp_path).read_text()
     assert "chance" not in text and "ranked" not in text and "| piqa | 40 | 0.0 | 60.0 | +60.0 |" in text
+
+
+def test_the_cloze_gets_its_own_block_and_reading_where_lora_was_scored_by_it():
+    def cloze(row, accuracy, delta, low, high):
+        return {
+            **row,
+            "accuracy_cloze_by_task": {"boolq": accuracy, "hellaswag": 0.3},
+            "accuracy_cloze": accuracy,
+            "accuracy_cloze_low": accuracy - 0.02,
+            "accuracy_cloze_high": accuracy + 0.02,
+            "delta_cloze_vs_lora": delta,
+            "delta_cloze_low": low,
+            "delta_cloze_high": high,
+            "retention_cloze": 100 * accuracy / 0.6,
+        }
+
+    lora = cloze(_row("lora", 0.5, 0, 0, 0), 0.6, 0, 0, 0)
+    shears = cloze(_row("shears", 0.45, -0.05, -0.08, -0.02), 0.57, -0.03, -0.05, -0.01)
+    chance = {
+        **cloze(_row(CHANCE, 0.4, -0.1, -0.14, -0.06), 0.4, -0.2, -0.24, -0.16),
+        **dict.fromkeys(COUNTS),
+        "accuracy_low": None,
+        "accuracy_high": None,
+        "accuracy_cloze_low": None,
+        "accuracy_cloze_high": None,
+    }
+    records = {"boolq": (200, True), "hellaswag": (36, False)}
+    text = results_markdown([lora, shears, chance], "commonsense", "smollm2", records)
+    block = text.split("#### By lm-eval's zero-shot cloze (commonsense on smollm2)", 1)[1]
+    assert "| method | boolq | hellaswag | average [95%] | Δ vs LoRA [95%, paired] | % of LoRA |" in block
+    assert "| shears | 57.0 | 30.0 | 57.0 [55.0, 59.0] | -3.0 [-5.0, -1.0] | 95.0 |" in block
+    assert "| chance | 40.0 | 30.0 | 40.0 | -20.0 [-24.0, -16.0] | 66.7 |" in block
+    assert "- **lora against chance by the cloze** (a uniform guess among each record's options): +20.0" in block
+    assert "- **shears (cloze)**: -3.0 [-5.0, -1.0] points, 95.0% of LoRA's accuracy: below LoRA beyond noise." in block
+    assert "the seed" not in block  # the seeds' claims are read once, by the reference protocol
+    assert "cloze" not in text.split("####", 1)[0]  # the first table is the reference protocol's alone
+    assert "####" not in results_markdown([_row("lora", 0.5, 0, 0, 0)], "math", "tiny", {"boolq": (200, True)})

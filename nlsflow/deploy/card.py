@@ -267,23 +267,34 @@ def _evaluation(facts: CardFacts, folder: Folder) -> str:
             f"Scored as `{x.deployable}/` (greedy generation), whose logits this folder's model reproduces within "
             "the tolerance under *Limits*:"
         )
-    intervals = x.accuracy_interval or {}
+    intervals, cloze = x.accuracy_interval or {}, x.accuracy_cloze  # the cloze: multiple choice only
+    cloze_intervals = x.accuracy_cloze_interval or {}
     lines += [
         "",
-        "| test set | records | accuracy % [95% interval] (LLM-Adapters rules) | accuracy % (strict) |",
-        "|---|---|---|---|",
+        "| test set | records | accuracy % [95% interval] (LLM-Adapters rules) | accuracy % (strict) |"
+        + (" accuracy % [95% interval] (lm-eval's cloze) |" if cloze else ""),
+        "|---|---|---|---|" + ("---|" if cloze else ""),
         *(
             f"| {name} | {facts.records.get(name, '?')} | "
             f"{points_with_interval(x.accuracy[name], intervals.get(name))} | {points(x.accuracy_strict[name])} |"
+            + (f" {points_with_interval(cloze[name], cloze_intervals.get(name))} |" if cloze else "")
             for name in x.accuracy
         ),
         f"| average{'' if x.averaged is None else ' of ' + ', '.join(x.averaged)} | "
         f"{sum(facts.records.values())} | {points_with_interval(x.average_accuracy, x.average_accuracy_interval)} | "
-        f"{points(x.average_accuracy_strict)} |",
+        f"{points(x.average_accuracy_strict)} |"
+        + (f" {points_with_interval(x.average_accuracy_cloze, x.average_accuracy_cloze_interval)} |" if cloze else ""),
         "",
         "Protocols: the reference one scores answers as LLM-Adapters' evaluation scripts do; the strict one takes "
-        "only the answer the generation commits to. The intervals are 95% percentile bootstraps over the records "
-        "(resampled within each set; the average's statistic is the mean of the sets' accuracies).",
+        "only the answer the generation commits to"
+        + (
+            "; lm-eval's zero-shot cloze generates nothing: each option's own text follows the question and the "
+            "likeliest is the answer (acc_norm where lm-eval reports it)"
+            if cloze
+            else ""
+        )
+        + ". The intervals are 95% percentile bootstraps over the records (resampled within each set; the average's "
+        "statistic is the mean of the sets' accuracies).",
     ]
     return "\n".join(lines)
 

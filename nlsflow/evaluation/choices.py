@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 
 RESPONSE = "the correct answer is {}"  # every commonsense record's output, its label filled in
+# the sets whose lm-eval headline is acc_norm (likelihood per character); BoolQ, Social IQa and WinoGrande report acc
+CLOZE_NORMALIZED = frozenset({"piqa", "ARC-Easy", "ARC-Challenge", "openbookqa", "hellaswag"})
 
 _LEAD_IN = re.compile(r"^Please (?:choose|answer)[^:]*:\s*")  # "Please choose the correct answer to the question: "
 _FORMAT = re.compile(r"\s*Answer format:\s*(\w+(?:/\w+)+)\s*$")

@@ -84,13 +84,15 @@ def proportion_interval(accuracy: float, records: int) -> Interval:
     return float(interval.low), float(interval.high)
 
 
-def correct_by_task(rows: list[dict], tasks: list[str] | None = None) -> dict[str, dict[int, bool]]:
-    """Prediction rows (task, index, correct) as each test set's correct answers by record index, in index order
-    (only `tasks`'s, when given: the averaged sets a paired difference spans)."""
+def correct_by_task(
+    rows: list[dict], tasks: list[str] | None = None, key: str = "correct"
+) -> dict[str, dict[int, bool]]:
+    """Prediction rows (task, index, `key`: "correct", or "cloze_correct") as each test set's correct answers by
+    record index, in index order (only `tasks`'s, when given: the averaged sets a paired difference spans)."""
     found: dict[str, dict[int, bool]] = {}
     for row in rows:
         if tasks is None or row["task"] in tasks:
-            found.setdefault(row["task"], {})[row["index"]] = row["correct"]
+            found.setdefault(row["task"], {})[row["index"]] = row[key]
     return {task: dict(sorted(answers.items())) for task, answers in found.items()}
 
 

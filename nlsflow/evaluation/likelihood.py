@@ -18,12 +18,18 @@ import torch
 from tqdm.auto import tqdm
 
 from nlsflow.data.datasets import generate_prompt
-from nlsflow.evaluation.choices import RESPONSE, cloze, parse_choices
+from nlsflow.evaluation.choices import CLOZE_NORMALIZED, RESPONSE, cloze, parse_choices
 
 
 @torch.no_grad()
 def continuation_logprobs(
-    model, pairs: list[tuple[list[int], list[int]]], *, batch_size: int = 8, pad_id: int = 0, desc: str = "score"
+    model,
+    pairs: list[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    desc: str = "score",
+    progress: bool = True,
 ) -> list[float]:
     """The summed log-probability of each continuation given its context, token ids in, in the order of `pairs`.
 
@@ -35,7 +41,7 @@ def continuation_logprobs(
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False, disable=not progress):
             batch = order[start : start + batch_size]
             sequences = [pairs[i][0] + pairs[i][1] for i in batch]
             width = max(map(len, sequences))
@@ -91,11 +97,19 @@ def _cloze_ids(tokenizer, context: str, continuation: str) -> tuple[list[int], l
 
 
 def rank_options(
-    model, tokenizer, records: list[dict], source: str, *, batch_size: int = 8, desc: str = "rank options"
+    model,
+    tokenizer,
+    records: list[dict],
+    source: str,
+    *,
+    batch_size: int = 8,
+    desc: str = "rank options",
+    progress: bool = True,
 ) -> list[dict]:
     """One row per multiple-choice record of `source`, in record order: the likeliest option's label by summed
-    log-probability (`prediction`, `correct`), and by log-probability per character of the option's text, as lm-eval
-    normalizes (`prediction_norm`, `correct_norm`)."""
+    log-probability (`prediction`, `correct`), by log-probability per character of the option's text, as lm-eval
+    normalizes (`prediction_norm`, `correct_norm`), and by the one lm-eval reports for `source` (`cloze_prediction`,
+    `cloze_correct`: acc_norm where it has it, `choices.CLOZE_NORMALIZED`, acc elsewhere)."""
     pairs, spans = [], []
     for record in records:
         choices = parse_choices(record["instruction"])
@@ -105,7 +119,8 @@ def rank_options(
         spans.append((len(pairs), choices.labels, [len(text.lstrip()) for _, text in options]))
         pairs += [_cloze_ids(tokenizer, context, continuation) for context, continuation in options]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores = continuation_logprobs(model, pairs, batch_size=batch_size, pad_id=pad_id, desc=desc)
+    scores = continuation_logprobs(model, pairs, batch_size=batch_size, pad_id=pad_id, desc=desc, progress=progress)
+    headline = "_norm" if source in CLOZE_NORMALIZED else ""
     rows = []
     for index, (record, (first, labels, sizes)) in enumerate(zip(records, spans)):
         summed = scores[first : first + len(labels)]
@@ -121,5 +136,8 @@ def rank_options(
                 "prediction_norm": best_norm,
                 "correct_norm": best_norm == answer,
             }
+        )
+        rows[-1].update(
+            cloze_prediction=rows[-1][f"prediction{headline}"], cloze_correct=rows[-1][f"correct{headline}"]
         )
     return rows

@@ -18,6 +18,7 @@ from nlsflow.cluster import LocalPool
 from nlsflow.data.datasets import EVAL_DATASETS, generate_prompt, load_eval_records
 from nlsflow.evaluation.generation import evaluate_dataset, longest_first_batches
 from nlsflow.evaluation.intervals import accuracy_intervals
+from nlsflow.evaluation.likelihood import rank_options
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,8 @@ def score_test_sets(
     Returns the prediction rows and {"accuracy": {task: acc}, "accuracy_strict": {...}, "average_accuracy": ...,
     "average_accuracy_strict": ..., "averaged": [task, ...], "accuracy_interval": {task: (low, high)},
     "average_accuracy_interval": ...} (95% bootstrap intervals of the reference accuracies,
-    `nlsflow.evaluation.intervals`); the averages span `eval_cfg.averaged`.
+    `nlsflow.evaluation.intervals`); the averages span `eval_cfg.averaged`. Where every set is multiple choice, also
+    "accuracy_cloze", "average_accuracy_cloze" and their intervals: lm-eval's zero-shot cloze (`predict`).
     """
     records = {name: load_eval_records(data_root, name, eval_cfg.max_samples) for name in eval_cfg.datasets}
     parts = 1 if pool.workers == 1 else 4 * pool.workers  # about 4 shards per worker: they finish close together
@@ -152,7 +154,7 @@ def score_test_sets(
     per_set, average = accuracy_intervals(
         {name: [r["correct"] for r in task_rows] for name, task_rows in found.items()}, averaged
     )
-    return [row for task_rows in found.values() for row in task_rows], {
+    scores = {
         "accuracy": reference,
         "accuracy_strict": strict,
         "average_accuracy": sum(reference[n] for n in averaged) / len(averaged),
@@ -161,6 +163,18 @@ def score_test_sets(
         "accuracy_interval": per_set,
         "average_accuracy_interval": average,
     }
+    if all("cloze_correct" in r for task_rows in found.values() for r in task_rows):  # every set multiple choice
+        clozed = {name: [r["cloze_correct"] for r in task_rows] for name, task_rows in found.items()}
+        cloze = {name: sum(answers) / len(answers) for name, answers in clozed.items()}
+        cloze_per_set, cloze_average = accuracy_intervals(clozed, averaged)
+        log.info("%s by lm-eval's cloze: %s", model_name, ", ".join(f"{n} {a:.4f}" for n, a in cloze.items()))
+        scores |= {
+            "accuracy_cloze": cloze,
+            "average_accuracy_cloze": sum(cloze[n] for n in averaged) / len(averaged),
+            "accuracy_cloze_interval": cloze_per_set,
+            "average_accuracy_cloze_interval": cloze_average,
+        }
+    return [row for task_rows in found.values() for row in task_rows], scores
 
 
 def evaluate_test_sets(
@@ -173,13 +187,15 @@ def evaluate_test_sets(
 
 
 def predict(model, tokenizer, shard: Shard, generation, decoder=None) -> list[dict]:
-    """A shard's prediction rows, with the adapter (and HeteroLoRA's shortcuts) off when the shard asks."""
+    """A shard's prediction rows, with the adapter (and HeteroLoRA's shortcuts) off when the shard asks. A
+    multiple-choice set's rows also hold lm-eval's zero-shot cloze answer (`cloze_prediction`, `cloze_correct`:
+    `likelihood.rank_options`), scored by the same model (not through a `decoder`, which only generates)."""
     adapter_off = contextlib.ExitStack()
     if shard.adapter_off:
         adapter_off.enter_context(model.disable_adapter())
         adapter_off.enter_context(shortcuts_off(model))
     with adapter_off:
-        return evaluate_dataset(
+        rows = evaluate_dataset(
             model,
             tokenizer,
             EVAL_DATASETS[shard.dataset],
@@ -190,3 +206,10 @@ def predict(model, tokenizer, shard: Shard, generation, decoder=None) -> list[di
             progress=False,
             decoder=decoder,
         )
+        if model is not None and EVAL_DATASETS[shard.dataset].kind == "choice":
+            ranked = rank_options(
+                model, tokenizer, shard.records, shard.dataset, batch_size=generation.batch_size, progress=False
+            )
+            for row, option in zip(rows, ranked):
+                row.update(cloze_prediction=option["cloze_prediction"], cloze_correct=option["cloze_correct"])
+    return rows
