@@ -67,7 +67,15 @@ def test_the_cards_load_snippets_load_the_checked_models(math_run):
     assert diff <= math_run.extract.merge_tolerance
 
 
-def _facts(tmp_path, evaluate: bool) -> CardFacts:
+CLOZE = {  # as a multiple-choice task's extract scores them (the set names kept: the card does not look at them)
+    "accuracy_cloze": {"gsm8k": 0.6, "mawps": 0.7},
+    "average_accuracy_cloze": 0.65,
+    "accuracy_cloze_interval": {"gsm8k": (0.4, 0.8), "mawps": (0.5, 0.9)},
+    "average_accuracy_cloze_interval": (0.5, 0.8),
+}
+
+
+def _facts(tmp_path, evaluate: bool, cloze: bool = False) -> CardFacts:
     cfg = tiny_config(tmp_path, f"extract.evaluate={str(evaluate).lower()}")
     scores = {
         "accuracy": {"gsm8k": 0.25, "mawps": 0.5},
@@ -76,6 +84,7 @@ def _facts(tmp_path, evaluate: bool) -> CardFacts:
         "average_accuracy_strict": 0.35,
         "accuracy_interval": {"gsm8k": (0.05, 0.5), "mawps": (0.2, 0.8)},
         "average_accuracy_interval": (0.2, 0.55),
+        **(CLOZE if cloze else {}),
     }
     extract = ExtractOutput(
         subnet_name="searched",
@@ -160,3 +169,16 @@ def test_card_builder_says_what_was_scored(tmp_path, evaluate):
     else:
         assert "Not scored on the test sets: `extract.evaluate` was off." in card.text
         assert card.data.eval_results is None and "[95% interval]" not in card.text
+
+
+def test_a_multiple_choice_card_gives_the_cloze_beside_the_generated_accuracy(tmp_path):
+    card = ModelCard.load(write_card(build_card(_facts(tmp_path, True, cloze=True), "adapter"), tmp_path / "adapter"))
+    assert "accuracy % (strict) | accuracy % [95% interval] (lm-eval's cloze) |" in card.text
+    assert "| gsm8k | 20 | 25.0 [5.0, 50.0] | 20.0 | 60.0 [40.0, 80.0] |" in card.text
+    assert "| 40 | 37.5 [20.0, 55.0] | 35.0 | 65.0 [50.0, 80.0] |" in card.text
+    assert "lm-eval's zero-shot cloze generates nothing" in card.text
+    assert ("gsm8k", "accuracy (lm-eval's zero-shot cloze)", 0.6) in {
+        (r.dataset_type, r.metric_name, r.metric_value) for r in card.data.eval_results
+    }
+    plain = ModelCard.load(write_card(build_card(_facts(tmp_path, True), "adapter"), tmp_path / "plain"))
+    assert "cloze" not in plain.text

@@ -173,8 +173,11 @@ def _tags(facts: CardFacts, folder: Folder) -> list[str]:
 def _eval_results(facts: CardFacts) -> list[EvalResult]:
     x = facts.extract
     results = []
+    metrics = [("accuracy (LLM-Adapters rules)", x.accuracy), ("accuracy (strict)", x.accuracy_strict)]
+    if x.accuracy_cloze is not None:
+        metrics.append(("accuracy (lm-eval's zero-shot cloze)", x.accuracy_cloze))
     for test_set in x.accuracy:
-        for metric, value in (("accuracy (LLM-Adapters rules)", x.accuracy), ("accuracy (strict)", x.accuracy_strict)):
+        for metric, value in metrics:
             results.append(
                 EvalResult(
                     task_type="text-generation",
