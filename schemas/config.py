@@ -265,6 +265,11 @@ class SearchConfig(Strict):
         "params", description="second objective: adapter parameters or MACs per token"
     )
     val_samples: int | None = Field(None, gt=0, description="validation records per evaluation (None: all held out)")
+    objective: Literal["generated", "cloze"] = Field(
+        "generated",
+        description="what a subnet's validation accuracy counts: its generated answers (reference rules), or "
+        "lm-eval's zero-shot cloze, which generates nothing (multiple-choice tasks only)",
+    )
     ref_acc: float | None = Field(None, description="reference accuracy (None: the heuristic subnet's)")
     acc_delta: float = Field(0.01, ge=0, description="chosen: lowest cost with accuracy >= ref_acc - acc_delta")
     rule: Literal["min_cost_within_delta", "max_accuracy", "max_accuracy_within_budget"] = Field(

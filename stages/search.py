@@ -19,6 +19,8 @@ from functools import partial
 from nlsflow.adapters.supernet import NAMED_SUBNETS
 from nlsflow.artifacts import read_table, write_json, write_table
 from nlsflow.cluster import scoring_pool
+from nlsflow.data.datasets import EVAL_DATASETS
+from nlsflow.errors import NlsflowError
 from nlsflow.evaluation.scoring import validation_accuracy_pool
 from nlsflow.evaluation.workers import SubnetScorer, SupernetLoad
 from nlsflow.io import atomic_write_text, sha256_json
@@ -37,12 +39,18 @@ def run(ctx: StageContext) -> SearchOutput:
     method = method_for(cfg)
     supernet = SupernetLoad(cfg, ctx.input_dir("prune") / PruneOutput.files.model, train_dir)
     validation = read_table(train_dir / TrainOutput.files.validation, "records").to_pylist()[: sc.val_samples]
+    choice_sets = {name for name, dataset in EVAL_DATASETS.items() if dataset.kind == "choice"}
+    if sc.objective == "cloze" and (open_sets := sorted({r["source"] for r in validation} - choice_sets)):
+        raise NlsflowError(
+            f"search.objective=cloze scores multiple choice only, and the validation records of {open_sets} have "
+            "open answers; set search.objective=generated"
+        )
     if sc.workers > 1 or cfg.cluster.address:  # scored by Ray workers; this process only needs the costs
         model, tokenizer, space = replace(supernet, device="cpu")()
-        scorer = SubnetScorer(supernet, sc.generation)
+        scorer = SubnetScorer(supernet, sc.generation, sc.objective)
     else:
         model, tokenizer, space = supernet()
-        scorer = SubnetScorer(lambda: (model, tokenizer, space), sc.generation)
+        scorer = SubnetScorer(lambda: (model, tokenizer, space), sc.generation, sc.objective)
     seeds = {name: fn(space) for name, fn in NAMED_SUBNETS.items()}
     with scoring_pool(scorer, sc.workers, cfg.cluster, cfg.device) as pool:
         accuracies = validation_accuracy_pool(pool, tokenizer, validation, sc.generation.batch_size)
@@ -106,6 +114,7 @@ def cache_key(ctx: StageContext) -> str:
             "inputs": {k: m.fingerprint() for k, m in ctx.inputs.items()},
             "cost": sc.cost,
             "val_samples": sc.val_samples,
+            **({"objective": sc.objective} if sc.objective != "generated" else {}),  # earlier caches stay valid
             "generation": sc.generation.model_dump(),
             "dtype": ctx.cfg.dtype,
         }

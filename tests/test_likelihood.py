@@ -114,3 +114,27 @@ def test_a_multiple_choice_test_set_is_scored_by_the_cloze_beside_the_generated_
         model, char_tokenizer, DATA_ROOT, EvaluateConfig(datasets=["gsm8k"], max_samples=2, generation=generation), "m"
     )
     assert "accuracy_cloze" not in math_scores
+
+
+@needs_data
+def test_the_search_counts_the_cloze_when_its_objective_says_so(char_tokenizer, monkeypatch):
+    """search.objective=cloze: a subnet's validation answers are lm-eval's cloze, not generated; generated (the
+    default) generates only."""
+    import nlsflow.evaluation.workers as workers
+    from nlsflow.data.datasets import load_eval_records
+    from nlsflow.evaluation.likelihood import rank_options
+    from nlsflow.evaluation.scoring import Shard, predict
+    from schemas.config import GenerationConfig
+
+    monkeypatch.setattr(workers, "activate", lambda *a: None)  # no elastic layers in the micro model
+    model, records = micro_llama(), load_eval_records(DATA_ROOT, "piqa", 5)
+    shard = Shard("supernet", "piqa", False, list(range(5)), records)
+    generation = GenerationConfig(max_new_tokens=2, num_beams=1, batch_size=4)
+    by = {
+        o: workers.SubnetScorer(lambda: (model, char_tokenizer, None), generation, o)() for o in ("generated", "cloze")
+    }
+    expected = rank_options(model, char_tokenizer, records, "piqa")
+    assert by["cloze"](({}, shard)) == sum(r["cloze_correct"] for r in expected)
+    generated = predict(model, char_tokenizer, shard, generation, cloze=False)
+    assert by["generated"](({}, shard)) == sum(r["correct"] for r in generated)
+    assert "cloze_correct" not in generated[0]

@@ -186,10 +186,11 @@ def evaluate_test_sets(
     return score_test_sets(LocalPool(lambda: score), tokenizer, data_root, eval_cfg, model_name)
 
 
-def predict(model, tokenizer, shard: Shard, generation, decoder=None) -> list[dict]:
-    """A shard's prediction rows, with the adapter (and HeteroLoRA's shortcuts) off when the shard asks. A
-    multiple-choice set's rows also hold lm-eval's zero-shot cloze answer (`cloze_prediction`, `cloze_correct`:
-    `likelihood.rank_options`), scored by the same model (not through a `decoder`, which only generates)."""
+def predict(model, tokenizer, shard: Shard, generation, decoder=None, cloze: bool = True) -> list[dict]:
+    """A shard's prediction rows, with the adapter (and HeteroLoRA's shortcuts) off when the shard asks. With
+    `cloze`, a multiple-choice set's rows also hold lm-eval's zero-shot cloze answer (`cloze_prediction`,
+    `cloze_correct`: `likelihood.rank_options`), scored by the same model (not through a `decoder`, which only
+    generates)."""
     adapter_off = contextlib.ExitStack()
     if shard.adapter_off:
         adapter_off.enter_context(model.disable_adapter())
@@ -206,7 +207,7 @@ def predict(model, tokenizer, shard: Shard, generation, decoder=None) -> list[di
             progress=False,
             decoder=decoder,
         )
-        if model is not None and EVAL_DATASETS[shard.dataset].kind == "choice":
+        if cloze and model is not None and EVAL_DATASETS[shard.dataset].kind == "choice":
             ranked = rank_options(
                 model, tokenizer, shard.records, shard.dataset, batch_size=generation.batch_size, progress=False
             )

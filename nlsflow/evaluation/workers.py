@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nlsflow.adapters.elastic import Subnet, activate
+from nlsflow.evaluation.likelihood import rank_options
 from nlsflow.evaluation.scoring import Shard, predict
 from nlsflow.methods import method_for
 from nlsflow.models import load_causal_lm, load_tokenizer, resolve_device
@@ -81,14 +82,26 @@ class SubnetScorer:
 
     load: Callable[[], tuple]  # -> (model, tokenizer, space), e.g. a SupernetLoad
     generation: GenerationConfig
+    objective: str = "generated"  # search.objective: which answers count, the generated or lm-eval's cloze
 
     def __call__(self) -> Callable[[tuple[Subnet, Shard]], int]:
         model, tokenizer, space = self.load()
+        cloze = self.objective == "cloze"
 
         def score(item: tuple[Subnet, Shard]) -> int:
             subnet, shard = item
             activate(model, space, subnet)
-            return sum(row["correct"] for row in predict(model, tokenizer, shard, self.generation))
+            if cloze:
+                rows = rank_options(
+                    model,
+                    tokenizer,
+                    shard.records,
+                    shard.dataset,
+                    batch_size=self.generation.batch_size,
+                    progress=False,
+                )
+                return sum(row["cloze_correct"] for row in rows)
+            return sum(row["correct"] for row in predict(model, tokenizer, shard, self.generation, cloze=False))
 
         return score
 
