@@ -170,3 +170,15 @@ def test_relative_search_space_file_on_the_command_line_is_made_absolute(tmp_pat
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config(tmp_path / "run", "train.search_space_file=space.yaml")
     assert cfg.train.search_space_file == str(tmp_path / "space.yaml")
+
+
+def test_a_search_by_the_cloze_on_open_answers_is_refused_in_one_line(math_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(math_run.run_dir, run)
+    from stages.search import run as search
+
+    with pytest.raises(
+        NlsflowError, match=r"search.objective=cloze scores multiple choice only, .*set search.objective="
+    ):
+        run_stage("search", search, tiny_config(run, "search.objective=cloze"), force=True)
+    read_manifest(stage_dir(run, "search"), "search")  # the finished search is kept
