@@ -520,7 +520,9 @@ def lora_against_chance(chance: dict, suffix: str = "") -> str:
     retention says whether a method keeps accuracy."""
     low, high, delta = (chance[f"delta{suffix}_{end}"] for end in ("low", "high", "vs_lora"))
     shown = points_with_interval(-delta, (-high, -low), signed=True)
-    if high < 0:
+    if high < 0 and suffix:
+        reading = "above chance beyond noise, so the rows below measure what each method keeps of what the model knows"
+    elif high < 0:
         reading = "above chance beyond noise, so the rows below measure what each method keeps of a learned task"
     elif suffix:
         reading = (

@@ -160,6 +160,7 @@ def test_the_cloze_gets_its_own_block_and_reading_where_lora_was_scored_by_it():
     assert "| shears | 57.0 | 30.0 | 57.0 [55.0, 59.0] | -3.0 [-5.0, -1.0] | 95.0 |" in block
     assert "| chance | 40.0 | 30.0 | 40.0 | -20.0 [-24.0, -16.0] | 66.7 |" in block
     assert "- **lora against chance by the cloze** (a uniform guess among each record's options): +20.0" in block
+    assert "keeps of what the model knows" in block
     assert "- **shears (cloze)**: -3.0 [-5.0, -1.0] points, 95.0% of LoRA's accuracy: below LoRA beyond noise." in block
     assert "the seed" not in block  # the seeds' claims are read once, by the reference protocol
     assert "cloze" not in text.split("####", 1)[0]  # the first table is the reference protocol's alone
