@@ -10,8 +10,9 @@ writes, from the published rows, `results/<task>-<profile>/`:
 - `results.md`: the table (method | total params | non-zero params | MACs/token | trainable params | adapter bytes |
   per-task accuracy | average [95% interval] | Δ vs LoRA [paired 95% interval] | % of LoRA), plus the dense base;
 - `results.parquet`: the same rows;
-- `accuracy_vs_macs.png`: test accuracy against non-zero MACs per token (LoRA and the dense base marked), beside each
-  method's searched Pareto front on the validation slice.
+- `accuracy_vs_macs.png`: test accuracy against non-zero MACs per token and against non-zero parameters, by each
+  protocol scored (LoRA, the dense base and chance marked), beside each method's searched Pareto front on the
+  validation slice.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from flows.compare import (
@@ -41,6 +43,7 @@ from flows.runners import RUNNERS
 from nlsflow.artifacts import (
     publish_evidence,
     read_json,
+    read_manifest,
     read_output,
     read_table,
     rerun_reason,
@@ -59,6 +62,7 @@ from nlsflow.evaluation.intervals import (
     points,
     points_interval,
     points_with_interval,
+    proportion_interval,
 )
 from nlsflow.evaluation.likelihood import rank_labels, rank_options
 from nlsflow.evaluation.scoring import by_source
@@ -538,38 +542,82 @@ def lora_against_chance(chance: dict, suffix: str = "") -> str:
     return f"**lora against chance{by}** (a uniform guess among each record's options): {shown} points: {reading}."
 
 
+PROTOCOLS = {"": "generated answers", "_cloze": "lm-eval's cloze"}  # accuracy column suffix -> title
+AXES = {"nonzero_macs_per_token": ("macs", "MACs"), "nonzero_params": ("params", "parameters")}  # row -> search's
+
+
 def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None:
-    """Test accuracy vs non-zero MACs per token (intervals as bars), and each method's validation Pareto front."""
+    """The papers' picture, one row of panels per cost (non-zero MACs per token, non-zero parameters): test accuracy
+    by each protocol scored (95% intervals as bars; chance and LoRA as lines), and each method's searched Pareto
+    front on the validation slice, by its search's objective (95% Wilson intervals)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for r in table:
-        if r["method"] == CHANCE:
-            left.axhline(100 * r["accuracy"], color="firebrick", linestyle="--", linewidth=1, label=CHANCE)
-            continue
-        x, y = r["nonzero_macs_per_token"], 100 * r["accuracy"]
-        bar = None if r["accuracy_low"] is None else [[y - 100 * r["accuracy_low"]], [100 * r["accuracy_high"] - y]]
-        marker = {"lora": "s", BASE: "D"}.get(r["method"], "o")
-        left.errorbar([x], [y], yerr=bar, fmt=marker, capsize=4, label=r["method"], markersize=8)
-    lora = next(r for r in table if r["method"] == "lora")
-    left.axhline(100 * lora["accuracy"], color="gray", linestyle=":", linewidth=1)
-    left.set(xlabel="non-zero MACs per token", ylabel="test accuracy (%)", title="deployed models (95% intervals)")
-    left.legend(fontsize=8)
-    for method, run_dir in run_dirs.items():
-        rows = read_table(stage_dir(run_dir, "search") / SearchOutput.files.evaluations, "evaluations").to_pylist()
-        front = sorted((e for e in rows if e["pareto"]), key=lambda e: e["macs"])
-        right.plot([e["macs"] for e in front], [100 * e["accuracy"] for e in front], "o-", label=method, markersize=4)
-    right.set(
-        xlabel="MACs per token (search's count)", ylabel="validation accuracy (%)", title="searched Pareto fronts"
-    )
-    right.legend(fontsize=8)
+    scored = [s for s in PROTOCOLS if any(r.get(f"accuracy{s}") is not None for r in table if r["method"] != CHANCE)]
+    fig, grid = plt.subplots(len(AXES), len(scored) + 1, figsize=(5.5 * (len(scored) + 1), 4.4 * len(AXES)))
+    colors = {r["method"]: f"C{i}" for i, r in enumerate(table)}
+    for panels, (cost, (search_cost, cost_name)) in zip(grid, AXES.items()):
+        for ax, suffix in zip(panels, scored):
+            deployed_panel(ax, table, suffix, cost, colors)
+            ax.set(xlabel=f"non-zero {cost_name} per token" if cost_name == "MACs" else f"non-zero {cost_name}")
+        searched_panel(panels[-1], run_dirs, search_cost, colors)
+        panels[-1].set(xlabel=f"{'MACs per token' if search_cost == 'macs' else 'adapter parameters'} (search's count)")
+        for ax in panels:
+            ax.xaxis.set_major_formatter(EngFormatter(places=2))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def deployed_panel(ax, table: list[dict], suffix: str, cost: str, colors: dict[str, str]) -> None:
+    """Each deployed model's test accuracy by the protocol whose columns end in `suffix`, against `cost`."""
+    for r in table:
+        y = r[f"accuracy{suffix}"]
+        if y is None:
+            continue
+        if r["method"] == CHANCE:
+            ax.axhline(100 * y, color="firebrick", linestyle="--", linewidth=1, label=CHANCE)
+            continue
+        low, high = r[f"accuracy{suffix}_low"], r[f"accuracy{suffix}_high"]
+        bar = None if low is None else [[100 * (y - low)], [100 * (high - y)]]
+        marker = {"lora": "s", BASE: "D"}.get(r["method"], "o")
+        ax.errorbar(
+            [r[cost]],
+            [100 * y],
+            yerr=bar,
+            fmt=marker,
+            capsize=4,
+            markersize=8,
+            color=colors[r["method"]],
+            label=r["method"],
+        )
+        if r["method"] == "lora":
+            ax.axhline(100 * y, color=colors["lora"], linestyle=":", linewidth=1)
+    ax.set(ylabel="test accuracy (%)", title=f"test, by {PROTOCOLS[suffix]} (95% intervals)")
+    ax.legend(fontsize=8)
+
+
+def searched_panel(ax, run_dirs: dict[str, Path], cost: str, colors: dict[str, str]) -> None:
+    """Each method's searched Pareto front on validation against the search's `cost` ("macs" or "params"), by
+    accuracy as its search scored it (search.objective), with 95% Wilson intervals over its validation records."""
+    objectives = set()
+    for method, run_dir in run_dirs.items():
+        search = read_manifest(stage_dir(run_dir, "search"), "search", verify=False)
+        objectives.add(search.config["search"].get("objective", "generated"))
+        rows = read_table(stage_dir(run_dir, "search") / SearchOutput.files.evaluations, "evaluations").to_pylist()
+        front = sorted((e for e in rows if e["pareto"]), key=lambda e: e[cost])
+        x, y = [e[cost] for e in front], np.array([100 * e["accuracy"] for e in front])
+        low, high = 100 * np.array([proportion_interval(e["accuracy"], search.output.val_samples) for e in front]).T
+        ax.errorbar(
+            x, y, yerr=[y - low, high - y], fmt="o-", capsize=3, markersize=4, color=colors[method], label=method
+        )
+    by = " or ".join(PROTOCOLS["_cloze" if o == "cloze" else ""] for o in sorted(objectives))
+    ax.set(ylabel="validation accuracy (%)", title=f"searched Pareto fronts, by {by} (95% intervals)")
+    ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

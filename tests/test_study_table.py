@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from flows.study import CHANCE, COUNTS, SEED_CLAIMS, chance_row, results_markdown, verdict
+from flows.study import CHANCE, COUNTS, RESULTS, SEED_CLAIMS, chance_row, plot_study, results_markdown, verdict
+from nlsflow.artifacts import read_table
 from nlsflow.evaluation.answers import chance_level
 
 
@@ -165,3 +166,17 @@ def test_the_cloze_gets_its_own_block_and_reading_where_lora_was_scored_by_it():
     assert "the seed" not in block  # the seeds' claims are read once, by the reference protocol
     assert "cloze" not in text.split("####", 1)[0]  # the first table is the reference protocol's alone
     assert "####" not in results_markdown([_row("lora", 0.5, 0, 0, 0)], "math", "tiny", {"boolq": (200, True)})
+
+
+def test_the_plot_has_a_test_panel_per_protocol_scored_and_the_searched_fronts(tmp_path):
+    """On the committed LoRA row (read as published, without weights): two rows of panels (against MACs, against
+    parameters), each a panel per protocol scored plus the Pareto fronts; math's rows have no cloze panel."""
+    from PIL import Image
+
+    study = RESULTS / "commonsense-smollm2"
+    table = read_table(study / "results.parquet", "study").to_pylist()
+    plot_study(table, {"lora": study / "lora"}, tmp_path / "cloze.png")
+    no_cloze = [{k: None if "cloze" in k else v for k, v in r.items()} for r in table]
+    plot_study(no_cloze, {"lora": study / "lora"}, tmp_path / "generated.png")
+    (width, height), (narrow, same) = (Image.open(tmp_path / f"{n}.png").size for n in ("cloze", "generated"))
+    assert (height, same) == (880, 880) and (width, narrow) == (1650, 1100)  # 5.5 inches a panel at 100 dpi
