@@ -124,9 +124,11 @@ def extracted_answers(run_dir: Path, key: str = "correct") -> dict[str, list[boo
 
 def against_lora(rows: list[dict], run_dirs: dict[str, Path]) -> None:
     """Each method's paired difference from plain LoRA on the same test records, its interval and the retention
-    (accuracy as % of LoRA's), by each protocol both were scored by, added to the rows in place; nothing when LoRA
+    (accuracy as % of LoRA's), by each protocol both were scored by, added to the rows in place; empty when LoRA
     is not among them."""
     if "lora" not in run_dirs:
+        for row in rows:
+            row |= dict.fromkeys(column for suffix in PROTOCOL_KEYS for column in against_lora_columns(suffix))
         return
     lora_row = next(r for r in rows if r["method"] == "lora")
     for row in rows:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from flows.compare import COLUMNS, against_lora, markdown
 from flows.study import CHANCE, COUNTS, RESULTS, SEED_CLAIMS, chance_row, plot_study, results_markdown, verdict
 from nlsflow.artifacts import read_table
 from nlsflow.evaluation.answers import chance_level
@@ -180,3 +181,13 @@ def test_the_plot_has_a_test_panel_per_protocol_scored_and_the_searched_fronts(t
     plot_study(no_cloze, {"lora": study / "lora"}, tmp_path / "generated.png")
     (width, height), (narrow, same) = (Image.open(tmp_path / f"{n}.png").size for n in ("cloze", "generated"))
     assert (height, same) == (880, 880) and (width, narrow) == (1650, 1100)  # 5.5 inches a panel at 100 dpi
+
+
+def test_a_comparison_without_lora_leaves_its_against_lora_cells_empty(tmp_path):
+    """A study whose only pending row is not LoRA (LoRA's is published) tabulates that row alone before the study
+    pairs it: its Δ, interval and retention cells are empty, not missing."""
+    measured = {c: None for c in COLUMNS if not c.startswith(("delta", "retention"))}
+    rows = [measured | {"method": "shears", "params": 100, "accuracy": 0.45}]
+    against_lora(rows, {"shears": tmp_path})
+    assert all(rows[0][c] is None for c in ("delta_vs_lora", "delta_cloze_high", "retention", "retention_cloze"))
+    assert markdown(rows).splitlines()[-1].startswith("| shears |")
