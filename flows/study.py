@@ -543,7 +543,11 @@ def lora_against_chance(chance: dict, suffix: str = "") -> str:
 
 
 PROTOCOLS = {"": "generated answers", "_cloze": "lm-eval's cloze"}  # accuracy column suffix -> title
-AXES = {"nonzero_macs_per_token": ("macs", "MACs"), "nonzero_params": ("params", "parameters")}  # row -> search's
+# one row of panels per cost: the deployed model's column and label, the search's evaluations column and label
+AXES = (
+    ("nonzero_macs_per_token", "non-zero MACs per token", "macs", "MACs per token (search's count)"),
+    ("nonzero_params", "non-zero parameters", "params", "adapter parameters (search's count)"),
+)
 
 
 def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None:
@@ -559,12 +563,13 @@ def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None
     scored = [s for s in PROTOCOLS if any(r.get(f"accuracy{s}") is not None for r in table if r["method"] != CHANCE)]
     fig, grid = plt.subplots(len(AXES), len(scored) + 1, figsize=(5.5 * (len(scored) + 1), 4.4 * len(AXES)))
     colors = {r["method"]: f"C{i}" for i, r in enumerate(table)}
-    for panels, (cost, (search_cost, cost_name)) in zip(grid, AXES.items()):
+    searches = {m: searched(run_dir) for m, run_dir in run_dirs.items()}
+    for panels, (cost, cost_label, search_cost, search_label) in zip(grid, AXES):
         for ax, suffix in zip(panels, scored):
             deployed_panel(ax, table, suffix, cost, colors)
-            ax.set(xlabel=f"non-zero {cost_name} per token" if cost_name == "MACs" else f"non-zero {cost_name}")
-        searched_panel(panels[-1], run_dirs, search_cost, colors)
-        panels[-1].set(xlabel=f"{'MACs per token' if search_cost == 'macs' else 'adapter parameters'} (search's count)")
+            ax.set(xlabel=cost_label)
+        searched_panel(panels[-1], searches, search_cost, colors)
+        panels[-1].set(xlabel=search_label)
         for ax in panels:
             ax.xaxis.set_major_formatter(EngFormatter(places=2))
     fig.tight_layout()
@@ -601,21 +606,26 @@ def deployed_panel(ax, table: list[dict], suffix: str, cost: str, colors: dict[s
     ax.legend(fontsize=8)
 
 
-def searched_panel(ax, run_dirs: dict[str, Path], cost: str, colors: dict[str, str]) -> None:
-    """Each method's searched Pareto front on validation against the search's `cost` ("macs" or "params"), by
-    accuracy as its search scored it (search.objective), with 95% Wilson intervals over its validation records."""
-    objectives = set()
-    for method, run_dir in run_dirs.items():
-        search = read_manifest(stage_dir(run_dir, "search"), "search", verify=False)
-        objectives.add(search.config["search"].get("objective", "generated"))
-        rows = read_table(stage_dir(run_dir, "search") / SearchOutput.files.evaluations, "evaluations").to_pylist()
-        front = sorted((e for e in rows if e["pareto"]), key=lambda e: e[cost])
+def searched(run_dir: Path) -> tuple[str, int, list[dict]]:
+    """A run's search: its objective, its validation records and its Pareto front."""
+    search = read_manifest(stage_dir(run_dir, "search"), "search", verify=False)
+    rows = read_table(stage_dir(run_dir, "search") / SearchOutput.files.evaluations, "evaluations").to_pylist()
+    objective = search.config["search"].get("objective", "generated")
+    return objective, search.output.val_samples, [e for e in rows if e["pareto"]]
+
+
+def searched_panel(ax, searches: dict[str, tuple], cost: str, colors: dict[str, str]) -> None:
+    """Each method's searched Pareto front on validation (`searched`) against the search's `cost` ("macs" or
+    "params"), by accuracy as its search scored it, with 95% Wilson intervals over its validation records."""
+    for method, (_, records, front) in searches.items():
+        front = sorted(front, key=lambda e: e[cost])
         x, y = [e[cost] for e in front], np.array([100 * e["accuracy"] for e in front])
-        low, high = 100 * np.array([proportion_interval(e["accuracy"], search.output.val_samples) for e in front]).T
+        low, high = 100 * np.array([proportion_interval(e["accuracy"], records) for e in front]).T
         ax.errorbar(
             x, y, yerr=[y - low, high - y], fmt="o-", capsize=3, markersize=4, color=colors[method], label=method
         )
-    by = " or ".join(PROTOCOLS["_cloze" if o == "cloze" else ""] for o in sorted(objectives))
+    objectives = sorted({objective for objective, _, _ in searches.values()})
+    by = " or ".join(PROTOCOLS["_cloze" if o == "cloze" else ""] for o in objectives)
     ax.set(ylabel="validation accuracy (%)", title=f"searched Pareto fronts, by {by} (95% intervals)")
     ax.legend(fontsize=8)
 
