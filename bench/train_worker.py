@@ -20,7 +20,7 @@ from nlsflow.config import load_config
 from nlsflow.io import atomic_write_text
 from nlsflow.methods import method_for
 from nlsflow.models import resolve_device
-from nlsflow.training import make_accelerator, train_supernet
+from nlsflow.training import leave_process_group, make_accelerator, train_supernet
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         records = json.loads(args.records.read_text())
         net, data = build(cfg, method, args.base_dir, args.revision, records, accelerator.device)
         ms = ms_per_step(train_supernet, method, net, data, cfg.train, cfg.seed, skip=1, accelerator=accelerator)
+        leave_process_group()
         if accelerator.is_main_process:
             timing = {"ms_per_step": ms, "threads": torch.get_num_threads(), "processes": accelerator.num_processes}
             atomic_write_text(args.result, json.dumps(timing))

@@ -156,6 +156,14 @@ def make_accelerator(tc: TrainConfig, device: str, method: Method) -> Accelerato
     return accelerator
 
 
+def leave_process_group() -> None:
+    """End this process's part in the launched run once its collectives are done: gloo's threads, left to the
+    interpreter's teardown, may abort the process ("terminate called without an active exception", pytorch#190489)
+    after it trained to the end. No process group: nothing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def unshard_for_saving(accelerator: Accelerator, wrapped: torch.nn.Module) -> None:
     """After training, for `Method.save`: the main process's unwrapped model holds its trained parameters whole and
     no FSDP wrapper is left in its module tree (FSDP shards the parameters and renames the modules; DeepSpeed ZeRO-3

@@ -20,6 +20,7 @@ from nlsflow.config import load_config
 from nlsflow.errors import NlsflowError
 from nlsflow.interrupts import StageStopped, stop_handlers
 from nlsflow.io import atomic_write_text
+from nlsflow.training import leave_process_group
 from stages.train import train
 
 
@@ -39,9 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_handlers():
             output = train(load_config([args.config]), args.out)
+        leave_process_group()
         if output is not None and args.result is not None:
             atomic_write_text(args.result, output.model_dump_json())
-    except StageStopped as e:
+    except StageStopped as e:  # the training loop stops every process at the same step
+        leave_process_group()
         return e.exit_code
     except NlsflowError as e:
         print(f"rank {rank} failed: {e}", file=sys.stderr, flush=True)
