@@ -8,7 +8,8 @@ published into `results/<task>-<profile>/<row>/` (its config, manifests, JSON fi
 committed), and a published row whose settings are the study's is not run again, on any machine. The study then
 writes, from the published rows, `results/<task>-<profile>/`:
 - `results.md`: the table (method | total params | non-zero params | MACs/token | trainable params | adapter bytes |
-  per-task accuracy | average [95% interval] | Δ vs LoRA [paired 95% interval] | % of LoRA), plus the dense base;
+  per-task accuracy | average [95% interval] | Δ vs LoRA [paired 95% interval] | % of LoRA), plus the dense base
+  and each pruned base that a row scored (evaluate.baselines [pruned]), with what pruning costs against the dense base;
 - `results.parquet`: the same rows;
 - `accuracy_vs_macs.png`: test accuracy against non-zero MACs per token and against non-zero parameters, by each
   protocol scored (LoRA, the dense base and chance marked), beside each method's searched Pareto front on the
@@ -21,6 +22,7 @@ import argparse
 import contextlib
 import sys
 from collections import Counter
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -30,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from flows.compare import (
     METHODS,
+    PROTOCOL_KEYS,
     Variant,
     accuracy_columns,
     against_lora,
@@ -321,38 +324,66 @@ def write_pilot(
 
 
 def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
-    """compare's rows with each method's per-task accuracies, then the dense base (scored by LoRA's evaluate)."""
+    """compare's rows with each method's per-task accuracies, then the bases scored without adapter: the dense base
+    (by LoRA's evaluate) and each pruned base (by a pruned row's evaluate, with evaluate.baselines [pruned])."""
     table = []
     for row in rows:
         extracted: ExtractOutput = read_output(run_dirs[row["method"]], "extract", verify=False)
         table.append({**row, **by_task(extracted.scores)})
     lora = next(r for r in table if r["method"] == "lora")
-    evaluate: EvaluateOutput = read_output(run_dirs["lora"], "evaluate", verify=False)
-    if dense := evaluate.baselines.get("dense"):
-        # counted as LoRA's benchmark measured the dense base (dequantized weights can hold exact zeros)
-        benchmarked: BenchmarkOutput = read_output(run_dirs["lora"], "benchmark", verify=False)
-        dense_counts = benchmarked.results["dense"].model_dump(
-            include={"params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token"}
-        )
-        predictions = read_table(
-            stage_dir(run_dirs["lora"], "evaluate") / EvaluateOutput.files.predictions, "predictions"
-        ).to_pylist()
-        dense_rows = [r for r in predictions if r["model"] == "dense"]
-        row = {
-            **dict.fromkeys(table[0]),
-            "method": BASE,
-            **dense_counts,
-            "trainable_params": 0,
-            **accuracy_columns(dense),
-            "accuracy_strict": dense.average_accuracy_strict,
-            **by_task(dense),
-        }
+    dense = base_row(run_dirs["lora"], "dense")
+    pruned = [base_row(run_dirs[r["method"]], "pruned") for r in rows if r["method"] != "lora"]
+    for base, answers in [b for b in (dense, *pruned) if b is not None]:
+        base = {**dict.fromkeys(table[0]), **base}
         # against the same LoRA model as every other row: the one extracted, on the same records
-        pair_with_lora(row, lora, partial(correct_by_task, dense_rows, dense.averaged), run_dirs["lora"])
-        table.append(row)
+        pair_with_lora(base, lora, answers, run_dirs["lora"])
+        if dense is not None and base["method"] != BASE:
+            pair_with_dense(base, answers, *dense)
+        table.append(base)
     if chance := chance_row(run_dirs["lora"], table):
         table.append(chance)
     return table
+
+
+def base_row(run_dir: Path, baseline: Literal["dense", "pruned"]) -> tuple[dict, Callable[[str], dict]] | None:
+    """The base that a run's evaluate scored without adapter (`baseline`), as a row (counted as the run's benchmark
+    measured it: dequantized weights can hold exact zeros) with its answers by a prediction rows' key; None where
+    the run did not score it, or where its "pruned" base is the dense one."""
+    evaluate: EvaluateOutput = read_output(run_dir, "evaluate", verify=False)
+    pc = read_manifest(stage_dir(run_dir, "prune"), "prune", verify=False).config["prune"]
+    unpruned = not pc["sparsity"] and pc["structure"] == "unstructured"
+    if (scores := evaluate.baselines.get(baseline)) is None or (baseline == "pruned" and unpruned):
+        return None
+    benchmarked: BenchmarkOutput = read_output(run_dir, "benchmark", verify=False)
+    counted = benchmarked.results.get(baseline)
+    counted_as = {"params", "nonzero_params", "macs_per_token", "nonzero_macs_per_token"}
+    counts = counted.model_dump(include=counted_as) if counted else {}
+    predictions = read_table(stage_dir(run_dir, "evaluate") / EvaluateOutput.files.predictions, "predictions")
+    scored = [r for r in predictions.to_pylist() if r["model"] == baseline]
+    level = pc["structure"] if pc["structure"] != "unstructured" else f"{pc['sparsity']:.0%}"
+    row = {
+        "method": BASE if baseline == "dense" else f"{pc['method']} {level} base",
+        **counts,
+        "trainable_params": 0,
+        **accuracy_columns(scores),
+        "accuracy_strict": scores.average_accuracy_strict,
+        **by_task(scores),
+    }
+    return row, partial(correct_by_task, scored, scores.averaged)
+
+
+def pair_with_dense(row: dict, answers: Callable[[str], dict], dense: dict, dense_answers: Callable) -> None:
+    """A pruned base's paired difference from the dense base, on the same records (what pruning costs before any
+    adapter), in place, by each protocol both were scored by."""
+    for suffix, key in PROTOCOL_KEYS.items():
+        if row.get(f"accuracy{suffix}") is not None and dense.get(f"accuracy{suffix}") is not None:
+            delta, (low, high), _ = paired_difference(answers(key), dense_answers(key))
+            row |= dict(zip(against_dense_columns(suffix), (delta, low, high)))
+
+
+def against_dense_columns(suffix: str) -> tuple[str, ...]:
+    """The columns a pruned base's pairing with the dense base fills, by the protocol whose columns end in `suffix`."""
+    return f"delta{suffix}_vs_dense", f"delta{suffix}_vs_dense_low", f"delta{suffix}_vs_dense_high"
 
 
 def by_task(scores) -> dict:
@@ -496,7 +527,8 @@ def reading(table: list[dict], suffix: str = "") -> list[str]:
     ) is not None:
         lines.append(f"- {lora_against_chance(chance, suffix)}")
     scored = [r for r in table if r["method"] not in ("lora", CHANCE) and r.get(f"accuracy{suffix}") is not None]
-    return lines + [f"- {verdict(r, suffix)}" for r in scored]
+    lines += [f"- {verdict(r, suffix)}" for r in scored]
+    return lines + [f"- {against_dense(r, suffix)}" for r in table if r.get(f"delta{suffix}_vs_dense") is not None]
 
 
 def verdict(row: dict, suffix: str = "") -> str:
@@ -516,6 +548,16 @@ def verdict(row: dict, suffix: str = "") -> str:
     )
     claim = f"; the seed: {SEED_CLAIMS[row['method']]}" if row["method"] in SEED_CLAIMS and not suffix else ""
     return f"**{row['method']}{' (cloze)' if suffix else ''}**: {delta} points{retention}: {reading}{claim}."
+
+
+def against_dense(row: dict, suffix: str = "") -> str:
+    """A pruned base's reading against the dense base, from its paired interval: what pruning costs."""
+    low, high = row[f"delta{suffix}_vs_dense_low"], row[f"delta{suffix}_vs_dense_high"]
+    delta = points_with_interval(row[f"delta{suffix}_vs_dense"], (low, high), signed=True)
+    reading = "below it beyond noise" if high < 0 else "above it beyond noise" if low > 0 else "within noise of it"
+    by = " (cloze)" if suffix else ""
+    cost = "what pruning costs before any adapter"
+    return f"**{row['method']}{by} against the dense base**, {cost}: {delta} points: {reading}."
 
 
 def lora_against_chance(chance: dict, suffix: str = "") -> str:
@@ -589,7 +631,7 @@ def deployed_panel(ax, table: list[dict], suffix: str, cost: str, colors: dict[s
             continue
         low, high = r[f"accuracy{suffix}_low"], r[f"accuracy{suffix}_high"]
         bar = None if low is None else [[100 * (y - low)], [100 * (high - y)]]
-        marker = {"lora": "s", BASE: "D"}.get(r["method"], "o")
+        marker = "s" if r["method"] == "lora" else "D" if r["trainable_params"] == 0 else "o"  # D: a base alone
         ax.errorbar(
             [r[cost]],
             [100 * y],

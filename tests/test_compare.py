@@ -69,8 +69,8 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     assert text == markdown(rows[:2]) and text.count("\n") == 4 and "| nola |" in text
 
     table = read_table(out / "results.parquet", "study").to_pylist()
-    assert [r["method"] for r in table] == [*names, "dense base"]
-    dense = table[-1]
+    assert [r["method"] for r in table] == [*names, "dense base", "wanda 30% base"]
+    dense, pruned = table[-2:]
     for row in table:
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
         assert row["delta_low"] <= row["delta_vs_lora"] <= row["delta_high"]
@@ -82,6 +82,15 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
         counted.nonzero_macs_per_token,
     )
     assert dense["delta_vs_lora"] == pytest.approx(dense["accuracy"] - lora["accuracy"])
+    # shears-30's pruned base, scored by its evaluate without adapter (evaluate.baselines [pruned]), against the dense
+    # base on the same records; no other row has such a pairing
+    counted = read_manifest(stage_dir(tmp_path / "math-tiny-shears-30-study", "benchmark"), "benchmark").output
+    assert pruned["nonzero_params"] == counted.results["pruned"].nonzero_params < dense["nonzero_params"]
+    assert pruned["trainable_params"] == 0 and pruned["params"] == dense["params"]
+    assert pruned["delta_vs_dense"] == pytest.approx(pruned["accuracy"] - dense["accuracy"])
+    assert pruned["delta_vs_dense_low"] <= pruned["delta_vs_dense"] <= pruned["delta_vs_dense_high"]
+    assert pruned["delta_vs_lora"] == pytest.approx(pruned["accuracy"] - lora["accuracy"])
+    assert [r["method"] for r in table if r["delta_vs_dense"] is not None] == ["wanda 30% base"]
     # the variant: Shears (sparsity-preserving) on a base pruned 30% (configs/studies/math-tiny.variants.yaml)
     shears_30 = load_config([tmp_path / "math-tiny-shears-30-study" / "config.yaml"])
     assert shears_30.method.name == "shears" and shears_30.prune.sparsity == 0.3
@@ -89,7 +98,8 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
         pytest.approx(0.3, abs=0.01)
     )
     text = (out / "results.md").read_text()
-    assert "| lora |" in text and "| dense base |" in text and "Δ vs LoRA" in text
+    assert "| lora |" in text and "| dense base |" in text and "| wanda 30% base |" in text and "Δ vs LoRA" in text
+    assert "**wanda 30% base against the dense base**, what pruning costs before any adapter: " in text
     assert "Test records: gsm8k 8, AQuA 8, mawps 8, SVAMP 8." in text and "outside_average" not in text
     # the budget check: LoRA against its own base with the adapter off, on the validation slice only
     pilot_text = pilot("math", "tiny", tmp_path, results).read_text()
