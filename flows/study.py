@@ -8,8 +8,9 @@ published into `results/<task>-<profile>/<row>/` (its config, manifests, JSON fi
 committed), and a published row whose settings are the study's is not run again, on any machine. The study then
 writes, from the published rows, `results/<task>-<profile>/`:
 - `results.md`: the table (method | total params | non-zero params | MACs/token | trainable params | adapter bytes |
-  per-task accuracy | average [95% interval] | Δ vs LoRA [paired 95% interval] | % of LoRA), plus the dense base
-  and each pruned base that a row scored (evaluate.baselines [pruned]), with what pruning costs against the dense base;
+  per-task accuracy | average [95% interval] | Δ vs LoRA [paired 95% interval] | % of LoRA), with each method's
+  heuristic subnet where its search chose another, the dense base and each pruned base that a row scored
+  (evaluate.baselines [pruned]); the reading pairs a heuristic subnet with its method's, a pruned base with the dense;
 - `results.parquet`: the same rows;
 - `accuracy_vs_macs.png`: test accuracy against non-zero MACs per token and against non-zero parameters, by each
   protocol scored (LoRA, the dense base and chance marked), beside each method's searched Pareto front on the
@@ -37,6 +38,7 @@ from flows.compare import (
     accuracy_columns,
     against_lora,
     compare,
+    extracted_answers,
     method_row,
     pair_with_lora,
     print_plans,
@@ -324,25 +326,55 @@ def write_pilot(
 
 
 def results_rows(rows: list[dict], run_dirs: dict[str, Path]) -> list[dict]:
-    """compare's rows with each method's per-task accuracies, then the bases scored without adapter: the dense base
-    (by LoRA's evaluate) and each pruned base (by a pruned row's evaluate, with evaluate.baselines [pruned])."""
-    table = []
+    """compare's rows with each method's per-task accuracies, each followed by its heuristic subnet where the search
+    chose another, then the bases scored without adapter: the dense base (by LoRA's evaluate) and each pruned base
+    (by a pruned row's evaluate, with evaluate.baselines [pruned]). Every row is paired with LoRA's extracted model;
+    a heuristic subnet also with the subnet its method deploys, a pruned base with the dense base."""
+    methods = []
     for row in rows:
         extracted: ExtractOutput = read_output(run_dirs[row["method"]], "extract", verify=False)
-        table.append({**row, **by_task(extracted.scores)})
-    lora = next(r for r in table if r["method"] == "lora")
+        methods.append({**row, **by_task(extracted.scores)})
+    lora = next(r for r in methods if r["method"] == "lora")
+
+    def paired(row: dict, answers: Callable[[str], dict], reference: tuple | None = None) -> dict:
+        row = {**dict.fromkeys(methods[0]), **row}
+        pair_with_lora(row, lora, answers, run_dirs["lora"])  # the same LoRA model as every other row's
+        if reference is not None:
+            pair_with_reference(row, answers, *reference)
+        return row
+
+    table = []
+    for row in methods:
+        table.append(row)
+        if row["method"] != "lora" and (heuristic := heuristic_row(run_dirs[row["method"]], row["method"])):
+            table.append(paired(*heuristic, (row, partial(extracted_answers, run_dirs[row["method"]]))))
     dense = base_row(run_dirs["lora"], "dense")
-    pruned = [base_row(run_dirs[r["method"]], "pruned") for r in rows if r["method"] != "lora"]
-    for base, answers in [b for b in (dense, *pruned) if b is not None]:
-        base = {**dict.fromkeys(table[0]), **base}
-        # against the same LoRA model as every other row: the one extracted, on the same records
-        pair_with_lora(base, lora, answers, run_dirs["lora"])
-        if dense is not None and base["method"] != BASE:
-            pair_with_dense(base, answers, *dense)
-        table.append(base)
+    table += [paired(*dense)] if dense else []
+    for row in methods:
+        if row["method"] != "lora" and (pruned := base_row(run_dirs[row["method"]], "pruned")):
+            table.append(paired(*pruned, dense))
     if chance := chance_row(run_dirs["lora"], table):
         table.append(chance)
     return table
+
+
+def heuristic_row(run_dir: Path, method: str) -> tuple[dict, Callable[[str], dict]] | None:
+    """The subnet a run's evaluate scored on the super-network (evaluate.subnet, the heuristic), as a row with its
+    answers by a prediction rows' key, where the search chose another; None where the run deploys that one. It is
+    not deployed, so it has no counts."""
+    evaluate: EvaluateOutput = read_output(run_dir, "evaluate", verify=False)
+    extracted: ExtractOutput = read_output(run_dir, "extract", verify=False)
+    if evaluate.subnet == extracted.subnet:
+        return None
+    predictions = read_table(stage_dir(run_dir, "evaluate") / EvaluateOutput.files.predictions, "predictions")
+    scored = [r for r in predictions.to_pylist() if r["model"] == evaluate.subnet_name]
+    row = {
+        "method": f"{method} {evaluate.subnet_name}",
+        **accuracy_columns(evaluate),
+        "accuracy_strict": evaluate.average_accuracy_strict,
+        **by_task(evaluate),
+    }
+    return row, partial(correct_by_task, scored, evaluate.averaged)
 
 
 def base_row(run_dir: Path, baseline: Literal["dense", "pruned"]) -> tuple[dict, Callable[[str], dict]] | None:
@@ -372,18 +404,21 @@ def base_row(run_dir: Path, baseline: Literal["dense", "pruned"]) -> tuple[dict,
     return row, partial(correct_by_task, scored, scores.averaged)
 
 
-def pair_with_dense(row: dict, answers: Callable[[str], dict], dense: dict, dense_answers: Callable) -> None:
-    """A pruned base's paired difference from the dense base, on the same records (what pruning costs before any
-    adapter), in place, by each protocol both were scored by."""
+def pair_with_reference(
+    row: dict, answers: Callable[[str], dict], reference: dict, reference_answers: Callable
+) -> None:
+    """`row`'s paired difference from another row of the table (`reference`) on the same records, in place, by each
+    protocol both were scored by."""
+    row["reference"] = reference["method"]
     for suffix, key in PROTOCOL_KEYS.items():
-        if row.get(f"accuracy{suffix}") is not None and dense.get(f"accuracy{suffix}") is not None:
-            delta, (low, high), _ = paired_difference(answers(key), dense_answers(key))
-            row |= dict(zip(against_dense_columns(suffix), (delta, low, high)))
+        if row.get(f"accuracy{suffix}") is not None and reference.get(f"accuracy{suffix}") is not None:
+            delta, (low, high), _ = paired_difference(answers(key), reference_answers(key))
+            row |= dict(zip(against_reference_columns(suffix), (delta, low, high)))
 
 
-def against_dense_columns(suffix: str) -> tuple[str, ...]:
-    """The columns a pruned base's pairing with the dense base fills, by the protocol whose columns end in `suffix`."""
-    return f"delta{suffix}_vs_dense", f"delta{suffix}_vs_dense_low", f"delta{suffix}_vs_dense_high"
+def against_reference_columns(suffix: str) -> tuple[str, ...]:
+    """The columns a pairing with a reference row fills, by the protocol whose columns end in `suffix`."""
+    return f"delta{suffix}_vs_reference", f"delta{suffix}_vs_reference_low", f"delta{suffix}_vs_reference_high"
 
 
 def by_task(scores) -> dict:
@@ -528,7 +563,9 @@ def reading(table: list[dict], suffix: str = "") -> list[str]:
         lines.append(f"- {lora_against_chance(chance, suffix)}")
     scored = [r for r in table if r["method"] not in ("lora", CHANCE) and r.get(f"accuracy{suffix}") is not None]
     lines += [f"- {verdict(r, suffix)}" for r in scored]
-    return lines + [f"- {against_dense(r, suffix)}" for r in table if r.get(f"delta{suffix}_vs_dense") is not None]
+    return lines + [
+        f"- {against_reference(r, suffix)}" for r in table if r.get(f"delta{suffix}_vs_reference") is not None
+    ]
 
 
 def verdict(row: dict, suffix: str = "") -> str:
@@ -550,14 +587,16 @@ def verdict(row: dict, suffix: str = "") -> str:
     return f"**{row['method']}{' (cloze)' if suffix else ''}**: {delta} points{retention}: {reading}{claim}."
 
 
-def against_dense(row: dict, suffix: str = "") -> str:
-    """A pruned base's reading against the dense base, from its paired interval: what pruning costs."""
-    low, high = row[f"delta{suffix}_vs_dense_low"], row[f"delta{suffix}_vs_dense_high"]
-    delta = points_with_interval(row[f"delta{suffix}_vs_dense"], (low, high), signed=True)
+def against_reference(row: dict, suffix: str = "") -> str:
+    """A row's reading against its reference row, from their paired interval: a pruned base against the dense base
+    (what pruning costs before any adapter), a heuristic subnet against the subnet its method deploys (what the
+    search's choice gave up, where positive)."""
+    low, high = row[f"delta{suffix}_vs_reference_low"], row[f"delta{suffix}_vs_reference_high"]
+    delta = points_with_interval(row[f"delta{suffix}_vs_reference"], (low, high), signed=True)
     reading = "below it beyond noise" if high < 0 else "above it beyond noise" if low > 0 else "within noise of it"
+    what = "what pruning costs before any adapter" if row["reference"] == BASE else "the subnet its search chose"
     by = " (cloze)" if suffix else ""
-    cost = "what pruning costs before any adapter"
-    return f"**{row['method']}{by} against the dense base**, {cost}: {delta} points: {reading}."
+    return f"**{row['method']}{by} against {row['reference']}**, {what}: {delta} points: {reading}."
 
 
 def lora_against_chance(chance: dict, suffix: str = "") -> str:
@@ -604,7 +643,11 @@ def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None
 
     scored = [s for s in PROTOCOLS if any(r.get(f"accuracy{s}") is not None for r in table if r["method"] != CHANCE)]
     fig, grid = plt.subplots(len(AXES), len(scored) + 1, figsize=(5.5 * (len(scored) + 1), 4.4 * len(AXES)))
-    colors = {r["method"]: f"C{i}" for i, r in enumerate(table)}
+    placed = [
+        *run_dirs,
+        *(r["method"] for r in table if r["method"] not in run_dirs and r["nonzero_params"] is not None),
+    ]
+    colors = {name: f"C{i}" for i, name in enumerate(placed)}  # the runs' and the bases': every point drawn
     searches = {m: searched(run_dir) for m, run_dir in run_dirs.items()}
     for panels, (cost, cost_label, search_cost, search_label) in zip(grid, AXES):
         for ax, suffix in zip(panels, scored):
@@ -627,7 +670,9 @@ def deployed_panel(ax, table: list[dict], suffix: str, cost: str, colors: dict[s
         if y is None:
             continue
         if r["method"] == CHANCE:
-            ax.axhline(100 * y, color="firebrick", linestyle="--", linewidth=1, label=CHANCE)
+            ax.axhline(100 * y, color="black", linestyle="--", linewidth=1, label=CHANCE)
+            continue
+        if r[cost] is None:  # not deployed (a heuristic subnet): nothing counted to place it by
             continue
         low, high = r[f"accuracy{suffix}_low"], r[f"accuracy{suffix}_high"]
         bar = None if low is None else [[100 * (y - low)], [100 * (high - y)]]

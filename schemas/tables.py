@@ -143,8 +143,10 @@ TABLES: dict[str, pa.Schema] = {
             *COMPARISON,
             ("accuracy_by_task", pa.map_(pa.string(), pa.float64())),
             ("accuracy_cloze_by_task", pa.map_(pa.string(), pa.float64())),
-            # a pruned base (no adapter) against the dense base, paired on the same records: what pruning costs
-            *[(f"delta{s}_vs_dense{end}", pa.float64()) for s in ("", "_cloze") for end in ("", "_low", "_high")],
+            # a row against another of the table, paired on the same records: a pruned base against the dense base,
+            # a heuristic subnet against the subnet its method deploys
+            ("reference", pa.string()),
+            *[(f"delta{s}_vs_reference{end}", pa.float64()) for s in ("", "_cloze") for end in ("", "_low", "_high")],
         ]
     ),
     "bench": pa.schema(

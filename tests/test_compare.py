@@ -69,7 +69,18 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     assert text == markdown(rows[:2]) and text.count("\n") == 4 and "| nola |" in text
 
     table = read_table(out / "results.parquet", "study").to_pylist()
-    assert [r["method"] for r in table] == [*names, "dense base", "wanda 30% base"]
+    searched_other = {  # a method whose search chose another subnet than the heuristic has that one after its row
+        name: read_manifest(stage_dir(tmp_path / f"math-tiny-{name}-study", "evaluate"), "evaluate").output.subnet
+        != read_manifest(stage_dir(tmp_path / f"math-tiny-{name}-study", "extract"), "extract").output.subnet
+        for name in names[1:]
+    }
+    expected = [m for name in names for m in (name, f"{name} heuristic")[: 1 + searched_other.get(name, False)]]
+    assert [r["method"] for r in table] == [*expected, "dense base", "wanda 30% base"]
+    by_name = {r["method"]: r for r in table}
+    for name in [n for n, other in searched_other.items() if other]:
+        heuristic, searched = by_name[f"{name} heuristic"], by_name[name]
+        assert heuristic["reference"] == name and heuristic["nonzero_params"] is None  # not deployed: not counted
+        assert heuristic["delta_vs_reference"] == pytest.approx(heuristic["accuracy"] - searched["accuracy"])
     dense, pruned = table[-2:]
     for row in table:
         assert row["accuracy_low"] <= row["accuracy"] <= row["accuracy_high"]
@@ -87,10 +98,11 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     counted = read_manifest(stage_dir(tmp_path / "math-tiny-shears-30-study", "benchmark"), "benchmark").output
     assert pruned["nonzero_params"] == counted.results["pruned"].nonzero_params < dense["nonzero_params"]
     assert pruned["trainable_params"] == 0 and pruned["params"] == dense["params"]
-    assert pruned["delta_vs_dense"] == pytest.approx(pruned["accuracy"] - dense["accuracy"])
-    assert pruned["delta_vs_dense_low"] <= pruned["delta_vs_dense"] <= pruned["delta_vs_dense_high"]
+    assert pruned["reference"] == "dense base"
+    assert pruned["delta_vs_reference"] == pytest.approx(pruned["accuracy"] - dense["accuracy"])
+    assert pruned["delta_vs_reference_low"] <= pruned["delta_vs_reference"] <= pruned["delta_vs_reference_high"]
     assert pruned["delta_vs_lora"] == pytest.approx(pruned["accuracy"] - lora["accuracy"])
-    assert [r["method"] for r in table if r["delta_vs_dense"] is not None] == ["wanda 30% base"]
+    assert all(r["reference"] is None for r in table if r["method"] in names or r["method"] == "dense base")
     # the variant: Shears (sparsity-preserving) on a base pruned 30% (configs/studies/math-tiny.variants.yaml)
     shears_30 = load_config([tmp_path / "math-tiny-shears-30-study" / "config.yaml"])
     assert shears_30.method.name == "shears" and shears_30.prune.sparsity == 0.3
@@ -99,7 +111,7 @@ def test_a_study_compares_each_method_with_lora_and_generates_the_table_and_plot
     )
     text = (out / "results.md").read_text()
     assert "| lora |" in text and "| dense base |" in text and "| wanda 30% base |" in text and "Δ vs LoRA" in text
-    assert "**wanda 30% base against the dense base**, what pruning costs before any adapter: " in text
+    assert "**wanda 30% base against dense base**, what pruning costs before any adapter: " in text
     assert "Test records: gsm8k 8, AQuA 8, mawps 8, SVAMP 8." in text and "outside_average" not in text
     # the budget check: LoRA against its own base with the adapter off, on the validation slice only
     pilot_text = pilot("math", "tiny", tmp_path, results).read_text()
