@@ -9,9 +9,17 @@ import argparse
 from pathlib import Path
 
 from flows.summary import scored_models
-from nlsflow.artifacts import read_manifest, read_output, stage_dir
+from nlsflow.artifacts import MANIFEST_NAME, read_manifest, read_output, stage_dir
 from nlsflow.evaluation.intervals import excludes_zero, points, points_interval, points_with_interval
-from schemas.outputs import BenchmarkOutput, EvaluateOutput, ExtractOutput, Scores, SearchOutput, TrainOutput
+from schemas.outputs import (
+    BenchmarkOutput,
+    EvaluateOutput,
+    ExtractOutput,
+    PairedDifference,
+    Scores,
+    SearchOutput,
+    TrainOutput,
+)
 
 
 def _accuracy_rows(evaluate: EvaluateOutput, extract: ExtractOutput, base: str) -> list[tuple[str, Scores]]:
@@ -68,17 +76,27 @@ def run_report(run_dir: Path) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     if outside := [t for t in tasks if evaluate.averaged is not None and t not in evaluate.averaged]:
         lines.append(f"\nNot in the averages or the differences (evaluate.outside_average): {', '.join(outside)}.")
-    for by, differences in (("", evaluate.differences), (" by cloze", evaluate.differences_cloze)):
-        for pair, d in differences.items():
+    lines += difference_lines(evaluate.differences, evaluate.differences_cloze)
+    if (stage_dir(run_dir, "benchmark") / MANIFEST_NAME).is_file():
+        benchmark: BenchmarkOutput = read_output(run_dir, "benchmark", verify=False)
+        lines += difference_lines(benchmark.differences, benchmark.differences_cloze)
+    results = stage_dir(run_dir, "benchmark") / BenchmarkOutput.files.results_markdown
+    if results.is_file():
+        lines += ["", "Benchmark:", "", results.read_text().rstrip()]
+    return "\n".join(lines)
+
+
+def difference_lines(differences: dict[str, PairedDifference], differences_cloze: dict[str, PairedDifference]):
+    """Each paired difference as a line, by the generated answers and then by the cloze."""
+    lines = []
+    for by, found in (("", differences), (" by cloze", differences_cloze)):
+        for pair, d in found.items():
             noise = "" if excludes_zero(d.interval) else ", within noise"
             lines.append(
                 f"\n{pair}{by}: {points(d.difference, True)} points, 95% interval {points_interval(d.interval, True)} "
                 f"(paired, same records{noise})"
             )
-    benchmark = stage_dir(run_dir, "benchmark") / BenchmarkOutput.files.results_markdown
-    if benchmark.is_file():
-        lines += ["", "Benchmark:", "", benchmark.read_text().rstrip()]
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ from schemas.outputs import (
     BenchmarkOutput,
     EvaluateOutput,
     ExtractOutput,
+    PairedDifference,
     PruneOutput,
     Scores,
     SearchOutput,
@@ -29,16 +30,19 @@ def stage_output(result: dict) -> StageOutput:
     return STAGE_OUTPUTS[result["stage"]].model_validate(result["metrics"])
 
 
+def listed(differences: dict[str, PairedDifference]) -> str:
+    """Paired differences, each after a semicolon, in points with their intervals."""
+    return "".join(
+        f"; {pair} {points_with_interval(d.difference, d.interval, True)} points" for pair, d in differences.items()
+    )
+
+
 def key_metric(out: StageOutput) -> str:
     if isinstance(out, PruneOutput):
         return f"sparsity {out.sparsity:.3f}, WikiText-2 ppl {out.ppl_dense:.1f} -> {out.ppl_pruned:.1f}"
     if isinstance(out, TrainOutput):
         return f"{out.steps} steps, final loss {out.final_loss:.3f}"
     if isinstance(out, EvaluateOutput):
-        differences = "".join(
-            f"; {pair} {points_with_interval(d.difference, d.interval, True)} points"
-            for pair, d in out.differences.items()
-        )
         cloze = out.average_accuracy_cloze
         cloze = (
             ""
@@ -48,7 +52,7 @@ def key_metric(out: StageOutput) -> str:
         return (
             f"{out.subnet_name} subnet: average accuracy {points(out.average_accuracy)}% "
             f"{points_interval(out.average_accuracy_interval)} "
-            f"(strict {100 * out.average_accuracy_strict:.1f}%){cloze}{differences}"
+            f"(strict {100 * out.average_accuracy_strict:.1f}%){cloze}{listed(out.differences)}"
         )
     if isinstance(out, SearchOutput):
         return (
@@ -61,7 +65,9 @@ def key_metric(out: StageOutput) -> str:
             return text + f", MLP widths {min(out.mlp_widths)}-{max(out.mlp_widths)}, base params {out.base_params:,}"
         return text + (f", merged sparsity {out.merged_sparsity:.3f}" if out.merged_sparsity is not None else "")
     if isinstance(out, BenchmarkOutput):
-        return ", ".join(f"{name} {r.tokens_per_s:.1f} tok/s" for name, r in out.results.items())
+        return ", ".join(f"{name} {r.tokens_per_s:.1f} tok/s" for name, r in out.results.items()) + listed(
+            out.differences
+        )
     return ""
 
 

@@ -297,6 +297,15 @@ class BenchmarkOutput(Strict):
     results_by_batch: dict[str, dict[str, BenchmarkRow]] = Field(description="batch size -> variant -> row")
     openvino: str = Field(description="what became of the OpenVINO exports: measured, skipped (why) or off")
     semi_structured: str = Field(description="what became of the 2:4 sparse kernels: measured, skipped (why) or off")
+    differences: dict[str, PairedDifference] = Field(
+        {},
+        description="extract.evaluate: '<a> - <b>' -> paired difference on the same test records: the extracted "
+        "model against each model the evaluate stage scored (the super-network at its subnet, the bases), and each "
+        "scored OpenVINO export against the extracted model",
+    )
+    differences_cloze: dict[str, PairedDifference] = Field(
+        {}, description="multiple choice only: `differences` by lm-eval's cloze, for the pairs both were scored by"
+    )
     settings: BenchmarkConfig = Field(description="the benchmark settings used")
 
 

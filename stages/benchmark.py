@@ -16,13 +16,14 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
-from nlsflow.artifacts import write_table
+from nlsflow.artifacts import read_table, write_table
 from nlsflow.deploy.measure import Variant, measure_in_subprocess
 from nlsflow.deploy.report import plot_results, results_markdown, with_speedups
+from nlsflow.evaluation.scoring import paired_differences
 from nlsflow.io import atomic_write_text
 from nlsflow.methods import method_for
 from nlsflow.models import resolve_device
-from schemas.outputs import BenchmarkOutput, ExtractOutput, PruneOutput, Scores, TrainOutput
+from schemas.outputs import BenchmarkOutput, EvaluateOutput, ExtractOutput, PruneOutput, Scores, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -175,14 +176,36 @@ def run(ctx: StageContext) -> BenchmarkOutput:
         same_device=resolve_device(cfg.device).type == "cpu",
     )
     write_report(ctx, rows, predictions)
+    differences, differences_cloze = accuracy_differences(ctx, predictions)
     by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
     return BenchmarkOutput(
         results=by_batch[bc.batch_sizes[0]],
         results_by_batch={str(bs): v for bs, v in by_batch.items()},
         openvino=openvino,
         semi_structured=semi_structured,
+        differences=differences,
+        differences_cloze=differences_cloze,
         settings=bc,
     )
+
+
+def accuracy_differences(ctx: StageContext, openvino_predictions: list[dict]) -> tuple[dict, dict]:
+    """The extracted model against each model the evaluate stage scored (the super-network at its subnet, the
+    bases), and each scored OpenVINO export against the extracted model: paired differences on the same records, by
+    the generated answers and by the cloze (where both sides have it). Empty where extract.evaluate was off."""
+    evaluate = ctx.output("evaluate")
+    if ctx.output("extract").scores is None:
+        return {}, {}
+    rows = [
+        *read_table(ctx.input_dir("evaluate") / EvaluateOutput.files.predictions, "predictions").to_pylist(),
+        *read_table(ctx.input_dir("extract") / ExtractOutput.files.predictions, "predictions").to_pylist(),
+        *openvino_predictions,
+    ]
+    exports = sorted({r["model"] for r in openvino_predictions})
+    pairs = [("extracted", name) for name in (evaluate.subnet_name, *evaluate.baselines)]
+    pairs += [(export, "extracted") for export in exports]
+    averaged = ctx.cfg.evaluate.averaged
+    return paired_differences(rows, pairs, averaged), paired_differences(rows, pairs, averaged, "cloze_correct")
 
 
 def measurer(ctx: StageContext) -> Callable[[Variant, int], dict]:

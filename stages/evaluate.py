@@ -15,12 +15,11 @@ from itertools import combinations
 from nlsflow.artifacts import read_json, write_table
 from nlsflow.cluster import scoring_pool
 from nlsflow.evaluation.answers import REFERENCE_PROTOCOL, STRICT_PROTOCOL
-from nlsflow.evaluation.intervals import correct_by_task, paired_difference
-from nlsflow.evaluation.scoring import score_test_sets
+from nlsflow.evaluation.scoring import paired_differences, score_test_sets
 from nlsflow.evaluation.workers import AtSubnet, BaseModelLoad, SupernetLoad, TestSetScorer
 from nlsflow.models import load_tokenizer
 from schemas.files import SearchSpaceFile
-from schemas.outputs import EvaluateOutput, PairedDifference, PruneOutput, TrainOutput
+from schemas.outputs import EvaluateOutput, PruneOutput, TrainOutput
 from stages._common import StageContext, main
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,10 @@ def run(ctx: StageContext) -> EvaluateOutput:
             rows += dense_rows
     write_table(ctx.out_dir / EvaluateOutput.files.predictions, "predictions", rows)
     scored = [m for m in (ec.subnet, "pruned", "dense") if m == ec.subnet or m in baselines]  # each above the next
-    differences = paired_differences(rows, scored, ec.averaged)
+    pairs = list(combinations(scored, 2))
+    differences = paired_differences(rows, pairs, ec.averaged)
     cloze = "average_accuracy_cloze" in scores  # multiple choice: by lm-eval's cloze as well
-    differences_cloze = paired_differences(rows, scored, ec.averaged, "cloze_correct") if cloze else {}
+    differences_cloze = paired_differences(rows, pairs, ec.averaged, "cloze_correct") if cloze else {}
     return EvaluateOutput(
         protocols=[REFERENCE_PROTOCOL, STRICT_PROTOCOL],
         subnet_name=ec.subnet,
@@ -65,21 +65,6 @@ def run(ctx: StageContext) -> EvaluateOutput:
         generation=ec.generation,
         workers=ec.workers,
     )
-
-
-def paired_differences(
-    rows: list[dict], models: list[str], averaged: list[str] | None, key: str = "correct"
-) -> dict[str, PairedDifference]:
-    """'<a> - <b>' -> each model's paired difference from every one after it in `models`, on the same records,
-    by the prediction rows' `key` ("correct", or "cloze_correct")."""
-    answers = {name: correct_by_task([r for r in rows if r["model"] == name], averaged, key) for name in models}
-    differences = {}
-    for first, second in combinations(models, 2):
-        difference, interval, per_set = paired_difference(answers[first], answers[second])
-        differences[f"{first} - {second}"] = PairedDifference(
-            difference=difference, interval=interval, per_set={k: d for k, (d, _) in per_set.items()}
-        )
-    return differences
 
 
 if __name__ == "__main__":

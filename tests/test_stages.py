@@ -204,6 +204,17 @@ def test_benchmark_measures_every_variant(math_run):
     assert (out / "throughput_vs_macs.png").stat().st_size > 0 and (out / "accuracy_vs_macs.png").stat().st_size > 0
     predictions = read_table(out / "predictions.parquet", "predictions").to_pylist()
     assert {r["model"] for r in predictions} == openvino
+    # Paired on the same records: the extracted model against the super-network at evaluate's subnet, each export
+    # against the extracted model (math's answers are open: no cloze)
+    extracted = read_manifest(_dir(math_run, "extract"), "extract").metrics["average_accuracy"]
+    at_subnet = read_manifest(_dir(math_run, "evaluate"), "evaluate").metrics["average_accuracy"]
+    differences = metrics["differences"]
+    assert set(differences) == {"extracted - heuristic", *(f"{name} - extracted" for name in openvino)}
+    assert differences["extracted - heuristic"]["difference"] == pytest.approx(extracted - at_subnet)
+    for name in openvino:
+        assert differences[f"{name} - extracted"]["difference"] == pytest.approx(one[name]["accuracy"] - extracted)
+    assert all(d["interval"][0] <= d["difference"] <= d["interval"][1] for d in differences.values())
+    assert metrics["differences_cloze"] == {}
 
 
 def test_report_quotes_the_manifests(math_run):
@@ -214,3 +225,4 @@ def test_report_quotes_the_manifests(math_run):
     assert f"| pruned + heuristic subnet | {100 * evaluate['accuracy']['gsm8k']:.1f} |" in text
     assert "pruned + extracted (searched) subnet" in text
     assert "| extracted_merged@openvino-int8 | openvino | int8 | 1 |" in text  # the benchmark table follows
+    assert "\nextracted - heuristic: " in text and "(paired, same records" in text

@@ -17,8 +17,9 @@ from nlsflow.adapters.shortcuts import shortcuts_off
 from nlsflow.cluster import LocalPool
 from nlsflow.data.datasets import EVAL_DATASETS, generate_prompt, load_eval_records
 from nlsflow.evaluation.generation import evaluate_dataset, longest_first_batches
-from nlsflow.evaluation.intervals import accuracy_intervals
+from nlsflow.evaluation.intervals import accuracy_intervals, correct_by_task, paired_difference
 from nlsflow.evaluation.likelihood import rank_options
+from schemas.outputs import PairedDifference
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +185,26 @@ def evaluate_test_sets(
     `nlsflow.deploy.timing.Decoder`)."""
     score = partial(predict, model, tokenizer, generation=eval_cfg.generation, decoder=decoder)
     return score_test_sets(LocalPool(lambda: score), tokenizer, data_root, eval_cfg, model_name)
+
+
+def paired_differences(
+    rows: list[dict], pairs: list[tuple[str, str]], averaged: list[str] | None, key: str = "correct"
+) -> dict[str, PairedDifference]:
+    """'<a> - <b>' -> the paired difference of each pair of models on the same records, from their prediction rows
+    (`score_test_sets`), by the rows' `key`: "correct", or "cloze_correct" (for the pairs both were scored by)."""
+    answers = {}
+    for name in {name for pair in pairs for name in pair}:
+        mine = [r for r in rows if r["model"] == name]
+        if mine and all(r.get(key) is not None for r in mine):
+            answers[name] = correct_by_task(mine, averaged, key)
+    differences = {}
+    for first, second in pairs:
+        if first in answers and second in answers:
+            difference, interval, per_set = paired_difference(answers[first], answers[second])
+            differences[f"{first} - {second}"] = PairedDifference(
+                difference=difference, interval=interval, per_set={k: d for k, (d, _) in per_set.items()}
+            )
+    return differences
 
 
 def predict(model, tokenizer, shard: Shard, generation, decoder=None, cloze: bool = True) -> list[dict]:
