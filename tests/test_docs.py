@@ -192,7 +192,8 @@ def test_every_documented_command_passes_its_plan(monkeypatch, capsys):
     for page, command, argv in planned:
         code = _run_planned(argv)
         out = capsys.readouterr()
-        expected = r"^(\w[\w-]*: )?(run folder|bench):" if argv[-1] == "--plan" else r"\S"
+        # a plan names each run folder and what it would run, or (a study's row) that the row is published
+        expected = r"^(\w[\w-]*: )?(run folder:|bench:|published, )" if argv[-1] == "--plan" else r"\S"
         if code != 0 or not re.search(expected, out.out, re.M):
             failed.append(f"{page}: {command}\n  -> {' '.join(argv)}: exit {code}\n{out.err.strip()[-600:]}")
     assert not failed, "\n".join(failed)
