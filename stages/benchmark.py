@@ -157,6 +157,7 @@ def known_accuracies(ctx: StageContext) -> dict[str, Scores]:
 
 def run(ctx: StageContext) -> BenchmarkOutput:
     cfg, bc = ctx.cfg, ctx.cfg.benchmark
+    scored = earlier_predictions(ctx)  # read before the measurements, which take long
     measure = measurer(ctx)
     variants = pytorch_variants(ctx)
     extra, semi_structured = semi_structured_variants(ctx, variants)
@@ -176,7 +177,7 @@ def run(ctx: StageContext) -> BenchmarkOutput:
         same_device=resolve_device(cfg.device).type == "cpu",
     )
     write_report(ctx, rows, predictions)
-    differences, differences_cloze = accuracy_differences(ctx, predictions)
+    differences, differences_cloze = accuracy_differences(ctx, scored, predictions)
     by_batch = {bs: {r["model"]: r for r in rows if r["batch_size"] == bs} for bs in bc.batch_sizes}
     return BenchmarkOutput(
         results=by_batch[bc.batch_sizes[0]],
@@ -189,18 +190,23 @@ def run(ctx: StageContext) -> BenchmarkOutput:
     )
 
 
-def accuracy_differences(ctx: StageContext, openvino_predictions: list[dict]) -> tuple[dict, dict]:
+def earlier_predictions(ctx: StageContext) -> list[dict]:
+    """The evaluate and extract stages' test-set predictions; none where extract.evaluate was off."""
+    if ctx.output("extract").scores is None:
+        return []
+    return [
+        *read_table(ctx.input_dir("evaluate") / EvaluateOutput.files.predictions, "predictions").to_pylist(),
+        *read_table(ctx.input_dir("extract") / ExtractOutput.files.predictions, "predictions").to_pylist(),
+    ]
+
+
+def accuracy_differences(ctx: StageContext, scored: list[dict], openvino_predictions: list[dict]) -> tuple[dict, dict]:
     """The extracted model against each model the evaluate stage scored (the super-network at its subnet, the
     bases), and each scored OpenVINO export against the extracted model: paired differences on the same records, by
     the generated answers and by the cloze (where both sides have it). Empty where extract.evaluate was off."""
-    evaluate = ctx.output("evaluate")
-    if ctx.output("extract").scores is None:
+    if not scored:
         return {}, {}
-    rows = [
-        *read_table(ctx.input_dir("evaluate") / EvaluateOutput.files.predictions, "predictions").to_pylist(),
-        *read_table(ctx.input_dir("extract") / ExtractOutput.files.predictions, "predictions").to_pylist(),
-        *openvino_predictions,
-    ]
+    evaluate, rows = ctx.output("evaluate"), scored + openvino_predictions
     exports = sorted({r["model"] for r in openvino_predictions})
     pairs = [("extracted", name) for name in (evaluate.subnet_name, *evaluate.baselines)]
     pairs += [(export, "extracted") for export in exports]

@@ -83,3 +83,32 @@ def test_accuracies_and_differences_read_the_same_everywhere():
     assert points_with_interval(0.5234, (0.481, 0.56)) == "52.3 [48.1, 56.0]"
     assert points_with_interval(0.014, (-0.005, 0.032), signed=True) == "+1.4 [-0.5, +3.2]"
     assert points_with_interval(0.5234) == points_with_interval(0.5234, (None, None)) == "52.3"
+
+
+def test_named_pairs_of_prediction_rows_pair_by_each_protocol_both_were_scored_by():
+    from nlsflow.evaluation.scoring import paired_differences
+
+    def rows(model: str, correct: list[bool], cloze: list[bool] | None) -> list[dict]:
+        return [
+            {"model": model, "task": task, "index": i, "correct": c, **({"cloze_correct": z} if cloze else {})}
+            for task in ("a", "b")
+            for i, (c, z) in enumerate(zip(correct, cloze or correct))
+        ]
+
+    found = [
+        *rows("extracted", [True, True, False, True], [True, False, False, True]),
+        *rows("heuristic", [True, False, False, True], [True, False, True, True]),
+        *rows("export", [False, False, False, True], None),  # generates only: no cloze
+    ]
+    pairs = [("extracted", "heuristic"), ("export", "extracted")]
+    by_answers = paired_differences(found, pairs, ["a", "b"])
+    assert list(by_answers) == ["extracted - heuristic", "export - extracted"]
+    assert by_answers["extracted - heuristic"].difference == pytest.approx(0.25)
+    assert by_answers["export - extracted"].difference == pytest.approx(-0.5)
+    assert by_answers["export - extracted"].per_set == {"a": pytest.approx(-0.5), "b": pytest.approx(-0.5)}
+    by_cloze = paired_differences(found, pairs, ["a", "b"], "cloze_correct")
+    assert list(by_cloze) == ["extracted - heuristic"] and by_cloze["extracted - heuristic"].difference == -0.25
+    only_a = paired_differences(found, pairs, ["a"])  # the averaged sets alone
+    assert set(only_a["extracted - heuristic"].per_set) == {"a"}
+    with pytest.raises(ValueError, match="no prediction rows of model 'dense'"):
+        paired_differences(found, [("extracted", "dense")], None)

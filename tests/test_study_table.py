@@ -191,3 +191,15 @@ def test_a_comparison_without_lora_leaves_its_against_lora_cells_empty(tmp_path)
     against_lora(rows, {"shears": tmp_path})
     assert all(rows[0][c] is None for c in ("delta_vs_lora", "delta_cloze_high", "retention", "retention_cloze"))
     assert markdown(rows).splitlines()[-1].startswith("| shears |")
+
+
+def test_the_report_reads_published_rows_with_and_without_the_benchmark_pairs():
+    from flows.report import run_report
+
+    published = RESULTS / "commonsense-smollm2"
+    if not (published / "heterolora").is_dir():
+        pytest.skip("the commonsense study's HeteroLoRA row is not published")
+    lora = run_report(published / "lora")  # its benchmark manifest predates the benchmark's pairs
+    assert "\nheuristic - dense: " in lora and "extracted - " not in lora
+    heterolora = run_report(published / "heterolora")
+    assert "\nextracted - heuristic: " in heterolora and "\nextracted - heuristic by cloze: " in heterolora

@@ -193,9 +193,11 @@ def paired_differences(
     """'<a> - <b>' -> the paired difference of each pair of models on the same records, from their prediction rows
     (`score_test_sets`), by the rows' `key`: "correct", or "cloze_correct" (for the pairs both were scored by)."""
     answers = {}
-    for name in {name for pair in pairs for name in pair}:
+    for name in dict.fromkeys(name for pair in pairs for name in pair):
         mine = [r for r in rows if r["model"] == name]
-        if mine and all(r.get(key) is not None for r in mine):
+        if not mine:
+            raise ValueError(f"no prediction rows of model {name!r} to pair")
+        if all(r.get(key) is not None for r in mine):
             answers[name] = correct_by_task(mine, averaged, key)
     differences = {}
     for first, second in pairs:
