@@ -663,22 +663,42 @@ def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None
     plt.close(fig)
 
 
+def dodged(costs: list[float], share: float = 0.015) -> list[float]:
+    """`costs` with the points that would overlap spread sideways: each run of costs closer than `share` of the
+    axis span to the next is centred on its mean at that spacing, in the given order (the drawing is a picture; the
+    table holds the counts)."""
+    span = max(costs, default=0) - min(costs, default=0)
+    step = share * (span or max(costs, default=0))
+    order = sorted(range(len(costs)), key=lambda i: costs[i])
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and costs[i] - costs[runs[-1][-1]] < step:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    placed = list(costs)
+    for run in runs:
+        centre = sum(costs[i] for i in run) / len(run)
+        for k, i in enumerate(sorted(run)):
+            placed[i] = centre + (k - (len(run) - 1) / 2) * step
+    return placed
+
+
 def deployed_panel(ax, table: list[dict], suffix: str, cost: str, colors: dict[str, str]) -> None:
-    """Each deployed model's test accuracy by the protocol whose columns end in `suffix`, against `cost`."""
+    """Each deployed model's test accuracy by the protocol whose columns end in `suffix`, against `cost`; models
+    of nearly the same cost are drawn side by side (`dodged`)."""
     for r in table:
+        if r["method"] == CHANCE and r[f"accuracy{suffix}"] is not None:
+            ax.axhline(100 * r[f"accuracy{suffix}"], color="black", linestyle="--", linewidth=1, label=CHANCE)
+    # a heuristic subnet is not deployed: no counted cost to place it by
+    drawn = [r for r in table if r["method"] != CHANCE and r[f"accuracy{suffix}"] is not None and r[cost] is not None]
+    for r, x in zip(drawn, dodged([r[cost] for r in drawn])):
         y = r[f"accuracy{suffix}"]
-        if y is None:
-            continue
-        if r["method"] == CHANCE:
-            ax.axhline(100 * y, color="black", linestyle="--", linewidth=1, label=CHANCE)
-            continue
-        if r[cost] is None:  # not deployed (a heuristic subnet): nothing counted to place it by
-            continue
         low, high = r[f"accuracy{suffix}_low"], r[f"accuracy{suffix}_high"]
         bar = None if low is None else [[100 * (y - low)], [100 * (high - y)]]
         marker = "s" if r["method"] == "lora" else "D" if r["trainable_params"] == 0 else "o"  # D: a base alone
         ax.errorbar(
-            [r[cost]],
+            [x],
             [100 * y],
             yerr=bar,
             fmt=marker,

@@ -7,7 +7,17 @@ from types import SimpleNamespace
 import pytest
 
 from flows.compare import COLUMNS, against_lora, markdown
-from flows.study import CHANCE, COUNTS, RESULTS, SEED_CLAIMS, chance_row, plot_study, results_markdown, verdict
+from flows.study import (
+    CHANCE,
+    COUNTS,
+    RESULTS,
+    SEED_CLAIMS,
+    chance_row,
+    dodged,
+    plot_study,
+    results_markdown,
+    verdict,
+)
 from nlsflow.artifacts import read_table
 from nlsflow.evaluation.answers import chance_level
 
@@ -181,6 +191,18 @@ def test_the_plot_has_a_test_panel_per_protocol_scored_and_the_searched_fronts(t
     plot_study(no_cloze, {"lora": study / "lora"}, tmp_path / "generated.png")
     (width, height), (narrow, same) = (Image.open(tmp_path / f"{n}.png").size for n in ("cloze", "generated"))
     assert (height, same) == (880, 880) and (width, narrow) == (1650, 1100)  # 5.5 inches a panel at 100 dpi
+
+
+def test_points_of_nearly_equal_cost_are_drawn_side_by_side_around_their_mean():
+    """Three models within 1.5% of the span of each other spread by that step around their mean, in table order;
+    a model far from them stays where it is, and a lone model too."""
+    placed = dodged([134.0, 80.0, 134.2, 134.1])
+    step = 0.015 * 54.2
+    centre = (134.0 + 134.2 + 134.1) / 3
+    assert placed[1] == 80.0
+    assert [placed[i] for i in (0, 2, 3)] == pytest.approx([centre - step, centre, centre + step])
+    assert dodged([134.0]) == [134.0] and dodged([]) == []
+    assert dodged([10.0, 20.0]) == [10.0, 20.0]
 
 
 def test_a_comparison_without_lora_leaves_its_against_lora_cells_empty(tmp_path):
