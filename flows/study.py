@@ -642,7 +642,9 @@ def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None
     from matplotlib.ticker import EngFormatter
 
     scored = [s for s in PROTOCOLS if any(r.get(f"accuracy{s}") is not None for r in table if r["method"] != CHANCE)]
-    fig, grid = plt.subplots(len(AXES), len(scored) + 1, figsize=(5.5 * (len(scored) + 1), 4.4 * len(AXES)))
+    fig, grid = plt.subplots(
+        len(AXES), len(scored) + 1, figsize=(5.5 * (len(scored) + 1) + 1.6, 4.4 * len(AXES)), layout="constrained"
+    )
     placed = [
         *run_dirs,
         *(r["method"] for r in table if r["method"] not in run_dirs and r["nonzero_params"] is not None),
@@ -657,7 +659,8 @@ def plot_study(table: list[dict], run_dirs: dict[str, Path], path: Path) -> None
         panels[-1].set(xlabel=search_label)
         for ax in panels:
             ax.xaxis.set_major_formatter(EngFormatter(places=2))
-    fig.tight_layout()
+    # one legend beside the panels, where it covers no point: the colours are the same in every panel
+    fig.legend(*grid[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -710,7 +713,6 @@ def deployed_panel(ax, table: list[dict], suffix: str, cost: str, colors: dict[s
         if r["method"] == "lora":
             ax.axhline(100 * y, color=colors["lora"], linestyle=":", linewidth=1)
     ax.set(ylabel="test accuracy (%)", title=f"test, by {PROTOCOLS[suffix]} (95% intervals)")
-    ax.legend(fontsize=8)
 
 
 def searched(run_dir: Path) -> tuple[str, int, list[dict]]:
@@ -734,7 +736,6 @@ def searched_panel(ax, searches: dict[str, tuple], cost: str, colors: dict[str, 
     objectives = sorted({objective for objective, _, _ in searches.values()})
     by = " or ".join(PROTOCOLS["_cloze" if o == "cloze" else ""] for o in objectives)
     ax.set(ylabel="validation accuracy (%)", title=f"searched Pareto fronts, by {by} (95% intervals)")
-    ax.legend(fontsize=8)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,7 +190,7 @@ def test_the_plot_has_a_test_panel_per_protocol_scored_and_the_searched_fronts(t
     no_cloze = [{k: None if "cloze" in k else v for k, v in r.items()} for r in table]
     plot_study(no_cloze, {"lora": study / "lora"}, tmp_path / "generated.png")
     (width, height), (narrow, same) = (Image.open(tmp_path / f"{n}.png").size for n in ("cloze", "generated"))
-    assert (height, same) == (880, 880) and (width, narrow) == (1650, 1100)  # 5.5 inches a panel at 100 dpi
+    assert (height, same) == (880, 880) and (width, narrow) == (1810, 1260)  # 5.5 inches a panel, 1.6 the legend
 
 
 def test_points_of_nearly_equal_cost_are_drawn_side_by_side_around_their_mean():
